@@ -1,0 +1,28 @@
+# `make demo` and `make test` do all set-up themselves: a .venv with the package installed,
+# torch pinned to the 2.13.0 CPU build through constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/autocomp search studies/digits.yaml
+
+test: setup
+	$(BIN)/ruff check autocomp tests
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check autocomp tests
+
+clean:
+	rm -rf $(VENV) studies/*.db studies/*_artifacts .pytest_cache

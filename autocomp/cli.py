@@ -1,0 +1,184 @@
+"""The ``autocomp`` command: search | pareto | export | apply | tasks | dashboard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from autocomp.errors import AutocompError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except AutocompError as err:
+        print(f"autocomp: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("autocomp: interrupted; finished trials are stored.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autocomp", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    search = commands.add_parser("search", help="run (or continue) a compression search")
+    search.add_argument("study", help="study YAML, e.g. studies/digits.yaml")
+    _storage_args(search)
+    search.add_argument("--trials", type=_positive, help="total finished trials wanted (default: the YAML's)")
+    search.add_argument("--seed", type=int, help="sampler and training seed (default: the YAML's)")
+    search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    search.set_defaults(run=_search)
+
+    pareto = commands.add_parser("pareto", help="print a study's Pareto-optimal trials")
+    _study_source(pareto)
+    pareto.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    pareto.set_defaults(run=_pareto)
+
+    export = commands.add_parser("export", help="write one trial's recipe to YAML")
+    _study_source(export)
+    export.add_argument("--trial", type=int, required=True, help="trial number (see `autocomp pareto`)")
+    export.add_argument("-o", "--output", type=Path, required=True, help="recipe YAML to write")
+    export.set_defaults(run=_export)
+
+    apply = commands.add_parser("apply", help="rebuild and measure the artifact of a recipe")
+    apply.add_argument("recipe", type=Path, help="recipe YAML (from `autocomp export`)")
+    apply.add_argument("-o", "--output", type=Path, required=True, help="folder for model.onnx and metrics.json")
+    apply.set_defaults(run=_apply)
+
+    tasks = commands.add_parser("tasks", help="list the built-in tasks")
+    tasks.set_defaults(run=_tasks)
+
+    dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard for a study's storage")
+    _study_source(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(run=_dashboard)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, but got {value}")
+    return value
+
+
+def _storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", help="Optuna storage URL (overrides the YAML's)")
+    parser.add_argument("--study-name", help="study name (overrides the YAML's)")
+
+
+def _study_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", nargs="?", help="study YAML (or give --storage and --study-name)")
+    _storage_args(parser)
+
+
+def _spec(args: argparse.Namespace):
+    """The StudySpec from the YAML, or one built from --storage/--study-name alone."""
+    from autocomp.study import StudySpec
+
+    if args.study:
+        spec = StudySpec.load(args.study)
+    elif args.storage and args.study_name:
+        spec = StudySpec(study_name=args.study_name, task="", space="").resolved(Path.cwd())
+    else:
+        raise AutocompError("Name the study: give a study YAML, or both --storage and --study-name.")
+    spec.storage = args.storage or spec.storage
+    spec.study_name = args.study_name or spec.study_name
+    return spec
+
+
+def _load(args: argparse.Namespace):
+    from autocomp.search.optuna_runner import load_study
+
+    spec = _spec(args)
+    return spec, load_study(spec.storage, spec.study_name)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from autocomp.search.optuna_runner import run_search
+
+    spec = _spec(args)
+    study = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    for trial in failed:
+        print(f"trial {trial.number} failed: {trial.user_attrs.get('error', 'see the Optuna log')}")
+    _print_front(study)
+    return 0
+
+
+def _print_front(study, csv: Path | None = None) -> None:
+    from autocomp.pareto import format_table, front_table
+
+    if "teacher" not in study.user_attrs:
+        raise AutocompError(f"Study {study.study_name!r} was not made by `autocomp search` (no teacher metrics).")
+    table = front_table(study)
+    print(format_table(table, study.user_attrs["teacher"]))
+    if csv is not None:
+        table.to_csv(csv, index=False)
+        print(f"wrote {csv}")
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    _, study = _load(args)
+    _print_front(study, args.csv)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from autocomp.pareto import export_recipe
+
+    spec, study = _load(args)
+    export_recipe(study, args.trial, args.output, spec.storage)
+    print(f"wrote {args.output} (trial {args.trial} of study {spec.study_name!r})")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from autocomp.measure import with_ratios
+    from autocomp.pipeline import apply, teacher_metrics
+    from autocomp.recipe import Recipe
+    from autocomp.tasks import load_task
+
+    recipe = Recipe.load(args.recipe)
+    task = load_task(recipe.task)
+    result = apply(recipe, task, args.output)
+    metrics = with_ratios(result.metrics, teacher_metrics(task, recipe.measure))
+    (args.output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    recorded = recipe.provenance.get("metrics", {})
+    for key in ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup"):
+        was = f"   (trial: {recorded[key]:.6g})" if key in recorded else ""
+        print(f"{key:>18}: {metrics[key]:.6g}{was}")
+    print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from autocomp.tasks import TASKS
+
+    for entry in TASKS:
+        print(f"{entry.name:<10} {entry.description}")
+    print('user tasks: task: "package.module:function" returning autocomp.tasks.Task')
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    spec = _spec(args)
+    Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {spec.storage} (Ctrl-C stops it)")
+    run_server(spec.storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(spec.artifacts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

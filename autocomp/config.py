@@ -1,0 +1,95 @@
+"""Dataclass <-> plain-dict conversion with field-level errors, shared by every YAML config."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from autocomp.errors import ConfigError, did_you_mean
+
+C = TypeVar("C")
+
+
+def from_dict(cls: type[C], data: Any, path: str) -> C:
+    """Build dataclass ``cls`` from ``data``; every error names the dotted field ``path``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"must be a mapping, but got {type(data).__name__} {data!r}.", path)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            hint = did_you_mean(key, fields)
+            raise ConfigError(f"is not a known field; expected one of {list(fields)}.{hint}", f"{path}.{key}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, f"{path}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # raised by the dataclass's own validation
+        raise err.located(path) from None
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"is incomplete: {err}.", path) from err
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping, but got {value!r}.", path)
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"must be a list, but got {value!r}.", path)
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, path)
+    return _scalar(hint, value, path)
+
+
+def _scalar(hint: Any, value: Any, path: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"must be of type {hint.__name__}, but got {value!r}.", path)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML-safe dict of a dataclass (recursively)."""
+    return dataclasses.asdict(obj)
+
+
+def read_yaml(path: str | Path, what: str) -> dict:
+    """Load a YAML mapping, turning I/O and syntax errors into one-line ConfigErrors."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"The {what} file {str(path)!r} cannot be read: {err.strerror}.") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"The {what} file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"The {what} file {str(path)!r} must hold a mapping, but holds {type(data).__name__}.")
+    return data
+
+
+def write_yaml(data: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def check_schema_version(data: dict, expected: int, what: str) -> None:
+    version = data.get("schema_version")
+    if version != expected:
+        message = f"must be {expected} (the format this autocomp reads), but got {version!r}."
+        raise ConfigError(message, f"{what}.schema_version")

@@ -1,0 +1,65 @@
+"""The Pareto front of a study as a table, and the export of one trial's Recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autocomp.errors import AutocompError
+from autocomp.recipe import Recipe
+
+COLUMNS = {  # column -> (metric key, scale)
+    "accuracy_%": ("accuracy", 100.0),
+    "drop_pp": ("accuracy_drop_pp", 1.0),
+    "size_kb": ("size_bytes", 1e-3),
+    "ratio_x": ("compression_ratio", 1.0),
+    "latency_ms": ("latency_ms", 1.0),
+    "speedup_x": ("speedup", 1.0),
+    "macs_m": ("macs", 1e-6),
+}
+
+
+def front_table(study):
+    """The Pareto-optimal completed trials as a DataFrame, best accuracy first."""
+    import pandas as pd
+
+    rows = []
+    for trial in study.best_trials:
+        metrics, recipe = trial.user_attrs["metrics"], trial.user_attrs["recipe"]
+        row = {"trial": trial.number}
+        row |= {column: metrics[key] * scale for column, (key, scale) in COLUMNS.items()}
+        row["bits"] = recipe["quantize"]["bits"]
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["trial", *COLUMNS, "bits"])
+    return table.sort_values(["accuracy_%", "size_kb"], ascending=[False, True]).reset_index(drop=True)
+
+
+def format_table(table, teacher: dict[str, float]) -> str:
+    """A fixed-width text table, headed by the teacher's own measurements."""
+    head = (f"teacher: accuracy {100 * teacher['accuracy']:.2f}%, size {teacher['size_bytes'] / 1e3:.1f} KB, "
+            f"latency {teacher['latency_ms']:.4f} ms, {teacher['macs'] / 1e6:.2f} M MACs")
+    body = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    return f"{head}\nPareto front: {len(table)} trial(s)\n{body}"
+
+
+def export_recipe(study, trial_number: int, path: str | Path, storage: str) -> Recipe:
+    """Write trial ``trial_number``'s Recipe to YAML with its provenance; return it."""
+    trials = {t.number: t for t in study.trials}
+    trial = trials.get(trial_number)
+    if trial is None or trial.state.name != "COMPLETE" or "recipe" not in trial.user_attrs:
+        complete = [t.number for t in study.trials if t.state.name == "COMPLETE"]
+        state = "does not exist" if trial is None else f"is {trial.state.name}"
+        raise AutocompError(f"`--trial` must name a completed trial of study {study.study_name!r} "
+                            f"{complete}, but trial {trial_number} {state}.")
+    recipe = Recipe.from_dict(trial.user_attrs["recipe"])
+    recipe.provenance = {
+        "study": study.study_name, "storage": storage, "trial": trial.number,
+        "task": recipe.task, "metrics": trial.user_attrs["metrics"], "versions": versions(),
+    }
+    recipe.save(path)
+    return recipe
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("autocomp", "torch", "torch-pruning", "onnxruntime", "optuna")}

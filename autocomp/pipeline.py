@@ -1,0 +1,64 @@
+"""apply(recipe, task): the one path from a Recipe to a measured, deployable artifact.
+
+Search trials and ``autocomp apply`` both call :func:`apply`, so an exported recipe reproduces
+its trial by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from autocomp import runtime
+from autocomp.compress.distill import logits_kd_loss
+from autocomp.compress.prune import prunable_layers, prune
+from autocomp.compress.quantize import quantize_int8
+from autocomp.measure import measure
+from autocomp.recipe import FineTune, Measure, Recipe
+from autocomp.tasks.base import Task
+from autocomp.train import fit
+
+ARTIFACT, RECIPE = "model.onnx", "recipe.yaml"
+CALIBRATION_SAMPLES = 256
+
+
+@dataclass
+class CompressedModel:
+    model: nn.Module  # the pruned, fine-tuned fp32 torch model the artifact was made from
+    artifact: Path  # the deployable ONNX file
+    metrics: dict[str, float]  # measured on the artifact
+
+
+def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True) -> CompressedModel:
+    """Prune -> distil/fine-tune -> export -> quantize/calibrate -> measure, into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe.check_layers(prunable_layers(task.teacher, task.example_input))
+    student = copy.deepcopy(task.teacher)
+    plan = {name: (layer.sparsity, layer.criterion) for name, layer in recipe.prune.items()}
+    prune(student, task.example_input, plan, task.train, seed=recipe.seed)
+    fit(student, task.train, logits_kd_loss(task.teacher, recipe.distill.temperature, recipe.distill.alpha),
+        epochs=recipe.finetune.epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
+        seed=recipe.seed, desc="fine-tune", progress=progress)
+    artifact = out_dir / ARTIFACT
+    if recipe.quantize.bits == 32:
+        runtime.export_onnx(student, task.example_input, artifact)
+    else:
+        fp32 = runtime.export_onnx(student, task.example_input, out_dir / "model.fp32.onnx")
+        quantize_int8(fp32, artifact, task.train.x[:CALIBRATION_SAMPLES].numpy(),
+                      recipe.quantize.calibration, recipe.quantize.per_channel)
+        fp32.unlink()
+    metrics = measure(artifact, student, task, recipe.measure)
+    recipe.save(out_dir / RECIPE)
+    return CompressedModel(student, artifact, metrics)
+
+
+def teacher_metrics(task: Task, spec: Measure) -> dict[str, float]:
+    """The teacher measured by the same path, with nothing compressed: the baseline for ratios."""
+    identity = Recipe(task=task.name, finetune=FineTune(epochs=0), measure=spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        return apply(identity, task, tmp, progress=False).metrics

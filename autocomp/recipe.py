@@ -1,0 +1,123 @@
+"""Recipe: the complete, serialisable plan for compressing one model (ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autocomp.config import check_schema_version, from_dict, read_yaml, to_dict, write_yaml
+from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
+
+if TYPE_CHECKING:
+    from autocomp.compress.prune import PrunableLayer
+
+SCHEMA_VERSION = 1
+BITS = (32, 8)
+
+
+@dataclass
+class LayerPrune:
+    """Remove ``sparsity`` of a layer's output channels, the lowest by ``criterion``."""
+
+    sparsity: float = 0.0
+    criterion: str = "l1"
+
+    def __post_init__(self) -> None:
+        from autocomp.compress.prune import CRITERIA
+
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        CRITERIA.get(self.criterion, field="criterion")
+
+
+@dataclass
+class Quantize:
+    """Weights and activations: ``bits`` 32 keeps fp32; 8 is static int8 calibrated by ``calibration``."""
+
+    bits: int = 32
+    calibration: str = "minmax"
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        from autocomp.compress.quantize import CALIBRATORS
+
+        check_choice("bits", self.bits, BITS)
+        CALIBRATORS.get(self.calibration, field="calibration")
+
+
+@dataclass
+class Distill:
+    """Logits distillation: alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_range("temperature", self.temperature, 0.05, 100.0)
+        check_range("alpha", self.alpha, 0.0, 1.0)
+
+
+@dataclass
+class FineTune:
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, 0, 1000)
+        check_range("lr", self.lr, 1e-7, 1.0)
+        check_range("batch_size", self.batch_size, 1, 65536)
+
+
+@dataclass
+class Measure:
+    """How latency is measured: the deployed batch size and thread count, warm-up, repeats."""
+
+    batch_size: int = 1
+    threads: int = 1
+    warmup: int = 20
+    repeats: int = 100
+
+    def __post_init__(self) -> None:
+        check_range("batch_size", self.batch_size, 1, 65536)
+        check_range("threads", self.threads, 1, 1024)
+        check_range("warmup", self.warmup, 0, 100000)
+        check_range("repeats", self.repeats, 30, 100000)
+
+
+@dataclass
+class Recipe:
+    """Everything ``apply`` needs to rebuild one compressed model of ``task``."""
+
+    task: str
+    prune: dict[str, LayerPrune] = field(default_factory=dict)
+    quantize: Quantize = field(default_factory=Quantize)
+    distill: Distill = field(default_factory=Distill)
+    finetune: FineTune = field(default_factory=FineTune)
+    measure: Measure = field(default_factory=Measure)
+    seed: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def check_layers(self, prunable: dict[str, PrunableLayer]) -> None:
+        """Reject layers that the model this recipe is applied to cannot prune as asked."""
+        for name, layer in self.prune.items():
+            if name not in prunable:
+                hint = did_you_mean(name, prunable)
+                raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
+                                  f"are {list(prunable)}.{hint}", f"recipe.prune.{name}")
+            check_choice(f"recipe.prune.{name}.criterion", layer.criterion, prunable[name].criteria())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **to_dict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        check_schema_version(data, SCHEMA_VERSION, "recipe")
+        return from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "recipe")
+
+    def save(self, path: str | Path) -> None:
+        write_yaml(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        return cls.from_dict(read_yaml(path, "recipe"))

@@ -1,0 +1,44 @@
+"""The deployable artifact: export to ONNX, and load it back into an ONNX Runtime session."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUT, OUTPUT = "input", "logits"
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Path:
+    """Export ``model`` (eval mode, dynamic batch) as one self-contained ONNX file."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" etc.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), (example_input,), str(path), dynamo=True, external_data=False,
+            input_names=[INPUT], output_names=[OUTPUT], verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+    return path
+
+
+def session(path: Path, threads: int = 1):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Outputs of the artifact on ``x``, in batches."""
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])

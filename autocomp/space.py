@@ -1,0 +1,159 @@
+"""SearchSpace: which parts of a Recipe may vary and how; a define-by-run sampler of Recipes.
+
+In the YAML each searchable value is one of: a scalar (fixed), a list (categorical choice), or
+a mapping ``{low, high, step?, log?}`` (an int range when low and high are ints, else a float
+range). Every candidate value is checked against the Recipe's own rules when the space loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autocomp.compress.prune import CRITERIA
+from autocomp.config import check_schema_version, from_dict, read_yaml
+from autocomp.errors import ConfigError, did_you_mean
+from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Quantize, Recipe
+
+SCHEMA_VERSION = 1
+SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable value: fixed, categorical, or an int/float range."""
+
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+
+    @classmethod
+    def parse(cls, spec: Any, path: str) -> Param:
+        if isinstance(spec, list):
+            if not spec:
+                raise ConfigError("must list at least one choice, but got [].", path)
+            return cls(choices=tuple(spec))
+        if not isinstance(spec, dict):
+            return cls(choices=(spec,))
+        unknown = set(spec) - {"low", "high", "step", "log"}
+        if unknown or not {"low", "high"} <= set(spec):
+            raise ConfigError(f"must be a value, a list of choices or {{low, high, step?, log?}}, but got {spec!r}.",
+                              path)
+        low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log", False))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            raise ConfigError(f"range bounds must be numbers, but got (low={low!r}, high={high!r}).", path)
+        if low > high:
+            raise ConfigError(f"`low <= high` must hold, but got (low={low}, high={high}).", path)
+        if log and (low <= 0 or step is not None):
+            raise ConfigError(f"a log range needs low > 0 and no step, but got (low={low}, step={step}).", path)
+        return cls(low=low, high=high, step=step, log=log)
+
+    @property
+    def fixed(self) -> bool:
+        return self.choices is not None and len(self.choices) == 1
+
+    def candidates(self) -> list[Any]:
+        """The values to validate: every choice, or both range ends."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+    def suggest(self, trial, name: str) -> Any:
+        if self.choices is not None:
+            return self.choices[0] if self.fixed else trial.suggest_categorical(name, list(self.choices))
+        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
+            return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
+        value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+        return round(value, 10) if self.step else value  # 0.7000000000000001 -> 0.7
+
+
+@dataclass
+class SearchSpace:
+    """Per-layer sparsity and criterion, plus the quantize/distill/finetune sections of a Recipe."""
+
+    sparsity: Param = field(default_factory=lambda: Param(choices=(0.0,)))
+    criteria: Param = field(default_factory=lambda: Param(choices=("l1",)))
+    layers: list[str] | None = None  # None: every prunable layer of the teacher
+    sections: dict[str, dict[str, Param]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchSpace:
+        return cls.from_dict(read_yaml(path, "search space"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchSpace:
+        check_schema_version(data, SCHEMA_VERSION, "space")
+        _check_keys(data, ["schema_version", "prune", *SECTIONS], "space")
+        space = cls(sections={name: _section(data.get(name, {}), SECTIONS[name], f"space.{name}")
+                              for name in SECTIONS})
+        prune = data.get("prune", {})
+        _check_keys(prune, ["layers", "sparsity", "criteria"], "space.prune")
+        if "sparsity" in prune:
+            space.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
+        if "criteria" in prune:
+            space.criteria = Param.parse(prune["criteria"], "space.prune.criteria")
+        layers = prune.get("layers", "all")
+        if layers != "all" and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+            raise ConfigError(f"must be 'all' or a list of layer names, but got {layers!r}.", "space.prune.layers")
+        space.layers = None if layers == "all" else layers
+        for value in space.sparsity.candidates():
+            from_dict(LayerPrune, {"sparsity": value}, "space.prune")
+        for criterion in space.criteria.candidates():
+            CRITERIA.get(criterion, field="space.prune.criteria")
+        return space
+
+    def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None) -> Recipe:
+        """Define-by-run: ask ``trial`` for every free value and return the Recipe they make."""
+        recipe = Recipe(task=task, seed=seed, measure=measure or Measure())
+        for name in self.layer_names(prunable, task):
+            recipe.prune[name] = self._sample_layer(trial, name, prunable[name].criteria())
+        values = {section: {key: param.suggest(trial, f"{section}.{key}") for key, param in params.items()
+                            if _active(section, key, trial)}
+                  for section, params in self.sections.items()}
+        return dataclasses.replace(recipe, **{s: SECTIONS[s](**v) for s, v in values.items()})
+
+    def layer_names(self, prunable: dict, task: str) -> list[str]:
+        """The layers this space prunes, checked against the model's prunable layers."""
+        for name in self.layers or []:
+            if name not in prunable:
+                raise ConfigError(f"must name prunable layers of the {task!r} model {list(prunable)}, but "
+                                  f"got {name!r}.{did_you_mean(name, prunable)}", "space.prune.layers")
+        return list(prunable) if self.layers is None else self.layers
+
+    def _sample_layer(self, trial, name: str, allowed: list[str]) -> LayerPrune:
+        sparsity = self.sparsity.suggest(trial, f"prune.{name}.sparsity")
+        if sparsity == 0.0:
+            return LayerPrune(0.0, allowed[0])
+        criteria = [c for c in self.criteria.candidates() if c in allowed]
+        return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
+
+
+def _active(section: str, key: str, trial) -> bool:
+    """Conditional values: calibration only for int8, temperature only when distilling."""
+    if (section, key) in {("quantize", "calibration"), ("quantize", "per_channel")}:
+        return trial.params.get("quantize.bits", 8) != 32
+    if (section, key) == ("distill", "temperature"):
+        return trial.params.get("distill.alpha", 1.0) != 0.0
+    return True
+
+
+def _section(data: Any, cls: type, path: str) -> dict[str, Param]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"must be a mapping, but got {data!r}.", path)
+    _check_keys(data, [f.name for f in dataclasses.fields(cls)], path)
+    params = {key: Param.parse(spec, f"{path}.{key}") for key, spec in data.items()}
+    for key, param in params.items():
+        for value in param.candidates():
+            from_dict(cls, {key: value}, path)  # the Recipe dataclass's own rules
+    return params
+
+
+def _check_keys(data: dict, allowed: list[str], path: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"must be a mapping, but got {data!r}.", path)
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"is not a known field; expected one of {allowed}.{did_you_mean(key, allowed)}",
+                              f"{path}.{key}")

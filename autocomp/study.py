@@ -1,0 +1,75 @@
+"""StudySpec: a study YAML (task, space, objectives, budget, storage, measurement), validated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autocomp.config import check_schema_version, from_dict, read_yaml
+from autocomp.errors import ConfigError, check_choice, check_range
+from autocomp.recipe import Measure
+
+SCHEMA_VERSION = 1
+METRICS = ("accuracy", "size_bytes", "latency_ms", "macs", "params")
+DIRECTIONS = ("maximize", "minimize")
+SAMPLERS = ("nsga2", "tpe", "random")
+
+
+def _default_objectives() -> dict[str, str]:
+    return {"accuracy": "maximize", "size_bytes": "minimize", "latency_ms": "minimize"}
+
+
+@dataclass
+class StudySpec:
+    """One search: what to compress (task), how (space), towards what (objectives), where stored.
+
+    Relative paths (``space``, ``artifacts`` and SQLite files in ``storage``) are resolved
+    against the study file's folder, so a study runs the same from any working directory.
+    """
+
+    study_name: str
+    task: str
+    space: str
+    trials: int = 20
+    seed: int = 0
+    sampler: str = "nsga2"
+    population_size: int = 8
+    objectives: dict[str, str] = field(default_factory=_default_objectives)
+    storage: str | None = None  # default: sqlite:///<study folder>/<study_name>.db
+    artifacts: str | None = None  # default: <study folder>/<study_name>_artifacts
+    measure: Measure = field(default_factory=Measure)
+
+    def __post_init__(self) -> None:
+        check_range("trials", self.trials, 1, 10**6)
+        check_range("population_size", self.population_size, 2, 10**5)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if not self.objectives:
+            raise ConfigError("must name at least one metric to optimise, but got {}.", "objectives")
+        for metric, direction in self.objectives.items():
+            check_choice("objectives", metric, METRICS)
+            check_choice(f"objectives.{metric}", direction, DIRECTIONS)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudySpec:
+        path = Path(path)
+        data = read_yaml(path, "study")
+        check_schema_version(data, SCHEMA_VERSION, "study")
+        spec = from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "study")
+        return spec.resolved(path.parent)
+
+    def resolved(self, folder: Path) -> StudySpec:
+        """Make the relative paths absolute against ``folder`` and fill in the defaults."""
+        folder = folder.resolve()
+        self.space = os.path.normpath(folder / self.space)
+        self.artifacts = os.path.normpath(folder / (self.artifacts or f"{self.study_name}_artifacts"))
+        self.storage = resolve_storage(self.storage or f"sqlite:///{self.study_name}.db", folder)
+        return self
+
+
+def resolve_storage(url: str, folder: Path) -> str:
+    """Anchor a relative SQLite path at ``folder``; other URLs are returned unchanged."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url != "sqlite:///:memory:":
+        return prefix + os.path.normpath(folder / url[len(prefix):])
+    return url

@@ -1,0 +1,59 @@
+"""Built-in task: scikit-learn's 8x8 handwritten digits and a BatchNorm CNN teacher."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from autocomp.tasks.base import Task, cached_teacher
+from autocomp.tasks.registry import TASKS
+from autocomp.train import Split
+
+
+class DigitsCNN(nn.Module):
+    """Four 3x3 conv blocks with BatchNorm and a two-layer head: ~0.65M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128)
+        self.conv4, self.bn4 = nn.Conv2d(128, 256, 3, padding=1), nn.BatchNorm2d(256)
+        self.fc1 = nn.Linear(256 * 2 * 2, 256)
+        self.fc2 = nn.Linear(256, num_classes)
+        self.pool, self.drop = nn.MaxPool2d(2), nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, 1, 8, 8)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))  # (B, 64, 4, 4)
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = self.pool(torch.relu(self.bn4(self.conv4(x))))  # (B, 256, 2, 2)
+        x = self.drop(torch.relu(self.fc1(x.flatten(1))))
+        return self.fc2(x)  # (B, 10)
+
+
+def shift(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Augmentation: translate each image by up to one pixel (zero fill)."""
+    padded = nn.functional.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
+    h, w = x.shape[-2:]
+    dy, dx = torch.randint(0, 3, (2,), generator=generator).tolist()
+    return padded[..., dy : dy + h, dx : dx + w]
+
+
+@TASKS.register("digits", "scikit-learn 8x8 digits (1797 images), 4-conv BatchNorm CNN teacher, accuracy")
+def digits(seed: int = 0) -> Task:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx = torch.arange(len(y)).numpy()
+    # fixed 60/20/20 stratified split, independent of the study seed
+    rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
+    train, val = train_test_split(rest, test_size=0.25, stratify=y[rest], random_state=0)
+    train_split = Split(x[train], y[train])
+    teacher = cached_teacher("digits", DigitsCNN, train_split, epochs=30, lr=2e-3,
+                             weight_decay=1e-4, seed=seed, augment=shift)
+    return Task("digits", teacher, train_split, Split(x[val], y[val]), Split(x[test], y[test]),
+                example_input=x[:1])

@@ -1,0 +1,49 @@
+"""Built-in task: MNIST-1D (Greydanus & Kobak, 2020), generated locally, and a 1-D CNN teacher."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from autocomp.tasks.base import Task, cached_teacher
+from autocomp.tasks.registry import TASKS
+from autocomp.train import Split
+
+
+class MNIST1DCNN(nn.Module):
+    """Four 1-D conv blocks with BatchNorm and a two-layer head: ~0.68M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(1, 64, 5, padding=2), nn.BatchNorm1d(64)
+        self.conv2, self.bn2 = nn.Conv1d(64, 128, 5, padding=2), nn.BatchNorm1d(128)
+        self.conv3, self.bn3 = nn.Conv1d(128, 128, 3, padding=1), nn.BatchNorm1d(128)
+        self.conv4, self.bn4 = nn.Conv1d(128, 256, 3, padding=1), nn.BatchNorm1d(256)
+        self.fc1 = nn.Linear(256 * 10, 192)
+        self.fc2 = nn.Linear(192, num_classes)
+        self.pool, self.drop = nn.MaxPool1d(2), nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, 1, 40)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))  # (B, 128, 20)
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = self.pool(torch.relu(self.bn4(self.conv4(x))))  # (B, 256, 10)
+        x = self.drop(torch.relu(self.fc1(x.flatten(1))))
+        return self.fc2(x)  # (B, 10)
+
+
+@TASKS.register("mnist1d", "MNIST-1D (5000 sequences of length 40, generated locally), 1-D CNN teacher, accuracy")
+def mnist1d(seed: int = 0) -> Task:
+    from mnist1d.data import get_dataset_args, make_dataset
+    from sklearn.model_selection import train_test_split
+
+    data = make_dataset(get_dataset_args())  # default args: 4000 train / 1000 test, seed 42
+    x = torch.tensor(data["x"], dtype=torch.float32).unsqueeze(1)  # (4000, 1, 40)
+    y = torch.tensor(data["y"], dtype=torch.long)
+    train, val = train_test_split(torch.arange(len(y)).numpy(), test_size=0.1, stratify=y, random_state=0)
+    train_split = Split(x[train], y[train])
+    teacher = cached_teacher("mnist1d", MNIST1DCNN, train_split, epochs=15, lr=2e-3,
+                             weight_decay=5e-2, seed=seed)
+    test = Split(torch.tensor(data["x_test"], dtype=torch.float32).unsqueeze(1),
+                 torch.tensor(data["y_test"], dtype=torch.long))
+    return Task("mnist1d", teacher, train_split, Split(x[val], y[val]), test, example_input=x[:1])

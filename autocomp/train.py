@@ -1,0 +1,92 @@
+"""The one training loop, used for teachers (cross-entropy) and students (distillation)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# loss(student_logits, inputs, labels) -> scalar
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Split:
+    """One data split held in memory: inputs ``x`` (N, ...) and integer labels ``y`` (N,)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """Yield (x, y) minibatches; shuffled when a generator is given."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cross_entropy(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits, y)
+
+
+def fit(
+    model: nn.Module,
+    data: Split,
+    loss_fn: LossFn,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed."""
+    from tqdm.auto import tqdm
+
+    if epochs <= 0:
+        return model.eval()
+    generator = seed_everything(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(data) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="step")
+    model.train()
+    for _ in range(epochs):
+        for x, y in data.batches(batch_size, generator):
+            if augment is not None:
+                x = augment(x, generator)
+            loss = loss_fn(model(x), x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, batched."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -1,0 +1,77 @@
+"""End to end, as a user runs it: search -> pareto -> export -> apply, through the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
+
+
+def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([AUTOCOMP, *args], capture_output=True, text=True, timeout=900)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def study_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "e2e.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: {ROOT / 'search_spaces' / 'joint.yaml'}\n"
+                    "trials: 3\npopulation_size: 4\n")
+    return path
+
+
+@pytest.mark.slow
+def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
+    out = autocomp("search", str(study_yaml), "--no-progress").stdout
+    assert "Pareto front" in out and "teacher: accuracy" in out
+    storage = f"sqlite:///{tmp_path / 'e2e.db'}"
+    study = optuna.load_study(storage=storage, study_name="e2e")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert study.metric_names == ["accuracy", "size_bytes", "latency_ms"]
+    assert len(list((tmp_path / "e2e_artifacts").rglob("*"))) >= 6  # artifact + recipe per trial
+
+    autocomp("pareto", "--storage", storage, "--study-name", "e2e", "--csv", str(tmp_path / "front.csv"))
+    front = pd.read_csv(tmp_path / "front.csv")
+    assert set(front["trial"]) == {t.number for t in study.best_trials}
+    assert list(front.columns[:7]) == ["trial", "accuracy_%", "drop_pp", "size_kb", "ratio_x", "latency_ms",
+                                       "speedup_x"]
+
+    number = int(front["trial"][0])
+    autocomp("export", str(study_yaml), "--trial", str(number), "-o", str(tmp_path / "recipe.yaml"))
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["provenance"]["trial"] == number and recipe["provenance"]["versions"]["torch"]
+    recorded = study.trials[number].user_attrs["metrics"]
+
+    autocomp("apply", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"))
+    replayed = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert abs(replayed["accuracy"] - recorded["accuracy"]) <= 0.005
+    assert replayed["size_bytes"] == recorded["size_bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
+    assert replayed["compression_ratio"] > 1.0
+
+    autocomp("search", str(study_yaml), "--trials", "4", "--no-progress")  # continues to 4, not 3 + 4
+    assert len(optuna.load_study(storage=storage, study_name="e2e").trials) == 4
+
+
+def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(study_yaml.read_text().replace("task: digits", "task: digts"))
+    result = autocomp("search", str(bad), expect=2)
+    assert result.stderr.strip() == (
+        "autocomp: error: `task` must name a registered task ['digits', 'mnist1d'], but got 'digts'. "
+        "Did you mean 'digits'?")
+    assert not (tmp_path / "e2e.db").exists()  # nothing was created for a study that never started
+    result = autocomp("pareto", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study-name", "x", expect=2)
+    assert "No study 'x'" in result.stderr and "Traceback" not in result.stderr
+    result = autocomp("apply", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o"), expect=2)
+    assert "cannot be read" in result.stderr

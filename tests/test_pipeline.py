@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import numpy as np
+
+from autocomp import runtime
+from autocomp.pipeline import apply, teacher_metrics
+from autocomp.recipe import FineTune, LayerPrune, Quantize, Recipe
+
+
+def recipe(bits: int) -> Recipe:
+    return Recipe(task="digits", prune={"conv2": LayerPrune(0.5, "fpgm"), "conv4": LayerPrune(0.5, "taylor"),
+                                        "fc1": LayerPrune(0.75, "l1")},
+                  quantize=Quantize(bits=bits, calibration="percentile"), finetune=FineTune(epochs=2))
+
+
+def test_apply_measures_the_artifact_itself(digits_task, tmp_path):
+    result = apply(recipe(8), digits_task, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "recipe.yaml"]
+    assert result.metrics["size_bytes"] == (tmp_path / "model.onnx").stat().st_size
+    assert Recipe.load(tmp_path / "recipe.yaml") == recipe(8)
+    # the file alone reproduces the recorded accuracy
+    logits = runtime.run(runtime.session(tmp_path / "model.onnx"), digits_task.test.x.numpy())
+    assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]
+    assert result.metrics["accuracy"] > 0.9
+    assert result.model.conv2.out_channels == 32 and result.model.fc1.out_features == 64
+
+
+def test_apply_is_deterministic_and_compresses(digits_task, tmp_path):
+    first = apply(recipe(32), digits_task, tmp_path / "a", progress=False).metrics
+    again = apply(recipe(32), digits_task, tmp_path / "b", progress=False).metrics
+    assert (first["accuracy"], first["size_bytes"], first["macs"]) == (again["accuracy"], again["size_bytes"],
+                                                                       again["macs"])
+    teacher = teacher_metrics(digits_task, recipe(32).measure)
+    assert teacher["params"] > 500_000
+    assert first["size_bytes"] < 0.5 * teacher["size_bytes"]  # removed channels really shrink the file
+    assert first["macs"] < teacher["macs"] and first["params"] < teacher["params"]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autocomp.compress.prune import prunable_layers
+from autocomp.errors import ConfigError
+from autocomp.recipe import Distill, LayerPrune, Quantize, Recipe
+
+
+def make_recipe() -> Recipe:
+    return Recipe(task="digits", prune={"conv1": LayerPrune(0.25, "fpgm"), "fc1": LayerPrune(0.5, "taylor")},
+                  quantize=Quantize(bits=8, calibration="entropy", per_channel=True),
+                  distill=Distill(temperature=3.0, alpha=0.7), seed=3, provenance={"trial": 4})
+
+
+def test_yaml_round_trip(tmp_path):
+    recipe = make_recipe()
+    recipe.save(tmp_path / "r.yaml")
+    loaded = Recipe.load(tmp_path / "r.yaml")
+    assert loaded == recipe
+    assert loaded.to_dict()["schema_version"] == 1
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "fragment"),
+    [
+        ({"quantize": {"bits": 9}}, "recipe.quantize.bits", "must be one of [32, 8], but got 9"),
+        ({"prune": {"conv1": {"sparsity": 1.2}}}, "recipe.prune.conv1.sparsity", "must be in [0.0, 1.0)"),
+        ({"prune": {"conv1": {"criterion": "fpmg"}}}, "recipe.prune.conv1.criterion", "Did you mean 'fpgm'?"),
+        ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),
+        ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
+        ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
+        ({"schema_version": 7}, "recipe.schema_version", "got 7"),
+    ],
+)
+def test_bad_values_name_field_rule_and_value(patch, field, fragment):
+    data = make_recipe().to_dict()
+    for key, value in patch.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    with pytest.raises(ConfigError) as err:
+        Recipe.from_dict(data)
+    assert err.value.field == field
+    assert fragment in str(err.value)
+
+
+def test_check_layers_against_the_model(small_cnn):
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    assert list(prunable) == ["conv1", "conv2", "fc1"]  # the head fc2 is never pruned
+    make_recipe().check_layers(prunable)
+    with pytest.raises(ConfigError, match="Did you mean 'conv2'") as err:
+        Recipe(task="digits", prune={"conv9": LayerPrune(0.5)}).check_layers(prunable)
+    assert err.value.field == "recipe.prune.conv9"
+    with pytest.raises(ConfigError, match="bn_scale"):  # fc1 has no BatchNorm to read gamma from
+        Recipe(task="digits", prune={"fc1": LayerPrune(0.5, "bn_scale")}).check_layers(prunable)

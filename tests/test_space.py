@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from autocomp.compress.prune import prunable_layers
+from autocomp.errors import ConfigError
+from autocomp.recipe import Recipe
+from autocomp.space import SearchSpace
+from tests.conftest import ROOT
+
+
+def test_joint_space_samples_valid_recipes(small_cnn):
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    recipes = []
+    for _ in range(40):
+        trial = study.ask()
+        recipe = space.sample(trial, "digits", prunable, seed=1)
+        recipe.check_layers(prunable)
+        assert Recipe.from_dict(recipe.to_dict()) == recipe  # valid by the Recipe's own rules
+        assert set(recipe.prune) == set(prunable)
+        # conditional values: calibration is only asked for int8, criteria only for pruned layers
+        assert ("quantize.calibration" in trial.params) == (recipe.quantize.bits == 8)
+        for name, layer in recipe.prune.items():
+            assert (f"prune.{name}.criterion" in trial.params) == (layer.sparsity > 0)
+        study.tell(trial, 0.0)
+        recipes.append(recipe)
+    assert {r.quantize.bits for r in recipes} == {8, 32}
+    assert all(r.prune["fc1"].criterion != "bn_scale" for r in recipes)
+    assert any(r.prune["conv1"].criterion == "bn_scale" for r in recipes)
+    assert all(0.0 <= r.prune["conv2"].sparsity <= 0.8 for r in recipes)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "fragment"),
+    [
+        ({"prune": {"sparsity": {"low": 0.6, "high": 0.2}}}, "space.prune.sparsity", "`low <= high` must hold"),
+        ({"prune": {"sparsity": {"low": 0.0, "high": 1.5}}}, "space.prune.sparsity", "must be in [0.0, 1.0)"),
+        ({"prune": {"criteria": ["l1", "apoz_typo"]}}, "space.prune.criteria", "apoz_typo"),
+        ({"quantize": {"bits": [32, 4]}}, "space.quantize.bits", "got 4"),
+        ({"quantize": {"calibration": ["minmax", "entropi"]}}, "space.quantize.calibration",
+         "Did you mean 'entropy'?"),
+        ({"finetune": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.finetune.lr", "log range"),
+        ({"distil": {}}, "space.distil", "Did you mean 'distill'?"),
+    ],
+)
+def test_bad_spaces_are_rejected_when_loaded(tmp_path, patch, field, fragment):
+    data = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
+    for key, value in patch.items():
+        data[key] = {**data.get(key, {}), **value}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.load(tmp_path / "space.yaml")
+    assert err.value.field == field
+    assert fragment in str(err.value)
+
+
+def test_unknown_layer_in_space(small_cnn):
+    space = SearchSpace.from_dict({"schema_version": 1, "prune": {"layers": ["conv1", "cnv2"]}})
+    with pytest.raises(ConfigError, match="Did you mean 'conv2'"):
+        space.layer_names(prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8)), "digits")

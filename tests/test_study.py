@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from autocomp.errors import ConfigError
+from autocomp.study import StudySpec
+from tests.conftest import ROOT
+
+
+def test_demo_study_resolves_paths_next_to_its_file():
+    spec = StudySpec.load(ROOT / "studies" / "digits.yaml")
+    assert spec.storage == f"sqlite:///{ROOT / 'studies' / 'digits.db'}"
+    assert spec.space == str(ROOT / "search_spaces" / "joint.yaml")
+    assert spec.artifacts == str(ROOT / "studies" / "digits_artifacts")
+    assert list(spec.objectives.items()) == [("accuracy", "maximize"), ("size_bytes", "minimize"),
+                                             ("latency_ms", "minimize")]
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "fragment"),
+    [
+        ("objectives: {accuracy: maximise}", "study.objectives.accuracy", "Did you mean 'maximize'?"),
+        ("objectives: {latency: minimize}", "study.objectives", "Did you mean 'latency_ms'?"),
+        ("sampler: nsga3", "study.sampler", "Did you mean 'nsga2'?"),
+        ("trials: 0", "study.trials", "got 0"),
+        ("measure: {threads: 0}", "study.measure.threads", "got 0"),
+    ],
+)
+def test_bad_study_values(tmp_path, line, field, fragment):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: s\ntask: digits\nspace: x.yaml\n{line}\n")
+    with pytest.raises(ConfigError) as err:
+        StudySpec.load(path)
+    assert err.value.field == field and fragment in str(err.value)

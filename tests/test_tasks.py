@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+from torch import nn
+
+from autocomp.errors import ConfigError
+from autocomp.tasks import TASKS, load_task
+
+
+def check_teacher(task, min_accuracy: float) -> None:
+    assert sum(p.numel() for p in task.teacher.parameters()) >= 500_000
+    assert task.score(task.teacher, task.test) >= min_accuracy
+    assert task.teacher(task.example_input).shape == (1, 10)
+
+
+def test_digits_teacher_is_trained_and_cached(digits_task, teacher_cache):
+    check_teacher(digits_task, 0.98)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in digits_task.teacher.modules())
+    assert (len(digits_task.train), len(digits_task.val), len(digits_task.test)) == (1077, 360, 360)
+    assert len(list((teacher_cache / "teachers").glob("digits-*.pt"))) == 1
+    start = time.perf_counter()
+    again = load_task("digits")  # from the cache: no training
+    assert time.perf_counter() - start < 5
+    for a, b in zip(again.teacher.parameters(), digits_task.teacher.parameters(), strict=True):
+        assert a.equal(b)
+
+
+@pytest.mark.slow
+def test_mnist1d_teacher_reaches_the_papers_cnn_baseline():
+    task = load_task("mnist1d")
+    check_teacher(task, 0.94)
+    assert task.example_input.shape == (1, 1, 40) and len(task.test) == 1000
+
+
+def test_task_references_resolve_or_explain():
+    assert {"digits", "mnist1d"} <= set(TASKS.names())
+    with pytest.raises(ConfigError, match="Did you mean 'digits'"):
+        load_task("digit")
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        load_task("no_such_module:make")
