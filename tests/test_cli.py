@@ -26,7 +26,8 @@ def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
 @pytest.fixture
 def study_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "e2e.yaml"
-    path.write_text(f"schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: {ROOT / 'search_spaces' / 'joint.yaml'}\n"
+    space = ROOT / "search_spaces" / "joint.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: {space}\n"
                     "trials: 3\npopulation_size: 4\n")
     return path
 
@@ -75,3 +76,30 @@ def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path):
     assert "No study 'x'" in result.stderr and "Traceback" not in result.stderr
     result = autocomp("apply", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o"), expect=2)
     assert "cannot be read" in result.stderr
+
+
+def test_dashboard_serves_the_study_on_loopback(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    storage = f"sqlite:///{tmp_path / 'd.db'}"
+    optuna.create_study(storage=storage, study_name="dash", directions=["maximize", "minimize"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([AUTOCOMP, "dashboard", "--storage", storage, "--study-name", "dash",
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, body = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    body = response.read().decode()
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        assert '"study_name": "dash"' in body.replace('":"', '": "')
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

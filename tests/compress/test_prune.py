@@ -54,6 +54,6 @@ def test_pruning_keeps_at_least_one_channel():
 
 def test_prunable_layers_report_channels_and_batchnorm(small_cnn):
     layers = prunable_layers(small_cnn, X)
-    assert {n: (l.channels, l.batchnorm) for n, l in layers.items()} == {
+    assert {n: (layer.channels, layer.batchnorm) for n, layer in layers.items()} == {
         "conv1": (8, True), "conv2": (16, True), "fc1": (32, False)}
     assert "bn_scale" in layers["conv1"].criteria() and "bn_scale" not in layers["fc1"].criteria()
