@@ -105,7 +105,10 @@ class Recipe:
                 hint = did_you_mean(name, prunable)
                 raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
                                   f"are {list(prunable)}.{hint}", f"recipe.prune.{name}")
-            check_choice(f"recipe.prune.{name}.criterion", layer.criterion, prunable[name].criteria())
+            allowed = prunable[name].criteria()
+            if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows the layer
+                raise ConfigError(f"must be one of {allowed} for this layer (criteria that read a BatchNorm need "
+                                  f"one after it), but got {layer.criterion!r}.", f"recipe.prune.{name}.criterion")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **to_dict(self)}

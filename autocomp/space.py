@@ -19,6 +19,12 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Quantize, Re
 
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
+# section -> {key: (parent key, predicate)}: the key is searched only where the parent's value passes,
+# e.g. calibration only for int8 trials, temperature only when the teacher's soft targets are used
+CONDITIONS = {
+    "quantize": {"calibration": ("bits", lambda bits: bits != 32), "per_channel": ("bits", lambda bits: bits != 32)},
+    "distill": {"temperature": ("alpha", lambda alpha: alpha > 0)},
+}
 
 
 @dataclass(frozen=True)
@@ -109,9 +115,7 @@ class SearchSpace:
         recipe = Recipe(task=task, seed=seed, measure=measure or Measure())
         for name in self.layer_names(prunable, task):
             recipe.prune[name] = self._sample_layer(trial, name, prunable[name].criteria())
-        values = {section: {key: param.suggest(trial, f"{section}.{key}") for key, param in params.items()
-                            if _active(section, key, trial)}
-                  for section, params in self.sections.items()}
+        values = {section: _sample_section(trial, section, params) for section, params in self.sections.items()}
         return dataclasses.replace(recipe, **{s: SECTIONS[s](**v) for s, v in values.items()})
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
@@ -130,13 +134,18 @@ class SearchSpace:
         return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
 
 
-def _active(section: str, key: str, trial) -> bool:
-    """Conditional values: calibration only for int8, temperature only when distilling."""
-    if (section, key) in {("quantize", "calibration"), ("quantize", "per_channel")}:
-        return trial.params.get("quantize.bits", 8) != 32
-    if (section, key) == ("distill", "temperature"):
-        return trial.params.get("distill.alpha", 1.0) != 0.0
-    return True
+def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
+    """Sample a section's values, parents before the values that depend on them."""
+    conditions = CONDITIONS.get(section, {})
+    defaults = SECTIONS[section]()
+    values: dict[str, Any] = {}
+    for key in sorted(params, key=lambda k: k in conditions):
+        if key in conditions:
+            parent, holds = conditions[key]
+            if not holds(values.get(parent, getattr(defaults, parent))):
+                continue
+        values[key] = params[key].suggest(trial, f"{section}.{key}")
+    return values
 
 
 def _section(data: Any, cls: type, path: str) -> dict[str, Param]:

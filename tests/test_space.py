@@ -63,3 +63,13 @@ def test_unknown_layer_in_space(small_cnn):
     space = SearchSpace.from_dict({"schema_version": 1, "prune": {"layers": ["conv1", "cnv2"]}})
     with pytest.raises(ConfigError, match="Did you mean 'conv2'"):
         space.layer_names(prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8)), "digits")
+
+
+def test_conditional_values_follow_fixed_parents(small_cnn):
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    space = SearchSpace.from_dict({"schema_version": 1, "quantize": {"bits": 32, "calibration": ["minmax", "entropy"]},
+                                   "distill": {"alpha": [0.0], "temperature": {"low": 1.0, "high": 4.0}}})
+    trial = optuna.create_study().ask()
+    recipe = space.sample(trial, "digits", prunable)
+    assert trial.params == {}  # fixed values are not searched, and neither are their inactive children
+    assert (recipe.quantize.bits, recipe.distill.alpha) == (32, 0.0)

@@ -63,7 +63,7 @@ def cached_teacher(
     """
     torch.manual_seed(seed)
     model = build()
-    fingerprint = f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{len(train)}"
+    fingerprint = f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{len(train)}|{getattr(augment, '__name__', None)}"
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     path = cache_dir() / "teachers" / f"{key}-seed{seed}-{digest}.pt"
     if path.exists():
