@@ -1,4 +1,4 @@
-"""The ``autocomp`` command: search | pareto | export | apply | tasks | dashboard."""
+"""The ``autocomp`` command: search | pareto | export | apply | methods | dashboard."""
 
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("-o", "--output", type=Path, required=True, help="folder for model.onnx and metrics.json")
     apply.set_defaults(run=_apply)
 
-    tasks = commands.add_parser("tasks", help="list the built-in tasks")
-    tasks.set_defaults(run=_tasks)
+    methods = commands.add_parser("methods", help="list every compression method and task, by family")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of text")
+    methods.set_defaults(run=_methods)
 
     dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard for a study's storage")
     _study_source(dashboard)
@@ -160,12 +161,18 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tasks(args: argparse.Namespace) -> int:
-    from autocomp.tasks import TASKS
+def _methods(args: argparse.Namespace) -> int:
+    from autocomp.methods import catalogue
 
-    for entry in TASKS:
-        print(f"{entry.name:<10} {entry.description}")
-    print('user tasks: task: "package.module:function" returning autocomp.tasks.Task')
+    methods = catalogue()
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return 0
+    for family, entries in methods.items():
+        print(f"{family}:")
+        for entry in entries:
+            print(f"  {entry['name']:<15} {entry['description']}")
+    print('\nuser tasks: task: "package.module:function" returning an autocomp.tasks.Task')
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from autocomp import runtime
-from autocomp.compress.distill import logits_kd_loss
+from autocomp.compress.distill import Distiller
 from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.quantize import quantize_int8
 from autocomp.measure import measure
@@ -37,13 +37,16 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     """Prune -> distil/fine-tune -> export -> quantize/calibrate -> measure, into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe.check_layers(prunable_layers(task.teacher, task.example_input))
+    prunable = prunable_layers(task.teacher, task.example_input)
+    recipe.check_layers(prunable)
     student = copy.deepcopy(task.teacher)
     plan = {name: (layer.sparsity, layer.criterion) for name, layer in recipe.prune.items()}
     prune(student, task.example_input, plan, task.train, seed=recipe.seed)
-    fit(student, task.train, logits_kd_loss(task.teacher, recipe.distill.temperature, recipe.distill.alpha),
-        epochs=recipe.finetune.epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
-        seed=recipe.seed, desc="fine-tune", progress=progress)
+    d = recipe.distill
+    with Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
+                   alpha=d.alpha, weight=d.weight, layers=list(prunable)) as loss:
+        fit(student, task.train, loss, epochs=recipe.finetune.epochs, lr=recipe.finetune.lr,
+            batch_size=recipe.finetune.batch_size, seed=recipe.seed, desc="fine-tune", progress=progress)
     artifact = out_dir / ARTIFACT
     if recipe.quantize.bits == 32:
         runtime.export_onnx(student, task.example_input, artifact)

@@ -47,14 +47,23 @@ class Quantize:
 
 @dataclass
 class Distill:
-    """Logits distillation: alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
+    """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * the ``kind``'s transfer term.
 
+    ``kind`` "logits" is the soft-target term alone, "none" is cross-entropy alone.
+    """
+
+    kind: str = "logits"
     temperature: float = 4.0
     alpha: float = 0.5
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
+        from autocomp.compress.distill import TRANSFERS
+
+        TRANSFERS.get(self.kind, field="kind")
         check_range("temperature", self.temperature, 0.05, 100.0)
         check_range("alpha", self.alpha, 0.0, 1.0)
+        check_range("weight", self.weight, 0.0, 1e6)
 
 
 @dataclass

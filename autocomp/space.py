@@ -19,11 +19,14 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Quantize, Re
 
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
-# section -> {key: (parent key, predicate)}: the key is searched only where the parent's value passes,
-# e.g. calibration only for int8 trials, temperature only when the teacher's soft targets are used
+# section -> {key: (parent key, predicate)}: the key is searched only where its parent is searched
+# (or fixed) and the parent's value passes: calibration only for int8, temperature only when the
+# soft targets count, a transfer weight only for a kind that has a transfer term
 CONDITIONS = {
     "quantize": {"calibration": ("bits", lambda bits: bits != 32), "per_channel": ("bits", lambda bits: bits != 32)},
-    "distill": {"temperature": ("alpha", lambda alpha: alpha > 0)},
+    "distill": {"alpha": ("kind", lambda kind: kind != "none"),
+                "temperature": ("alpha", lambda alpha: alpha > 0),
+                "weight": ("kind", lambda kind: kind not in ("none", "logits"))},
 }
 
 
@@ -135,17 +138,23 @@ class SearchSpace:
 
 
 def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
-    """Sample a section's values, parents before the values that depend on them."""
+    """Sample a section's values, each parent before the values that depend on it."""
     conditions = CONDITIONS.get(section, {})
     defaults = SECTIONS[section]()
     values: dict[str, Any] = {}
-    for key in sorted(params, key=lambda k: k in conditions):
+    inactive: set[str] = set()
+    for key in sorted(params, key=lambda k: _depth(k, conditions)):
         if key in conditions:
             parent, holds = conditions[key]
-            if not holds(values.get(parent, getattr(defaults, parent))):
+            if parent in inactive or not holds(values.get(parent, getattr(defaults, parent))):
+                inactive.add(key)
                 continue
         values[key] = params[key].suggest(trial, f"{section}.{key}")
     return values
+
+
+def _depth(key: str, conditions: dict) -> int:
+    return 1 + _depth(conditions[key][0], conditions) if key in conditions else 0
 
 
 def _section(data: Any, cls: type, path: str) -> dict[str, Param]:

@@ -65,7 +65,10 @@ def fit(
     if epochs <= 0:
         return model.eval()
     generator = seed_everything(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(model.parameters())
+    if isinstance(loss_fn, nn.Module):  # a loss with learned parts (e.g. FitNet projections)
+        params += list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(data) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="step")

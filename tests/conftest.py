@@ -25,6 +25,13 @@ def digits_task(teacher_cache: Path):
     return load_task("digits")
 
 
+@pytest.fixture(scope="session")
+def mnist1d_task(teacher_cache: Path):
+    from autocomp.tasks import load_task
+
+    return load_task("mnist1d")
+
+
 class SmallCNN(nn.Module):
     """A fast model for unit tests: conv-BN-ReLU x2, a hidden Linear and a head."""
 

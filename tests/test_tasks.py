@@ -28,10 +28,9 @@ def test_digits_teacher_is_trained_and_cached(digits_task, teacher_cache):
 
 
 @pytest.mark.slow
-def test_mnist1d_teacher_reaches_the_papers_cnn_baseline():
-    task = load_task("mnist1d")
-    check_teacher(task, 0.94)
-    assert task.example_input.shape == (1, 1, 40) and len(task.test) == 1000
+def test_mnist1d_teacher_reaches_the_papers_cnn_baseline(mnist1d_task):
+    check_teacher(mnist1d_task, 0.94)
+    assert mnist1d_task.example_input.shape == (1, 1, 40) and len(mnist1d_task.test) == 1000
 
 
 def test_task_references_resolve_or_explain():

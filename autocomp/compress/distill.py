@@ -1,31 +1,169 @@
-"""Knowledge distillation losses for the fine-tune after pruning."""
+"""Knowledge distillation for the fine-tune after pruning: the loss and its transfer terms.
+
+The student is the pruned teacher, so the two share layer names: a feature term compares the
+outputs of the same named layers (their widths may differ), a relational term compares the
+embeddings that enter the classifier head.
+"""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from autocomp.train import LossFn
+from autocomp.features import Tap, head_layer
+from autocomp.registry import Registry
 
 
-def logits_kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
-    """Hinton et al. (2015): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+class Transfer(nn.Module, ABC):
+    """A knowledge-transfer term between student and teacher features of one batch.
 
-    The T^2 factor keeps the soft term's gradient scale independent of the temperature.
+    ``source`` says what it compares: ``"layers"`` (the outputs of the hint layers, one tensor per
+    layer) or ``"embedding"`` (the (B, D) input of the head, as a one-element list).
     """
-    teacher.eval()
 
-    def loss(student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        hard = nn.functional.cross_entropy(student_logits, y)
-        if alpha == 0.0:
-            return hard
+    source: ClassVar[str] = "layers"
+
+    def build(self, student: list[Tensor], teacher: list[Tensor]) -> None:
+        """Create any learned parts (projections) from one batch of example features."""
+
+    @abstractmethod
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor: ...
+
+
+TRANSFERS: Registry[type[Transfer] | None] = Registry("distillation kind")
+TRANSFERS.add("none", None, "no teacher: fine-tune on the labels alone (cross-entropy)")
+TRANSFERS.add("logits", None, "soft targets: T^2 * KL of temperature-softened outputs (Hinton et al., 2015)")
+
+
+@TRANSFERS.register("fitnet", "feature hints: MSE to the teacher's layer outputs through a learned "
+                              "1x1 projection where widths differ (Romero et al., ICLR 2015)")
+class FitNet(Transfer):
+    def build(self, student: list[Tensor], teacher: list[Tensor]) -> None:
+        self.projections = nn.ModuleList(_projection(s, t) for s, t in zip(student, teacher, strict=True))
+
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        terms = [nn.functional.mse_loss(p(s), t) for p, s, t in zip(self.projections, student, teacher, strict=True)]
+        return torch.stack(terms).mean()
+
+
+def _projection(student: Tensor, teacher: Tensor) -> nn.Module:
+    c_in, c_out = student.shape[1], teacher.shape[1]
+    if c_in == c_out:
+        return nn.Identity()
+    if student.dim() == 2:
+        return nn.Linear(c_in, c_out, bias=False)
+    conv = nn.Conv1d if student.dim() == 3 else nn.Conv2d
+    return conv(c_in, c_out, kernel_size=1, bias=False)
+
+
+def attention_map(features: Tensor) -> Tensor:
+    """Spatial attention: the channel mean of squared activations, flattened and L2-normalised.
+
+    (B, C, *spatial) -> (B, prod(spatial)); Zagoruyko & Komodakis, ICLR 2017.
+    """
+    return nn.functional.normalize(features.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+@TRANSFERS.register("attention", "attention transfer: match the spatial attention maps of conv layers "
+                                 "(Zagoruyko & Komodakis, ICLR 2017)")
+class AttentionTransfer(Transfer):
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        terms = [(attention_map(s) - attention_map(t)).pow(2).sum(1).mean()
+                 for s, t in zip(student, teacher, strict=True) if s.dim() > 2]
+        return torch.stack(terms).mean() if terms else student[0].new_zeros(())
+
+
+def _distances(e: Tensor) -> Tensor:
+    d = torch.cdist(e, e)  # (B, B)
+    return d / d[d > 0].mean().clamp_min(1e-12)
+
+
+def _angles(e: Tensor) -> Tensor:
+    diff = nn.functional.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # (B, B, D): unit e_j - e_i
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()  # cos of the angle at each vertex i
+
+
+@TRANSFERS.register("rkd", "relational KD: match pairwise distances and triplet angles of the "
+                           "embeddings (Park et al., CVPR 2019)")
+class RelationalKD(Transfer):
+    source = "embedding"
+
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        s, t = student[0].flatten(1), teacher[0].flatten(1)
+        distance = nn.functional.smooth_l1_loss(_distances(s), _distances(t))
+        angle = nn.functional.smooth_l1_loss(_angles(s), _angles(t))
+        return distance + 2.0 * angle  # the paper's 25:50 weighting
+
+
+def similarity(features: Tensor) -> Tensor:
+    """Row-normalised batch similarity G = F F^T of flattened features: (B, ...) -> (B, B)."""
+    f = features.flatten(1)
+    return nn.functional.normalize(f @ f.T, dim=1)
+
+
+@TRANSFERS.register("sp", "similarity-preserving: match the batch similarity matrices of layer "
+                          "outputs (Tung & Mori, ICCV 2019)")
+class SimilarityPreserving(Transfer):
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        b = student[0].shape[0]
+        terms = [(similarity(s) - similarity(t)).pow(2).sum() / b**2 for s, t in zip(student, teacher, strict=True)]
+        return torch.stack(terms).mean()
+
+
+class Distiller(nn.Module):
+    """The fine-tune loss: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * transfer.
+
+    The T^2 factor keeps the soft term's gradient scale independent of the temperature (Hinton
+    et al., 2015). ``kind`` "none" is cross-entropy alone. Hooks on the student record its
+    features during the training forward pass; the teacher runs here, without gradients.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, example_input: Tensor, *, kind: str = "logits",
+                 temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0, layers: list[str] = ()) -> None:
+        super().__init__()
+        self.teacher = [teacher.eval()]  # a list: not a sub-module, so its weights are not trained
+        self.temperature, self.alpha, self.weight = temperature, (0.0 if kind == "none" else alpha), weight
+        cls = TRANSFERS.get(kind, field="distill.kind")
+        self.transfer = cls() if cls is not None else None
+        self._taps: list[Tap] = []
+        if self.transfer is not None:
+            inputs = self.transfer.source == "embedding"
+            self._names = [head_layer(teacher, example_input)] if inputs else list(layers)
+            self._taps = [Tap(student, self._names, inputs), Tap(teacher, self._names, inputs)]
+            with torch.no_grad():
+                student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
+                teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
+            self.transfer.build(*self._features())
+
+    def _features(self) -> tuple[list[Tensor], list[Tensor]]:
+        student, teacher = ([tap.values[n] for n in self._names] for tap in self._taps)
+        return student, teacher
+
+    def forward(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        loss = nn.functional.cross_entropy(student_logits, y)
+        if self.alpha == 0.0 and self.transfer is None:
+            return loss
         with torch.no_grad():
-            teacher_logits = teacher(x)
-        soft = nn.functional.kl_div(
-            nn.functional.log_softmax(student_logits / temperature, dim=1),
-            nn.functional.log_softmax(teacher_logits / temperature, dim=1),
-            reduction="batchmean", log_target=True,
-        )
-        return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+            teacher_logits = self.teacher[0](x)
+        t = self.temperature
+        soft = nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, dim=1),
+                                    nn.functional.log_softmax(teacher_logits / t, dim=1),
+                                    reduction="batchmean", log_target=True)
+        loss = (1.0 - self.alpha) * loss + self.alpha * t**2 * soft
+        if self.transfer is not None:
+            loss = loss + self.weight * self.transfer(*self._features())
+        return loss
 
-    return loss
+    def close(self) -> None:
+        """Remove the hooks (the teacher is shared across trials)."""
+        for tap in self._taps:
+            tap.close()
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from autocomp.features import head_layer, layer_names
 from autocomp.registry import Registry
 from autocomp.train import Split, seed_everything
 
@@ -71,19 +72,11 @@ def prunable_layers(model: nn.Module, example_input: Tensor) -> dict[str, Prunab
 
     The layer that produces the model's output is excluded: its channels are the classes.
     """
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
-    outputs: dict[str, Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out))
-             for n, m in candidates.items()]
-    with torch.no_grad():
-        final = model.eval()(example_input)
-    for hook in hooks:
-        hook.remove()
-    head = [n for n, out in outputs.items() if out.data_ptr() == final.data_ptr()]
-    last = head[0] if head else list(candidates)[-1]
+    head = head_layer(model, example_input)
+    modules = dict(model.named_modules())
     graph = _tp().DependencyGraph().build_dependency(model, example_inputs=example_input)
-    return {n: PrunableLayer(graph.get_out_channels(m), _has_batchnorm(graph, m))
-            for n, m in candidates.items() if n != last}
+    return {n: PrunableLayer(graph.get_out_channels(modules[n]), _has_batchnorm(graph, modules[n]))
+            for n in layer_names(model) if n != head}
 
 
 def _has_batchnorm(graph, layer: nn.Module) -> bool:

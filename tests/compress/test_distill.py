@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autocomp.compress.distill import (
+    TRANSFERS,
+    AttentionTransfer,
+    Distiller,
+    FitNet,
+    RelationalKD,
+    SimilarityPreserving,
+)
+from autocomp.compress.prune import prune
+from autocomp.train import Split, fit
+
+X = torch.zeros(1, 1, 8, 8)
+
+
+def batch(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_rkd_is_zero_for_a_scaled_copy_of_the_teachers_embeddings():
+    teacher = batch(16, 32)
+    assert RelationalKD()([3.7 * teacher], [teacher]).item() < 1e-6
+    assert RelationalKD()([batch(16, 32, seed=1)], [teacher]).item() > 1e-3
+
+
+def test_attention_transfer_ignores_scale_but_not_where_the_activity_is():
+    teacher = batch(4, 8, 5, 5).abs()
+    assert AttentionTransfer()([2.0 * teacher[:, :3]], [teacher[:, :3]]).item() < 1e-10  # other width, same map
+    moved = torch.roll(teacher, shifts=2, dims=3)
+    assert AttentionTransfer()([moved], [teacher]).item() > 1e-3
+
+
+def test_similarity_preserving_is_zero_under_a_rotation_of_the_channels():
+    teacher = batch(8, 6)
+    rotation, _ = torch.linalg.qr(batch(6, 6, seed=2))  # orthogonal: F R R^T F^T = F F^T
+    assert SimilarityPreserving()([teacher @ rotation], [teacher]).item() < 1e-10
+    assert SimilarityPreserving()([batch(8, 6, seed=3)], [teacher]).item() > 1e-3
+
+
+def test_fitnet_learns_a_projection_between_widths():
+    teacher = batch(64, 8, 4, 4)
+    student = torch.einsum("bchw,dc->bdhw", teacher, batch(5, 8, seed=4))  # 5 channels, a linear map of 8
+    hint = FitNet()
+    hint.build([student], [teacher])
+    assert isinstance(hint.projections[0], nn.Conv2d) and hint.projections[0].weight.shape == (8, 5, 1, 1)
+    optimizer = torch.optim.Adam(hint.parameters(), lr=0.05)
+    first = hint([student], [teacher]).item()
+    for _ in range(200):
+        loss = hint([student], [teacher])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.7 * first  # 8 channels seen through 5 cannot be recovered exactly
+
+
+def test_logits_kinds_reduce_to_their_definitions(small_cnn):
+    student = copy.deepcopy(small_cnn)
+    x, y = batch(8, 1, 8, 8), torch.arange(8)
+    logits = student(x)
+    with Distiller(small_cnn, student, X, kind="none", alpha=0.9) as none:
+        assert torch.allclose(none(logits, x, y), nn.functional.cross_entropy(logits, y))
+    with Distiller(small_cnn, student, X, kind="logits", alpha=1.0, temperature=2.0) as soft:
+        p_t = torch.softmax(small_cnn(x) / 2.0, 1)
+        kl = (p_t * (p_t.log() - torch.log_softmax(logits / 2.0, 1))).sum(1).mean()
+        assert torch.allclose(soft(logits, x, y), 4.0 * kl, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", TRANSFERS.names())
+def test_every_kind_fine_tunes_a_pruned_student_and_leaves_no_hooks(small_cnn, kind):
+    student = prune(copy.deepcopy(small_cnn), X, {"conv1": (0.5, "l1"), "conv2": (0.5, "l1"), "fc1": (0.5, "l1")},
+                    Split(X, torch.zeros(1, dtype=torch.long)))
+    data = Split(batch(64, 1, 8, 8), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
+    with Distiller(small_cnn, student, X, kind=kind, weight=10.0, layers=["conv1", "conv2", "fc1"]) as loss:
+        learned = [p.detach().clone() for p in loss.parameters()]  # FitNet's projections
+        before = loss(student.train()(data.x), data.x, data.y).item()
+        fit(student, data, loss, epochs=3, lr=1e-2, batch_size=16, progress=False)
+        after = loss(student.train()(data.x), data.x, data.y).item()
+    assert after < before
+    assert all(not p.equal(q) for p, q in zip(loss.parameters(), learned, strict=True))  # trained with the student
+    assert (kind == "fitnet") == bool(learned)
+    for module in [*small_cnn.modules(), *student.modules()]:
+        assert not module._forward_hooks and not module._forward_pre_hooks

@@ -1,0 +1,50 @@
+"""Every registered method, through the one `apply` path, on both built-in tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autocomp import runtime
+from autocomp.methods import catalogue, families
+from autocomp.pipeline import apply
+from autocomp.recipe import Distill, FineTune, LayerPrune, Quantize, Recipe
+
+METHODS = [(family, name) for family, registry in families().items() if family != "task" for name in registry.names()]
+
+
+def recipe_using(task, family: str, name: str) -> Recipe:
+    from autocomp.compress.prune import prunable_layers
+
+    layers = prunable_layers(task.teacher, task.example_input)
+    criterion = name if family == "prune.criteria" else "l1"
+    prune = {n: LayerPrune(0.5, criterion if criterion in layer.criteria() else "l1") for n, layer in layers.items()}
+    quantize = Quantize(bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
+    distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
+    return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", ["digits", "mnist1d"])
+@pytest.mark.parametrize(("family", "name"), METHODS)
+def test_method_yields_an_artifact_that_loads_runs_and_matches_its_size(request, tmp_path, task_name, family, name):
+    task = request.getfixturevalue(f"{task_name}_task")
+    result = apply(recipe_using(task, family, name), task, tmp_path, progress=False)
+    assert result.metrics["size_bytes"] == result.artifact.stat().st_size
+    logits = runtime.run(runtime.session(result.artifact), task.test.x.numpy())
+    assert logits.shape == (len(task.test), 10)
+    assert np.isclose(task.metric(logits, task.test.y.numpy()), result.metrics["accuracy"])
+    assert result.metrics["accuracy"] > 0.5  # half the channels gone, one epoch: still far above chance
+
+
+def test_methods_command_lists_every_family():
+    out = subprocess.run([str(Path(sys.executable).parent / "autocomp"), "methods", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == catalogue()
+    assert {"fpgm", "taylor", "bn_scale"} <= {m["name"] for m in catalogue()["prune.criteria"]}
+    assert all(m["description"] for family in catalogue().values() for m in family)
