@@ -7,8 +7,8 @@ from autocomp.registry import Registry
 
 def families() -> dict[str, Registry]:
     """Family name (as in YAML) -> its registry."""
+    from autocomp.compress.criteria import CRITERIA
     from autocomp.compress.distill import TRANSFERS
-    from autocomp.compress.prune import CRITERIA
     from autocomp.compress.quantize import CALIBRATORS
     from autocomp.tasks import TASKS
 

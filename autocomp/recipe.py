@@ -24,7 +24,7 @@ class LayerPrune:
     criterion: str = "l1"
 
     def __post_init__(self) -> None:
-        from autocomp.compress.prune import CRITERIA
+        from autocomp.compress.criteria import CRITERIA
 
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         CRITERIA.get(self.criterion, field="criterion")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocomp.compress.prune import CRITERIA
+from autocomp.compress.criteria import CRITERIA
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, did_you_mean
 from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Quantize, Recipe

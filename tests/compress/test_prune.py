@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autocomp.compress.prune import CRITERIA, channels_to_remove, prunable_layers, prune
+from autocomp.compress.criteria import CRITERIA
+from autocomp.compress.prune import channels_to_remove, prunable_layers, prune
 from autocomp.train import Split
 
 X = torch.zeros(1, 1, 8, 8)
