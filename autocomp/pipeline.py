@@ -40,13 +40,11 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     prunable = prunable_layers(task.teacher, task.example_input)
     recipe.check_layers(prunable)
     student = copy.deepcopy(task.teacher)
-    plan = {name: (layer.sparsity, layer.criterion) for name, layer in recipe.prune.items()}
-    prune(student, task.example_input, plan, task.train, seed=recipe.seed)
-    d = recipe.distill
-    with Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
-                   alpha=d.alpha, weight=d.weight, layers=list(prunable)) as loss:
-        fit(student, task.train, loss, epochs=recipe.finetune.epochs, lr=recipe.finetune.lr,
-            batch_size=recipe.finetune.batch_size, seed=recipe.seed, desc="fine-tune", progress=progress)
+    rounds = recipe.prune.rounds
+    for r in range(1, rounds + 1):  # one-shot when rounds == 1
+        prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed, progress=r / rounds)
+        epochs = recipe.finetune.epochs // rounds + (r <= recipe.finetune.epochs % rounds)
+        _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1, progress=progress)
     artifact = out_dir / ARTIFACT
     if recipe.quantize.bits == 32:
         runtime.export_onnx(student, task.example_input, artifact)
@@ -58,6 +56,18 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     metrics = measure(artifact, student, task, recipe.measure)
     recipe.save(out_dir / RECIPE)
     return CompressedModel(student, artifact, metrics)
+
+
+def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,
+               progress: bool) -> None:
+    d = recipe.distill
+    penalty = recipe.prune.bn_penalty
+    bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
+                   alpha=d.alpha, weight=d.weight, layers=layers) as loss:
+        fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
+            regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
+            seed=seed, desc="fine-tune", progress=progress)
 
 
 def teacher_metrics(task: Task, spec: Measure) -> dict[str, float]:

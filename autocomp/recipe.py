@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 BITS = (32, 8)
+SCOPES = ("local", "global")
 
 
 @dataclass
@@ -28,6 +29,37 @@ class LayerPrune:
 
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         CRITERIA.get(self.criterion, field="criterion")
+
+
+@dataclass
+class Prune:
+    """Structured pruning: which channels go, ranked per layer (local) or across layers (global).
+
+    ``local``: each entry of ``layers`` removes its own share of that layer's channels.
+    ``global``: ``sparsity`` of all prunable channels goes, the lowest by ``criterion`` across
+    layers (scores normalised by their layer's mean), each layer keeping at least ``min_keep``
+    of its channels (the guard against layer collapse). ``rounds`` > 1 prunes iteratively, the
+    fine-tune epochs split between rounds; ``bn_penalty`` adds L1 on BatchNorm scales to the
+    fine-tune loss (network slimming), which drives unneeded channels' gammas towards zero.
+    """
+
+    scope: str = "local"
+    layers: dict[str, LayerPrune] = field(default_factory=dict)
+    sparsity: float = 0.0
+    criterion: str = "l1"
+    min_keep: float = 0.1
+    rounds: int = 1
+    bn_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        from autocomp.compress.criteria import CRITERIA
+
+        check_choice("scope", self.scope, SCOPES)
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        CRITERIA.get(self.criterion, field="criterion")
+        check_range("min_keep", self.min_keep, 0.0, 1.0)
+        check_range("rounds", self.rounds, 1, 100)
+        check_range("bn_penalty", self.bn_penalty, 0.0, 1.0)
 
 
 @dataclass
@@ -99,7 +131,7 @@ class Recipe:
     """Everything ``apply`` needs to rebuild one compressed model of ``task``."""
 
     task: str
-    prune: dict[str, LayerPrune] = field(default_factory=dict)
+    prune: Prune = field(default_factory=Prune)
     quantize: Quantize = field(default_factory=Quantize)
     distill: Distill = field(default_factory=Distill)
     finetune: FineTune = field(default_factory=FineTune)
@@ -109,15 +141,16 @@ class Recipe:
 
     def check_layers(self, prunable: dict[str, PrunableLayer]) -> None:
         """Reject layers that the model this recipe is applied to cannot prune as asked."""
-        for name, layer in self.prune.items():
+        for name, layer in self.prune.layers.items():
+            field_name = f"recipe.prune.layers.{name}"
             if name not in prunable:
                 hint = did_you_mean(name, prunable)
                 raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
-                                  f"are {list(prunable)}.{hint}", f"recipe.prune.{name}")
+                                  f"are {list(prunable)}.{hint}", field_name)
             allowed = prunable[name].criteria()
             if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows the layer
                 raise ConfigError(f"must be one of {allowed} for this layer (criteria that read a BatchNorm need "
-                                  f"one after it), but got {layer.criterion!r}.", f"recipe.prune.{name}.criterion")
+                                  f"one after it), but got {layer.criterion!r}.", f"{field_name}.criterion")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **to_dict(self)}

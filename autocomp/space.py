@@ -15,10 +15,11 @@ from typing import Any
 from autocomp.compress.criteria import CRITERIA
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, did_you_mean
-from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Quantize, Recipe
+from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
 
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
+PRUNE_KEYS = ["scope", "min_keep", "rounds", "bn_penalty"]
 # section -> {key: (parent key, predicate)}: the key is searched only where its parent is searched
 # (or fixed) and the parent's value passes: calibration only for int8, temperature only when the
 # soft targets count, a transfer weight only for a kind that has a transfer term
@@ -85,6 +86,7 @@ class SearchSpace:
     sparsity: Param = field(default_factory=lambda: Param(choices=(0.0,)))
     criteria: Param = field(default_factory=lambda: Param(choices=("l1",)))
     layers: list[str] | None = None  # None: every prunable layer of the teacher
+    pruning: dict[str, Param] = field(default_factory=dict)  # scope, min_keep, rounds, bn_penalty
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
 
     @classmethod
@@ -98,7 +100,7 @@ class SearchSpace:
         space = cls(sections={name: _section(data.get(name, {}), SECTIONS[name], f"space.{name}")
                               for name in SECTIONS})
         prune = data.get("prune", {})
-        _check_keys(prune, ["layers", "sparsity", "criteria"], "space.prune")
+        _check_keys(prune, ["layers", "sparsity", "criteria", *PRUNE_KEYS], "space.prune")
         if "sparsity" in prune:
             space.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
         if "criteria" in prune:
@@ -107,19 +109,33 @@ class SearchSpace:
         if layers != "all" and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
             raise ConfigError(f"must be 'all' or a list of layer names, but got {layers!r}.", "space.prune.layers")
         space.layers = None if layers == "all" else layers
-        for value in space.sparsity.candidates():
-            from_dict(LayerPrune, {"sparsity": value}, "space.prune")
+        space.pruning = {key: Param.parse(prune[key], f"space.prune.{key}") for key in PRUNE_KEYS if key in prune}
+        for key, param in [("sparsity", space.sparsity), *space.pruning.items()]:
+            for value in param.candidates():
+                from_dict(Prune, {key: value}, "space.prune")
         for criterion in space.criteria.candidates():
             CRITERIA.get(criterion, field="space.prune.criteria")
         return space
 
     def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None) -> Recipe:
         """Define-by-run: ask ``trial`` for every free value and return the Recipe they make."""
-        recipe = Recipe(task=task, seed=seed, measure=measure or Measure())
-        for name in self.layer_names(prunable, task):
-            recipe.prune[name] = self._sample_layer(trial, name, prunable[name].criteria())
         values = {section: _sample_section(trial, section, params) for section, params in self.sections.items()}
-        return dataclasses.replace(recipe, **{s: SECTIONS[s](**v) for s, v in values.items()})
+        return Recipe(task=task, prune=self._sample_prune(trial, prunable, task), seed=seed,
+                      measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
+
+    def _sample_prune(self, trial, prunable: dict, task: str) -> Prune:
+        """Local scope: a sparsity and a criterion per layer; global: one of each for all layers."""
+        chosen = {key: self.pruning[key].suggest(trial, f"prune.{key}")
+                  for key in ("scope", "rounds", "bn_penalty") if key in self.pruning}
+        if chosen.get("scope", "local") == "local":
+            layers = {name: self._sample_layer(trial, name, prunable[name].criteria())
+                      for name in self.layer_names(prunable, task)}
+            return Prune(layers=layers, **chosen)
+        if "min_keep" in self.pruning:
+            chosen["min_keep"] = self.pruning["min_keep"].suggest(trial, "prune.min_keep")
+        sparsity = self.sparsity.suggest(trial, "prune.sparsity")
+        criterion = self.criteria.suggest(trial, "prune.criterion") if sparsity > 0 else "l1"
+        return Prune(sparsity=sparsity, criterion=criterion, **chosen)
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""

@@ -55,11 +55,15 @@ def fit(
     batch_size: int = 64,
     weight_decay: float = 0.0,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    regularizer: Callable[[], Tensor] | None = None,
     seed: int = 0,
     desc: str = "train",
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed."""
+    """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed.
+
+    ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming).
+    """
     from tqdm.auto import tqdm
 
     if epochs <= 0:
@@ -78,6 +82,8 @@ def fit(
             if augment is not None:
                 x = augment(x, generator)
             loss = loss_fn(model(x), x, y)
+            if regularizer is not None:
+                loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

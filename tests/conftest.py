@@ -51,3 +51,13 @@ class SmallCNN(nn.Module):
 def small_cnn() -> SmallCNN:
     torch.manual_seed(0)
     return SmallCNN().eval()
+
+
+def prune_local(model: nn.Module, plan: dict[str, tuple[float, str]], data, example_input=None) -> nn.Module:
+    """Prune ``model`` in place, one (sparsity, criterion) per layer, one-shot."""
+    from autocomp.compress.prune import prunable_layers, prune
+    from autocomp.recipe import LayerPrune, Prune
+
+    example_input = torch.zeros(1, 1, 8, 8) if example_input is None else example_input
+    spec = Prune(layers={name: LayerPrune(s, c) for name, (s, c) in plan.items()})
+    return prune(model, example_input, spec, prunable_layers(model, example_input), data)

@@ -13,7 +13,7 @@ import pytest
 from autocomp import runtime
 from autocomp.methods import catalogue, families
 from autocomp.pipeline import apply
-from autocomp.recipe import Distill, FineTune, LayerPrune, Quantize, Recipe
+from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe
 
 METHODS = [(family, name) for family, registry in families().items() if family != "task" for name in registry.names()]
 
@@ -23,7 +23,8 @@ def recipe_using(task, family: str, name: str) -> Recipe:
 
     layers = prunable_layers(task.teacher, task.example_input)
     criterion = name if family == "prune.criteria" else "l1"
-    prune = {n: LayerPrune(0.5, criterion if criterion in layer.criteria() else "l1") for n, layer in layers.items()}
+    prune = Prune(layers={n: LayerPrune(0.5, criterion if criterion in layer.criteria() else "l1")
+                          for n, layer in layers.items()})
     quantize = Quantize(bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
     return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=1))

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import nn
 
 from autocomp import runtime
 from autocomp.pipeline import apply, teacher_metrics
-from autocomp.recipe import FineTune, LayerPrune, Quantize, Recipe
+from autocomp.recipe import FineTune, LayerPrune, Prune, Quantize, Recipe
 
 
 def recipe(bits: int) -> Recipe:
-    return Recipe(task="digits", prune={"conv2": LayerPrune(0.5, "fpgm"), "conv4": LayerPrune(0.5, "taylor"),
-                                        "fc1": LayerPrune(0.75, "l1")},
+    layers = {"conv2": LayerPrune(0.5, "fpgm"), "conv4": LayerPrune(0.5, "taylor"), "fc1": LayerPrune(0.75, "l1")}
+    return Recipe(task="digits", prune=Prune(layers=layers),
                   quantize=Quantize(bits=bits, calibration="percentile"), finetune=FineTune(epochs=2))
 
 
@@ -34,3 +36,13 @@ def test_apply_is_deterministic_and_compresses(digits_task, tmp_path):
     assert teacher["params"] > 500_000
     assert first["size_bytes"] < 0.5 * teacher["size_bytes"]  # removed channels really shrink the file
     assert first["macs"] < teacher["macs"] and first["params"] < teacher["params"]
+
+
+def test_network_slimming_penalty_shrinks_batchnorm_scales(digits_task, tmp_path):
+    def mean_gamma(penalty: float) -> float:
+        r = Recipe(task="digits", prune=Prune(scope="global", sparsity=0.3, criterion="bn_scale", rounds=2,
+                                              bn_penalty=penalty), finetune=FineTune(epochs=4, lr=1e-2))
+        model = apply(r, digits_task, tmp_path / str(penalty), progress=False).model
+        return float(torch.cat([m.weight.abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]).mean())
+
+    assert mean_gamma(0.1) < 0.8 * mean_gamma(0.0)

@@ -5,11 +5,12 @@ import torch
 
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
-from autocomp.recipe import Distill, LayerPrune, Quantize, Recipe
+from autocomp.recipe import Distill, LayerPrune, Prune, Quantize, Recipe
 
 
 def make_recipe() -> Recipe:
-    return Recipe(task="digits", prune={"conv1": LayerPrune(0.25, "fpgm"), "fc1": LayerPrune(0.5, "taylor")},
+    layers = {"conv1": LayerPrune(0.25, "fpgm"), "fc1": LayerPrune(0.5, "taylor")}
+    return Recipe(task="digits", prune=Prune(layers=layers, rounds=2, bn_penalty=1e-4),
                   quantize=Quantize(bits=8, calibration="entropy", per_channel=True),
                   distill=Distill(temperature=3.0, alpha=0.7), seed=3, provenance={"trial": 4})
 
@@ -27,8 +28,12 @@ def test_yaml_round_trip(tmp_path):
     ("patch", "field", "fragment"),
     [
         ({"quantize": {"bits": 9}}, "recipe.quantize.bits", "must be one of [32, 8], but got 9"),
-        ({"prune": {"conv1": {"sparsity": 1.2}}}, "recipe.prune.conv1.sparsity", "must be in [0.0, 1.0)"),
-        ({"prune": {"conv1": {"criterion": "fpmg"}}}, "recipe.prune.conv1.criterion", "Did you mean 'fpgm'?"),
+        ({"prune": {"layers": {"conv1": {"sparsity": 1.2}}}}, "recipe.prune.layers.conv1.sparsity",
+         "must be in [0.0, 1.0)"),
+        ({"prune": {"layers": {"conv1": {"criterion": "fpmg"}}}}, "recipe.prune.layers.conv1.criterion",
+         "Did you mean 'fpgm'?"),
+        ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
+        ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
         ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),
         ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
@@ -50,7 +55,7 @@ def test_check_layers_against_the_model(small_cnn):
     assert list(prunable) == ["conv1", "conv2", "fc1"]  # the head fc2 is never pruned
     make_recipe().check_layers(prunable)
     with pytest.raises(ConfigError, match="Did you mean 'conv2'") as err:
-        Recipe(task="digits", prune={"conv9": LayerPrune(0.5)}).check_layers(prunable)
-    assert err.value.field == "recipe.prune.conv9"
+        Recipe(task="digits", prune=Prune(layers={"conv9": LayerPrune(0.5)})).check_layers(prunable)
+    assert err.value.field == "recipe.prune.layers.conv9"
     with pytest.raises(ConfigError, match="bn_scale"):  # fc1 has no BatchNorm to read gamma from
-        Recipe(task="digits", prune={"fc1": LayerPrune(0.5, "bn_scale")}).check_layers(prunable)
+        Recipe(task="digits", prune=Prune(layers={"fc1": LayerPrune(0.5, "bn_scale")})).check_layers(prunable)

@@ -17,22 +17,31 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     recipes = []
-    for _ in range(40):
+    for _ in range(60):
         trial = study.ask()
         recipe = space.sample(trial, "digits", prunable, seed=1)
         recipe.check_layers(prunable)
         assert Recipe.from_dict(recipe.to_dict()) == recipe  # valid by the Recipe's own rules
-        assert set(recipe.prune) == set(prunable)
-        # conditional values: calibration is only asked for int8, criteria only for pruned layers
+        prune = recipe.prune
+        # conditional values: calibration only for int8, per-layer values only for local scope,
+        # criteria only where something is pruned
         assert ("quantize.calibration" in trial.params) == (recipe.quantize.bits == 8)
-        for name, layer in recipe.prune.items():
-            assert (f"prune.{name}.criterion" in trial.params) == (layer.sparsity > 0)
+        if prune.scope == "local":
+            assert set(prune.layers) == set(prunable) and "prune.sparsity" not in trial.params
+            for name, layer in prune.layers.items():
+                assert (f"prune.{name}.criterion" in trial.params) == (layer.sparsity > 0)
+        else:
+            assert not prune.layers and "prune.min_keep" in trial.params
+            assert ("prune.criterion" in trial.params) == (prune.sparsity > 0)
         study.tell(trial, 0.0)
         recipes.append(recipe)
+    local = [r.prune.layers for r in recipes if r.prune.scope == "local"]
     assert {r.quantize.bits for r in recipes} == {8, 32}
-    assert all(r.prune["fc1"].criterion != "bn_scale" for r in recipes)
-    assert any(r.prune["conv1"].criterion == "bn_scale" for r in recipes)
-    assert all(0.0 <= r.prune["conv2"].sparsity <= 0.8 for r in recipes)
+    assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
+    assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp"}
+    assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
+    assert any(layers["conv1"].criterion == "bn_scale" for layers in local)
+    assert all(0.0 <= layers["conv2"].sparsity <= 0.8 for layers in local)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,18 @@ input channels).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
 from autocomp.compress.criteria import CRITERIA, accumulate_gradients, preactivation_module, record_preactivations
 from autocomp.features import head_layer, layer_names
 from autocomp.train import Split, seed_everything
+
+if TYPE_CHECKING:
+    from autocomp.recipe import Prune
 
 
 def _tp():
@@ -54,27 +58,65 @@ def channels_to_remove(channels: int, sparsity: float) -> int:
     return min(int(round(channels * sparsity)), channels - 1)
 
 
-def prune(model: nn.Module, example_input: Tensor, plan: dict[str, tuple[float, str]],
-          data: Split, seed: int = 0) -> nn.Module:
-    """Remove channels in place: ``plan`` maps a layer name to (sparsity, criterion name)."""
-    tp = _tp()
+def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[str, PrunableLayer],
+          data: Split, seed: int = 0, progress: float = 1.0) -> nn.Module:
+    """Remove channels in place until ``progress`` (0-1] of ``spec``'s removal is done.
+
+    ``original`` holds the prunable layers of the unpruned model, against which the targets
+    are counted; an iterative schedule calls this once per round with a growing ``progress``.
+    """
     seed_everything(seed)
     modules = dict(model.named_modules())
-    graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
-    criteria = {name: CRITERIA.get(criterion) for name, (_, criterion) in plan.items()}
-    if any(c.needs_gradients for c in criteria.values()):
-        accumulate_gradients(model, data)
-    # every score is taken on the unpruned model: pruning a layer renumbers only its own channels
-    activations = record_preactivations(model, graph, [n for n, c in criteria.items() if c.needs_activations], data)
-    for name, (sparsity, _) in plan.items():
-        layer = modules[name]
-        n_remove = channels_to_remove(graph.get_out_channels(layer), sparsity)
-        if n_remove == 0:
-            continue
-        prune_fn = graph.get_pruner_of_module(layer).prune_out_channels
-        group = graph.get_pruning_group(layer, prune_fn, idxs=list(range(graph.get_out_channels(layer))))
-        scores = criteria[name].make(activations.get(name))(group)  # (C_out,)
-        idxs = torch.argsort(scores, stable=True)[:n_remove].tolist()
-        graph.get_pruning_group(layer, prune_fn, idxs=idxs).prune()
+    graph = _tp().DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
+    channels = {name: graph.get_out_channels(modules[name]) for name in original}
+    if spec.scope == "local":
+        criteria = {name: layer.criterion for name, layer in spec.layers.items() if layer.sparsity > 0}
+        need = {name: round(channels_to_remove(original[name].channels, spec.layers[name].sparsity) * progress)
+                - (original[name].channels - channels[name]) for name in criteria}
+    else:
+        criteria = {name: spec.criterion for name, layer in original.items() if spec.criterion in layer.criteria()}
+        need = {}
+    scores = _scores(model, graph, {n: c for n, c in criteria.items() if need.get(n, 1) > 0}, data)
+    if spec.scope == "local":
+        drop = {name: s.argsort(stable=True)[: need[name]].tolist() for name, s in scores.items()}
+    else:
+        total = round(spec.sparsity * sum(original[n].channels for n in criteria) * progress)
+        floor = {n: max(1, math.ceil(spec.min_keep * original[n].channels)) for n in criteria}
+        drop = _global_selection(scores, total - sum(original[n].channels - channels[n] for n in criteria),
+                                 {n: channels[n] - floor[n] for n in criteria})
+    for name, idxs in drop.items():
+        if idxs:
+            prune_fn = graph.get_pruner_of_module(modules[name]).prune_out_channels
+            graph.get_pruning_group(modules[name], prune_fn, idxs=idxs).prune()
     model.zero_grad(set_to_none=True)
     return model
+
+
+def _scores(model: nn.Module, graph, criteria: dict[str, str], data: Split) -> dict[str, Tensor]:
+    """(C,) scores of each layer's current channels, all taken before any is removed."""
+    found = {name: CRITERIA.get(criterion) for name, criterion in criteria.items()}
+    if any(c.needs_gradients for c in found.values()):
+        accumulate_gradients(model, data)
+    activations = record_preactivations(model, graph, [n for n, c in found.items() if c.needs_activations], data)
+    modules, scores = dict(model.named_modules()), {}
+    for name, criterion in found.items():
+        layer = modules[name]
+        prune_fn = graph.get_pruner_of_module(layer).prune_out_channels
+        group = graph.get_pruning_group(layer, prune_fn, idxs=list(range(graph.get_out_channels(layer))))
+        scores[name] = criterion.make(activations.get(name))(group).detach().float()
+    return scores
+
+
+def _global_selection(scores: dict[str, Tensor], count: int, removable: dict[str, int]) -> dict[str, list[int]]:
+    """The ``count`` lowest channels across layers, scores divided by their layer's mean;
+    no layer gives more than ``removable[name]``."""
+    ranked = sorted((float(v) / max(float(s.mean()), 1e-12), name, i)
+                    for name, s in scores.items() for i, v in enumerate(s))
+    drop: dict[str, list[int]] = {name: [] for name in scores}
+    for _, name, i in ranked:
+        if count <= 0:
+            break
+        if len(drop[name]) < removable[name]:
+            drop[name].append(i)
+            count -= 1
+    return drop

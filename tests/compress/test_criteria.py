@@ -6,8 +6,8 @@ import torch
 import torch_pruning as tp
 
 from autocomp.compress.criteria import CRITERIA, redundancy_score
-from autocomp.compress.prune import prune
 from autocomp.train import Split
+from tests.conftest import prune_local
 
 X = torch.zeros(1, 1, 8, 8)
 
@@ -21,7 +21,7 @@ def removed(model, layer: str, criterion: str, n: int = 1) -> list[int]:
     """Which output channels of ``layer`` a prune by ``criterion`` removes (by fingerprinting the weights)."""
     conv = getattr(model, layer)
     before = [w.clone() for w in conv.weight]
-    prune(model, X, {layer: (n / conv.out_channels, criterion)}, data())
+    prune_local(model, {layer: (n / conv.out_channels, criterion)}, data())
     after = list(getattr(model, layer).weight)
     return [i for i, w in enumerate(before) if not any(torch.equal(w, a) for a in after)]
 

@@ -14,8 +14,8 @@ from autocomp.compress.distill import (
     RelationalKD,
     SimilarityPreserving,
 )
-from autocomp.compress.prune import prune
 from autocomp.train import Split, fit
+from tests.conftest import prune_local
 
 X = torch.zeros(1, 1, 8, 8)
 
@@ -74,7 +74,7 @@ def test_logits_kinds_reduce_to_their_definitions(small_cnn):
 
 @pytest.mark.parametrize("kind", TRANSFERS.names())
 def test_every_kind_fine_tunes_a_pruned_student_and_leaves_no_hooks(small_cnn, kind):
-    student = prune(copy.deepcopy(small_cnn), X, {"conv1": (0.5, "l1"), "conv2": (0.5, "l1"), "fc1": (0.5, "l1")},
+    student = prune_local(copy.deepcopy(small_cnn), {"conv1": (0.5, "l1"), "conv2": (0.5, "l1"), "fc1": (0.5, "l1")},
                     Split(X, torch.zeros(1, dtype=torch.long)))
     data = Split(batch(64, 1, 8, 8), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
     with Distiller(small_cnn, student, X, kind=kind, weight=10.0, layers=["conv1", "conv2", "fc1"]) as loss:
