@@ -7,9 +7,9 @@ from autocomp.registry import Registry
 
 def families() -> dict[str, Registry]:
     """Family name (as in YAML) -> its registry."""
+    from autocomp.compress.calibrate import CALIBRATORS
     from autocomp.compress.criteria import CRITERIA
     from autocomp.compress.distill import TRANSFERS
-    from autocomp.compress.quantize import CALIBRATORS
     from autocomp.tasks import TASKS
 
     return {"prune.criteria": CRITERIA, "quantize.calibration": CALIBRATORS, "distill.kind": TRANSFERS,

@@ -71,7 +71,7 @@ class Quantize:
     per_channel: bool = False
 
     def __post_init__(self) -> None:
-        from autocomp.compress.quantize import CALIBRATORS
+        from autocomp.compress.calibrate import CALIBRATORS
 
         check_choice("bits", self.bits, BITS)
         CALIBRATORS.get(self.calibration, field="calibration")

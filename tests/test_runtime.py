@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from autocomp import runtime
-from autocomp.compress.quantize import CALIBRATORS, quantize_int8
+from autocomp.compress.calibrate import CALIBRATORS
+from autocomp.compress.quantize import quantize_int8
 from autocomp.measure import latency_ms
 from autocomp.recipe import Measure
 
