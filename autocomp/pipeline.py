@@ -6,6 +6,7 @@ its trial by construction.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from torch import nn
 from autocomp import runtime
 from autocomp.compress.distill import Distiller
 from autocomp.compress.prune import prunable_layers, prune
+from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import quantize_int8
+from autocomp.features import layer_names
 from autocomp.measure import measure
 from autocomp.recipe import FineTune, Measure, Recipe
 from autocomp.tasks.base import Task
@@ -44,7 +47,8 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     for r in range(1, rounds + 1):  # one-shot when rounds == 1
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed, progress=r / rounds)
         epochs = recipe.finetune.epochs // rounds + (r <= recipe.finetune.epochs % rounds)
-        _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1, progress=progress)
+        _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1,
+                   qat=recipe.quantize.qat and r == rounds, progress=progress)  # QAT in the last fine-tune
     artifact = out_dir / ARTIFACT
     if recipe.quantize.bits == 32:
         runtime.export_onnx(student, task.example_input, artifact)
@@ -59,12 +63,14 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,
-               progress: bool) -> None:
-    d = recipe.distill
+               qat: bool, progress: bool) -> None:
+    d, q = recipe.distill, recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
-                   alpha=d.alpha, weight=d.weight, layers=layers) as loss:
+    fake_quantized = quantization_aware(student, layer_names(student), task.train.x[:CALIBRATION_SAMPLES],
+                                        q.calibration, per_channel=q.per_channel) if qat else contextlib.nullcontext()
+    with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
+                                   alpha=d.alpha, weight=d.weight, layers=layers) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
             seed=seed, desc="fine-tune", progress=progress)

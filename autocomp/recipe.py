@@ -64,11 +64,16 @@ class Prune:
 
 @dataclass
 class Quantize:
-    """Weights and activations: ``bits`` 32 keeps fp32; 8 is static int8 calibrated by ``calibration``."""
+    """Weights and activations: ``bits`` 32 keeps fp32; 8 is static int8 calibrated by ``calibration``.
+
+    ``qat`` fine-tunes with fake-quantized weights and inputs (quantization-aware training);
+    otherwise the fine-tuned fp32 model is quantized after training (PTQ).
+    """
 
     bits: int = 32
     calibration: str = "minmax"
     per_channel: bool = False
+    qat: bool = False
 
     def __post_init__(self) -> None:
         from autocomp.compress.calibrate import CALIBRATORS
@@ -138,6 +143,10 @@ class Recipe:
     measure: Measure = field(default_factory=Measure)
     seed: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # rules across sections; each section checks its own fields
+        if self.quantize.qat and self.quantize.bits == 32:
+            raise ConfigError("needs a quantized model (bits 8), but got bits 32.", "quantize.qat")
 
     def check_layers(self, prunable: dict[str, PrunableLayer]) -> None:
         """Reject layers that the model this recipe is applied to cannot prune as asked."""

@@ -24,7 +24,7 @@ PRUNE_KEYS = ["scope", "min_keep", "rounds", "bn_penalty"]
 # (or fixed) and the parent's value passes: calibration only for int8, temperature only when the
 # soft targets count, a transfer weight only for a kind that has a transfer term
 CONDITIONS = {
-    "quantize": {"calibration": ("bits", lambda bits: bits != 32), "per_channel": ("bits", lambda bits: bits != 32)},
+    "quantize": {key: ("bits", lambda bits: bits != 32) for key in ("calibration", "per_channel", "qat")},
     "distill": {"alpha": ("kind", lambda kind: kind != "none"),
                 "temperature": ("alpha", lambda alpha: alpha > 0),
                 "weight": ("kind", lambda kind: kind not in ("none", "logits"))},

@@ -46,3 +46,13 @@ def test_network_slimming_penalty_shrinks_batchnorm_scales(digits_task, tmp_path
         return float(torch.cat([m.weight.abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]).mean())
 
     assert mean_gamma(0.1) < 0.8 * mean_gamma(0.0)
+
+
+def test_quantization_aware_fine_tune_deploys_int8(digits_task, tmp_path):
+    r = recipe(8)
+    r.quantize.qat = True
+    result = apply(r, digits_task, tmp_path, progress=False)
+    assert result.metrics["accuracy"] > 0.9
+    assert not any(m._forward_pre_hooks for m in result.model.modules())  # the fake quantizers are gone
+    ops = {node.op_type for node in __import__("onnx").load(str(result.artifact)).graph.node}
+    assert "QuantizeLinear" in ops

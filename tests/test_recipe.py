@@ -34,6 +34,7 @@ def test_yaml_round_trip(tmp_path):
          "Did you mean 'fpgm'?"),
         ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
+        ({"quantize": {"bits": 32, "qat": True}}, "recipe.quantize.qat", "needs a quantized model"),
         ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),
         ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
