@@ -18,7 +18,7 @@ from autocomp import runtime
 from autocomp.compress.distill import Distiller
 from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.qat import quantization_aware
-from autocomp.compress.quantize import quantize_int8
+from autocomp.compress.quantize import deploy
 from autocomp.features import layer_names
 from autocomp.measure import measure
 from autocomp.recipe import FineTune, Measure, Recipe
@@ -34,6 +34,7 @@ class CompressedModel:
     model: nn.Module  # the pruned, fine-tuned fp32 torch model the artifact was made from
     artifact: Path  # the deployable ONNX file
     metrics: dict[str, float]  # measured on the artifact
+    kernels: dict[str, int]  # the ONNX Runtime kernels one inference executes, with counts
 
 
 def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True) -> CompressedModel:
@@ -49,17 +50,12 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         epochs = recipe.finetune.epochs // rounds + (r <= recipe.finetune.epochs % rounds)
         _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1,
                    qat=recipe.quantize.qat and r == rounds, progress=progress)  # QAT in the last fine-tune
-    artifact = out_dir / ARTIFACT
-    if recipe.quantize.bits == 32:
-        runtime.export_onnx(student, task.example_input, artifact)
-    else:
-        fp32 = runtime.export_onnx(student, task.example_input, out_dir / "model.fp32.onnx")
-        quantize_int8(fp32, artifact, task.train.x[:CALIBRATION_SAMPLES].numpy(),
-                      recipe.quantize.calibration, recipe.quantize.per_channel)
-        fp32.unlink()
+    artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
+                      out_dir / ARTIFACT)
     metrics = measure(artifact, student, task, recipe.measure)
+    kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)
-    return CompressedModel(student, artifact, metrics)
+    return CompressedModel(student, artifact, metrics, kernels)
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,
@@ -67,8 +63,10 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
     d, q = recipe.distill, recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    fake_quantized = quantization_aware(student, layer_names(student), task.train.x[:CALIBRATION_SAMPLES],
-                                        q.calibration, per_channel=q.per_channel) if qat else contextlib.nullcontext()
+    fake_quantized = quantization_aware(
+        student, layer_names(student), task.train.x[:CALIBRATION_SAMPLES], q.calibration, bits=q.bits,
+        per_channel=q.per_channel, symmetric=q.symmetric, quantize_inputs=q.activation_bits == 8,
+    ) if qat else contextlib.nullcontext()
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
                                    alpha=d.alpha, weight=d.weight, layers=layers) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from autocomp.compress.prune import PrunableLayer
 
 SCHEMA_VERSION = 1
-BITS = (32, 8)
+BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
+ACTIVATION_BITS = (32, 8)
 SCOPES = ("local", "global")
 
 
@@ -64,22 +65,34 @@ class Prune:
 
 @dataclass
 class Quantize:
-    """Weights and activations: ``bits`` 32 keeps fp32; 8 is static int8 calibrated by ``calibration``.
+    """Weights of ``bits`` (32 fp32, 16 fp16, 2-8 integer) and activations of ``activation_bits``.
 
-    ``qat`` fine-tunes with fake-quantized weights and inputs (quantization-aware training);
-    otherwise the fine-tuned fp32 model is quantized after training (PTQ).
+    ``activation_bits`` 8 (with ``bits`` 8) is static int8 on real int8 kernels, activations
+    calibrated by ``calibration``. Otherwise weights alone are quantized and stored packed
+    (min-max ``symmetric`` or asymmetric grid, ``per_channel`` or per tensor, or ``kmeans``
+    weight sharing), and run as fp32. ``qat`` fine-tunes with the quantizers in place
+    (quantization-aware training); otherwise the model is quantized after training (PTQ).
     """
 
     bits: int = 32
-    calibration: str = "minmax"
+    activation_bits: int = 32
+    symmetric: bool = True
     per_channel: bool = False
+    calibration: str = "minmax"
     qat: bool = False
+    kmeans: bool = False
 
     def __post_init__(self) -> None:
         from autocomp.compress.calibrate import CALIBRATORS
 
         check_choice("bits", self.bits, BITS)
+        check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         CALIBRATORS.get(self.calibration, field="calibration")
+
+    @property
+    def integer(self) -> bool:
+        """Weights on an integer grid (2-8 bits)."""
+        return self.bits <= 8
 
 
 @dataclass
@@ -90,8 +103,8 @@ class Distill:
     """
 
     kind: str = "logits"
-    temperature: float = 4.0
     alpha: float = 0.5
+    temperature: float = 4.0
     weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -144,9 +157,15 @@ class Recipe:
     seed: int = 0
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:  # rules across sections; each section checks its own fields
-        if self.quantize.qat and self.quantize.bits == 32:
-            raise ConfigError("needs a quantized model (bits 8), but got bits 32.", "quantize.qat")
+    def __post_init__(self) -> None:  # rules across fields; each field is checked by its own section
+        q = self.quantize
+        if q.activation_bits == 8 and q.bits != 8:
+            raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
+        if q.qat and not q.integer:
+            raise ConfigError(f"needs integer weights (bits 2-8), but got bits {q.bits}.", "quantize.qat")
+        if q.kmeans and (not q.integer or q.activation_bits == 8 or q.qat):
+            raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
+                              f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 
     def check_layers(self, prunable: dict[str, PrunableLayer]) -> None:
         """Reject layers that the model this recipe is applied to cannot prune as asked."""

@@ -38,6 +38,29 @@ def session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def kernels(path: Path, example_input: np.ndarray, threads: int = 1) -> dict[str, int]:
+    """Which ONNX Runtime kernels one inference really executes, with their counts, read from
+    the runtime's own profile (``QLinearConv`` is int8, ``FusedConv`` fp32, ...)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.log_severity_level = threads, 3
+        options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: example_input})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    counts: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Outputs of the artifact on ``x``, in batches."""
     name = sess.get_inputs()[0].name

@@ -8,6 +8,7 @@ range). Every candidate value is checked against the Recipe's own rules when the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,22 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quant
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 PRUNE_KEYS = ["scope", "min_keep", "rounds", "bn_penalty"]
-# section -> {key: (parent key, predicate)}: the key is searched only where its parent is searched
-# (or fixed) and the parent's value passes: calibration only for int8, temperature only when the
-# soft targets count, a transfer weight only for a kind that has a transfer term
-CONDITIONS = {
-    "quantize": {key: ("bits", lambda bits: bits != 32) for key in ("calibration", "per_channel", "qat")},
-    "distill": {"alpha": ("kind", lambda kind: kind != "none"),
-                "temperature": ("alpha", lambda alpha: alpha > 0),
-                "weight": ("kind", lambda kind: kind not in ("none", "logits"))},
+# section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
+# of the fields before it (the recipe's defaults where those are fixed or not searched)
+CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
+    "quantize": {
+        "activation_bits": lambda v: v["bits"] == 8,
+        "symmetric": lambda v: v["bits"] <= 8,
+        "per_channel": lambda v: v["bits"] <= 8,
+        "calibration": lambda v: v["activation_bits"] == 8,
+        "qat": lambda v: v["bits"] <= 8,
+        "kmeans": lambda v: v["bits"] <= 8 and v["activation_bits"] == 32 and not v["qat"],
+    },
+    "distill": {
+        "alpha": lambda v: v["kind"] != "none",
+        "temperature": lambda v: v["kind"] != "none" and v["alpha"] > 0,
+        "weight": lambda v: v["kind"] not in ("none", "logits"),
+    },
 }
 
 
@@ -154,23 +163,14 @@ class SearchSpace:
 
 
 def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
-    """Sample a section's values, each parent before the values that depend on it."""
+    """Sample a section's values in field order, each only where its condition holds."""
     conditions = CONDITIONS.get(section, {})
-    defaults = SECTIONS[section]()
-    values: dict[str, Any] = {}
-    inactive: set[str] = set()
-    for key in sorted(params, key=lambda k: _depth(k, conditions)):
-        if key in conditions:
-            parent, holds = conditions[key]
-            if parent in inactive or not holds(values.get(parent, getattr(defaults, parent))):
-                inactive.add(key)
-                continue
-        values[key] = params[key].suggest(trial, f"{section}.{key}")
-    return values
-
-
-def _depth(key: str, conditions: dict) -> int:
-    return 1 + _depth(conditions[key][0], conditions) if key in conditions else 0
+    values = dataclasses.asdict(SECTIONS[section]())
+    chosen: dict[str, Any] = {}
+    for key in values:
+        if key in params and conditions.get(key, lambda _v: True)(values):
+            values[key] = chosen[key] = params[key].suggest(trial, f"{section}.{key}")
+    return chosen
 
 
 def _section(data: Any, cls: type, path: str) -> dict[str, Param]:

@@ -25,7 +25,7 @@ def recipe_using(task, family: str, name: str) -> Recipe:
     criterion = name if family == "prune.criteria" else "l1"
     prune = Prune(layers={n: LayerPrune(0.5, criterion if criterion in layer.criteria() else "l1")
                           for n, layer in layers.items()})
-    quantize = Quantize(bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
+    quantize = Quantize(bits=8, activation_bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
     return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=1))
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -12,7 +13,8 @@ from autocomp.recipe import FineTune, LayerPrune, Prune, Quantize, Recipe
 def recipe(bits: int) -> Recipe:
     layers = {"conv2": LayerPrune(0.5, "fpgm"), "conv4": LayerPrune(0.5, "taylor"), "fc1": LayerPrune(0.75, "l1")}
     return Recipe(task="digits", prune=Prune(layers=layers),
-                  quantize=Quantize(bits=bits, calibration="percentile"), finetune=FineTune(epochs=2))
+                  quantize=Quantize(bits=bits, activation_bits=min(bits, 32), calibration="percentile"),
+                  finetune=FineTune(epochs=2))
 
 
 def test_apply_measures_the_artifact_itself(digits_task, tmp_path):
@@ -56,3 +58,20 @@ def test_quantization_aware_fine_tune_deploys_int8(digits_task, tmp_path):
     assert not any(m._forward_pre_hooks for m in result.model.modules())  # the fake quantizers are gone
     ops = {node.op_type for node in __import__("onnx").load(str(result.artifact)).graph.node}
     assert "QuantizeLinear" in ops
+
+
+@pytest.mark.parametrize("quantize", [
+    Quantize(bits=16), Quantize(bits=8, per_channel=True), Quantize(bits=4, kmeans=True),
+    Quantize(bits=4, symmetric=False, qat=True), Quantize(bits=2, per_channel=True, qat=True),
+], ids=["fp16", "int8-weights", "kmeans4", "qat4-asym", "qat2"])
+def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tmp_path, quantize):
+    r = Recipe(task="digits", quantize=quantize, finetune=FineTune(epochs=1))
+    result = apply(r, digits_task, tmp_path, progress=False)
+    teacher = teacher_metrics(digits_task, r.measure)
+    stored = 16 if quantize.bits == 16 else 2 if quantize.bits == 2 else 4 if quantize.bits == 4 else 8
+    assert result.metrics["size_bytes"] < teacher["size_bytes"] * (stored / 32 + 0.05)
+    assert result.metrics["accuracy"] > (0.9 if quantize.bits >= 4 else 0.5)
+    assert "QLinearConv" not in result.kernels  # no int8 kernel for weight-only quantization: fp32 convolutions
+    assert result.kernels.get("FusedConv", 0) + result.kernels.get("Conv", 0) == 4
+    logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
+    assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]

@@ -11,7 +11,7 @@ from autocomp.recipe import Distill, LayerPrune, Prune, Quantize, Recipe
 def make_recipe() -> Recipe:
     layers = {"conv1": LayerPrune(0.25, "fpgm"), "fc1": LayerPrune(0.5, "taylor")}
     return Recipe(task="digits", prune=Prune(layers=layers, rounds=2, bn_penalty=1e-4),
-                  quantize=Quantize(bits=8, calibration="entropy", per_channel=True),
+                  quantize=Quantize(bits=8, activation_bits=8, calibration="entropy", per_channel=True),
                   distill=Distill(temperature=3.0, alpha=0.7), seed=3, provenance={"trial": 4})
 
 
@@ -27,14 +27,17 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("patch", "field", "fragment"),
     [
-        ({"quantize": {"bits": 9}}, "recipe.quantize.bits", "must be one of [32, 8], but got 9"),
+        ({"quantize": {"bits": 9}}, "recipe.quantize.bits", "must be one of [32, 16, 8, 7, 6, 5, 4, 3, 2], but got 9"),
+        ({"quantize": {"bits": 4, "activation_bits": 8}}, "recipe.quantize.activation_bits", "needs bits 8"),
+        ({"quantize": {"bits": 16, "activation_bits": 32, "kmeans": True}}, "recipe.quantize.kmeans", "bits 16"),
         ({"prune": {"layers": {"conv1": {"sparsity": 1.2}}}}, "recipe.prune.layers.conv1.sparsity",
          "must be in [0.0, 1.0)"),
         ({"prune": {"layers": {"conv1": {"criterion": "fpmg"}}}}, "recipe.prune.layers.conv1.criterion",
          "Did you mean 'fpgm'?"),
         ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
-        ({"quantize": {"bits": 32, "qat": True}}, "recipe.quantize.qat", "needs a quantized model"),
+        ({"quantize": {"bits": 32, "activation_bits": 32, "qat": True}}, "recipe.quantize.qat",
+         "needs integer weights"),
         ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),
         ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.quantize import quantize_int8
+from autocomp.compress.pack import container_bits
+from autocomp.compress.quantize import deploy
 from autocomp.measure import latency_ms
-from autocomp.recipe import Measure
+from autocomp.recipe import Measure, Quantize
 
 
 def test_onnx_artifact_reloads_to_the_same_outputs(small_cnn, tmp_path):
@@ -18,20 +22,51 @@ def test_onnx_artifact_reloads_to_the_same_outputs(small_cnn, tmp_path):
     np.testing.assert_allclose(out, small_cnn(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def deploy_small(model, tmp_path, **quantize) -> tuple:
+    x = torch.rand(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = deploy(model, torch.zeros(1, 1, 8, 8), Quantize(**quantize), x.numpy(), tmp_path / "model.onnx")
+    return path, model(x).detach().numpy(), runtime.run(runtime.session(path), x.numpy())
+
+
 @pytest.mark.parametrize("calibration", CALIBRATORS.names())
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_int8_artifact_is_smaller_and_close(small_cnn, tmp_path, calibration, per_channel):
+def test_static_int8_runs_on_int8_kernels_and_stays_close(small_cnn, tmp_path, calibration, per_channel):
     fp32 = runtime.export_onnx(small_cnn, torch.zeros(1, 1, 8, 8), tmp_path / "fp32.onnx")
-    x = torch.rand(128, 1, 8, 8)
-    int8 = quantize_int8(fp32, tmp_path / "int8.onnx", x.numpy(), calibration, per_channel)
-    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"]  # no leftovers
-    ops = {node.op_type for node in __import__("onnx").load(str(int8)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    reference = small_cnn(x).detach().numpy()
-    quantized = runtime.run(runtime.session(int8), x.numpy())
+    path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=8, activation_bits=8,
+                                              calibration=calibration, per_channel=per_channel)
+    assert path.stat().st_size < 0.5 * fp32.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "model.onnx"]  # no leftovers
+    kernels = runtime.kernels(path, np.zeros((1, 1, 8, 8), np.float32))
+    assert kernels.get("QLinearConv") == 2  # both convolutions on int8 kernels
     assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()
     assert (quantized.argmax(1) == reference.argmax(1)).mean() > 0.8
+
+
+WEIGHTS = 8 * 9 + 16 * 8 * 9 + 32 * 256 + 10 * 32  # SmallCNN weight count (biases stay fp32)
+
+
+@pytest.mark.parametrize(("bits", "kmeans"), [(16, False), (8, False), (6, False), (4, False), (3, False),
+                                              (2, False), (4, True), (2, True)])
+def test_weight_only_quantization_stores_packed_bits_and_runs_fp32(small_cnn, tmp_path, bits, kmeans):
+    fp32 = runtime.export_onnx(small_cnn, torch.zeros(1, 1, 8, 8), tmp_path / "fp32.onnx").stat().st_size
+    path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=bits, per_channel=True, kmeans=kmeans)
+    stored = 16 if bits == 16 else container_bits(bits)
+    model = onnx.load(str(path))
+    packed = [i for i in model.graph.initializer if i.name.endswith(("_fp16", "_q", "_idx"))]
+    assert len(packed) == 4 and all(len(i.raw_data) == math.ceil(math.prod(i.dims) * stored / 8) for i in packed)
+    assert sum(math.prod(i.dims) for i in packed) == WEIGHTS
+    assert path.stat().st_size < fp32 - WEIGHTS * (32 - stored) / 8 * 0.9  # the file really shrinks
+    kernels = runtime.kernels(path, np.zeros((1, 1, 8, 8), np.float32))
+    assert "QLinearConv" not in kernels and kernels.get("FusedConv", 0) + kernels.get("Conv", 0) == 2
+    error = np.abs(quantized - reference).max() / np.abs(reference).max()
+    assert error < {16: 1e-3, 8: 0.02, 6: 0.05}.get(bits, 0.8)
+
+
+def test_asymmetric_weights_use_a_zero_point(small_cnn, tmp_path):
+    path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=4, symmetric=False)
+    zero_points = [i for i in onnx.load(str(path)).graph.initializer if i.name.endswith("_zp")]
+    assert zero_points and all(i.data_type == onnx.TensorProto.UINT4 for i in zero_points)
+    assert np.abs(quantized - reference).max() < 0.5 * np.abs(reference).max()
 
 
 def test_latency_is_a_median_with_spread(small_cnn, tmp_path):

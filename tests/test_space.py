@@ -25,7 +25,10 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         prune = recipe.prune
         # conditional values: calibration only for int8, per-layer values only for local scope,
         # criteria only where something is pruned
-        assert ("quantize.calibration" in trial.params) == (recipe.quantize.bits == 8)
+        q = recipe.quantize
+        assert ("quantize.calibration" in trial.params) == (q.activation_bits == 8)
+        assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
+        assert ("quantize.qat" in trial.params) == (q.bits <= 8)
         if prune.scope == "local":
             assert set(prune.layers) == set(prunable) and "prune.sparsity" not in trial.params
             for name, layer in prune.layers.items():
@@ -36,7 +39,8 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         study.tell(trial, 0.0)
         recipes.append(recipe)
     local = [r.prune.layers for r in recipes if r.prune.scope == "local"]
-    assert {r.quantize.bits for r in recipes} == {8, 32}
+    assert {r.quantize.bits for r in recipes} == {32, 16, 8, 4, 2}
+    assert any(r.quantize.activation_bits == 8 for r in recipes) and any(r.quantize.kmeans for r in recipes)
     assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
     assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp"}
     assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
@@ -50,7 +54,7 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         ({"prune": {"sparsity": {"low": 0.6, "high": 0.2}}}, "space.prune.sparsity", "`low <= high` must hold"),
         ({"prune": {"sparsity": {"low": 0.0, "high": 1.5}}}, "space.prune.sparsity", "must be in [0.0, 1.0)"),
         ({"prune": {"criteria": ["l1", "apoz_typo"]}}, "space.prune.criteria", "apoz_typo"),
-        ({"quantize": {"bits": [32, 4]}}, "space.quantize.bits", "got 4"),
+        ({"quantize": {"bits": [32, 9]}}, "space.quantize.bits", "got 9"),
         ({"quantize": {"calibration": ["minmax", "entropi"]}}, "space.quantize.calibration",
          "Did you mean 'entropy'?"),
         ({"finetune": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.finetune.lr", "log range"),

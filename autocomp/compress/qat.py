@@ -20,37 +20,49 @@ from autocomp.features import Tap
 
 
 class WeightFakeQuant(nn.Module):
-    def __init__(self, bits: int, per_channel: bool) -> None:
+    """Min-max fake quantization of a weight on access, as ``pack.py``/ONNX Runtime deploy it."""
+
+    def __init__(self, bits: int, per_channel: bool, symmetric: bool = True) -> None:
         super().__init__()
-        self.bits, self.per_channel = bits, per_channel
+        self.bits, self.per_channel, self.symmetric = bits, per_channel, symmetric
 
     def forward(self, w: Tensor) -> Tensor:
+        flat = w.detach().flatten(1) if self.per_channel else w.detach().reshape(1, -1)  # (C_out or 1, K)
+        lo, hi = flat.amin(1), flat.amax(1)
+        if self.symmetric:
+            hi = torch.maximum(lo.abs(), hi.abs())
+            lo = -hi
         if self.per_channel:
-            hi = w.detach().flatten(1).abs().amax(1)  # (C_out,)
-            return fake_quantize(w, -hi, hi, self.bits, symmetric=True, axis=0)
-        hi = w.detach().abs().max()
-        return fake_quantize(w, -hi, hi, self.bits, symmetric=True)
+            return fake_quantize(w, lo, hi, self.bits, self.symmetric, axis=0)
+        return fake_quantize(w, lo[0], hi[0], self.bits, self.symmetric)
 
 
-@contextlib.contextmanager
-def quantization_aware(model: nn.Module, layers: list[str], x: Tensor, calibration: str,
-                       bits: int = 8, per_channel: bool = False) -> Iterator[nn.Module]:
-    """Within the block, ``layers`` of ``model`` compute with fake-quantized weights and inputs."""
-    modules = dict(model.named_modules())
+def input_ranges(model: nn.Module, layers: list[str], x: Tensor, calibration: str) -> dict[str, tuple[float, float]]:
+    """The 8-bit range of each layer's input, chosen by ``calibration`` on batches of ``x``."""
+    batches: dict[str, list[Tensor]] = {name: [] for name in layers}
     with Tap(model, layers, inputs=True) as tap, torch.no_grad():
-        batches: dict[str, list[Tensor]] = {name: [] for name in layers}
         for i in range(0, len(x), 32):
             model.eval()(x[i : i + 32])
             for name in layers:
                 batches[name].append(tap.values[name])
     calibrator = CALIBRATORS.get(calibration)()
-    ranges = {name: calibrator.range(batches[name], 8, symmetric=False) for name in layers}
-    hooks = []
+    return {name: calibrator.range(batches[name], 8, symmetric=False) for name in layers}
+
+
+def _input_quantizer(lo: float, hi: float):
+    return lambda _module, args: (fake_quantize(args[0], lo, hi, 8, symmetric=False), *args[1:])
+
+
+@contextlib.contextmanager
+def quantization_aware(model: nn.Module, layers: list[str], x: Tensor, calibration: str, bits: int = 8,
+                       per_channel: bool = False, symmetric: bool = True,
+                       quantize_inputs: bool = True) -> Iterator[nn.Module]:
+    """Within the block, ``layers`` of ``model`` compute with fake-quantized weights (and 8-bit inputs)."""
+    modules = dict(model.named_modules())
+    ranges = input_ranges(model, layers, x, calibration) if quantize_inputs else {}
+    hooks = [modules[name].register_forward_pre_hook(_input_quantizer(*ranges[name])) for name in ranges]
     for name in layers:
-        parametrize.register_parametrization(modules[name], "weight", WeightFakeQuant(bits, per_channel))
-        lo, hi = ranges[name]
-        hooks.append(modules[name].register_forward_pre_hook(
-            lambda _m, args, lo=lo, hi=hi: (fake_quantize(args[0], lo, hi, 8, symmetric=False), *args[1:])))
+        parametrize.register_parametrization(modules[name], "weight", WeightFakeQuant(bits, per_channel, symmetric))
     try:
         yield model
     finally:

@@ -1,9 +1,9 @@
-"""Post-training static int8 quantization of the ONNX artifact with ONNX Runtime (QDQ format).
+"""The deployable artifact of a Quantize spec: fp32, weight-only packed (``pack.py``), or static int8.
 
-Weights are int8 (symmetric, per tensor or per channel), activations uint8 (asymmetric, the x86
-U8S8 kernels). The activation ranges come from autocomp's own calibrators (``calibrate.py``),
-handed to ONNX Runtime as a calibration cache, so the deployed model uses the very ranges that
-the recipe's calibration method defines.
+Static int8 uses ONNX Runtime's QDQ format: weights int8 (per tensor or per channel),
+activations uint8 (asymmetric, the x86 U8S8 kernels). The activation ranges come from
+autocomp's own calibrators (``calibrate.py``), handed to ONNX Runtime as a calibration cache, so
+the deployed model uses the very ranges that the recipe's calibration method defines.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
+from autocomp.compress.pack import pack_weights
+from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
 
@@ -44,19 +48,17 @@ def activation_batches(model_path: Path, x: np.ndarray, batch_size: int = 32) ->
     return batches
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration_x: np.ndarray,
-                  calibration: str, per_channel: bool = False) -> Path:
-    """Write the int8 QDQ model of ``fp32_path`` to ``out_path``, calibrated on ``calibration_x``."""
+def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, calibration: str,
+                  per_channel: bool = False, symmetric: bool = True) -> Path:
+    """Write the int8 QDQ model of ``prepared`` (BN-folded fp32) to ``out_path``, calibrated on ``calibration_x``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibrator = CALIBRATORS.get(calibration, field="quantize.calibration")()
+    ranges = {name: calibrator.range(batches, ACTIVATION_BITS, symmetric=False)
+              for name, batches in activation_batches(prepared, calibration_x).items()}
     with tempfile.TemporaryDirectory() as tmp:
-        prepared, cache = Path(tmp) / "prepared.onnx", Path(tmp) / "ranges.json"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph optimisation (BN folding)
-        ranges = {name: calibrator.range(batches, ACTIVATION_BITS, symmetric=False)
-                  for name, batches in activation_batches(prepared, calibration_x).items()}
+        cache = Path(tmp) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()
         }), cache)
@@ -65,6 +67,22 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_x: np.ndarray,
                 str(prepared), str(out_path), None, calibration_cache_path=str(cache),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=CalibrationMethod.MinMax, extra_options={"WeightSymmetric": symmetric},
             )
     return out_path
+
+
+def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibration_x: np.ndarray,
+           path: Path) -> Path:
+    """Write the deployable ONNX artifact of ``model`` as ``spec`` quantizes it."""
+    if spec.bits == 32:
+        return runtime.export_onnx(model, example_input, path)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
+        runtime.export_onnx(model, example_input, fp32)
+        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
+        if spec.activation_bits == 8:
+            return quantize_int8(prepared, path, calibration_x, spec.calibration, spec.per_channel, spec.symmetric)
+        return pack_weights(prepared, path, spec.bits, spec.symmetric, spec.per_channel, spec.kmeans)

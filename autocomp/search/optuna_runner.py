@@ -84,8 +84,10 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     def objective(trial) -> list[float]:
         recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure)
         trial.set_user_attr("recipe", recipe.to_dict())
-        metrics = with_ratios(_run_trial(trial, recipe, task, store), teacher)
+        result = _run_trial(trial, recipe, task, store)
+        metrics = with_ratios(result.metrics, teacher)
         trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("kernels", result.kernels)
         return [metrics[name] for name in spec.objectives]
 
     if trials > done:
@@ -93,7 +95,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     return study
 
 
-def _run_trial(trial, recipe, task, store) -> dict[str, float]:
+def _run_trial(trial, recipe, task, store):
     """``apply`` one recipe; store its artifact and recipe, or its error as the failure reason."""
     from optuna.artifacts import upload_artifact
 
@@ -105,7 +107,7 @@ def _run_trial(trial, recipe, task, store) -> dict[str, float]:
             raise
         for name in (ARTIFACT, RECIPE):
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
-    return result.metrics
+    return result
 
 
 def _teacher_metrics(study, task, spec: StudySpec) -> dict[str, float]:

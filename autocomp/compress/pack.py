@@ -1,0 +1,111 @@
+"""Weight-only quantization of the ONNX artifact: low-bit weights stored packed, dequantized to fp32.
+
+Weights of ``bits`` < 8 are stored in the smallest ONNX integer type that holds them (INT2: four
+per byte; INT4: two per byte, also for 3 bits; INT8 for 5-7 bits) and turned back into fp32 by a
+DequantizeLinear in front of each layer; ``bits`` 16 stores fp16 and casts. ONNX Runtime then runs
+fp32 kernels: the file shrinks, the speed is what fp32 gives. K-means weight sharing (Han et al.,
+Deep Compression, ICLR 2016) stores a 2^bits-entry fp32 codebook per layer and packed indices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autocomp.compress.calibrate import qrange, scale_zero_point
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+def container_bits(bits: int) -> int:
+    """The ONNX integer width that stores ``bits``-bit codes: 2, 4 or 8."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def _packed(values: np.ndarray, bits: int, signed: bool, name: str):
+    """An ONNX tensor of integer ``values`` in the smallest container type, bit-packed in raw data."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    kind = f"{'' if signed else 'u'}int{container_bits(bits)}"
+    dtype = getattr(ml_dtypes, kind, None) or np.dtype(kind)
+    return numpy_helper.from_array(np.asarray(values).astype(dtype), name)
+
+
+def _channel_axis(node, graph_inits: dict) -> int:
+    """Output-channel axis of the weight: 0 for Conv and Gemm(transB=1), 1 for MatMul/Gemm(transB=0)."""
+    if node.op_type == "Conv":
+        return 0
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return 0 if node.op_type == "Gemm" and trans_b else 1
+
+
+def _linear_codes(w: np.ndarray, axis: int, bits: int, symmetric: bool, per_channel: bool):
+    """Integer codes, scales and zero points of ``w`` on its min-max b-bit grid."""
+    x = torch.from_numpy(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).copy())  # (C, K)
+    lo, hi = (x.amin(1), x.amax(1)) if per_channel else (x.min(), x.max())
+    if symmetric:
+        hi = torch.maximum(lo.abs(), hi.abs())
+        lo = -hi
+    scale, zero_point = scale_zero_point(lo, hi, bits, symmetric)
+    qmin, qmax = qrange(bits, symmetric)
+    shape = [-1] + [1] * (w.ndim - 1)
+    s = np.moveaxis(scale.numpy().reshape(shape) if per_channel else scale.numpy(), 0, axis) if per_channel \
+        else scale.numpy()
+    z = np.moveaxis(zero_point.numpy().reshape(shape), 0, axis) if per_channel else zero_point.numpy()
+    codes = np.clip(np.round(w / s) + z, qmin, qmax).astype(np.int32)
+    return codes, scale.numpy().astype(np.float32), zero_point.numpy()
+
+
+def kmeans_codebook(w: np.ndarray, bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the weights into 2^bits shared values: (codebook (2^b,), indices like w)."""
+    from sklearn.cluster import KMeans
+
+    flat = w.reshape(-1, 1).astype(np.float64)
+    k = min(2**bits, len(np.unique(flat)))
+    init = np.linspace(flat.min(), flat.max(), k).reshape(-1, 1)  # linear init, as in Deep Compression
+    km = KMeans(n_clusters=k, init=init, n_init=1, max_iter=50, random_state=seed).fit(flat)
+    return km.cluster_centers_.ravel().astype(np.float32), km.labels_.reshape(w.shape).astype(np.int32)
+
+
+def pack_weights(prepared: Path, out_path: Path, bits: int, symmetric: bool = True, per_channel: bool = True,
+                 kmeans: bool = False) -> Path:
+    """Rewrite every Conv/Gemm/MatMul weight of ``prepared`` (a BN-folded fp32 ONNX model) packed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, version_converter
+
+    model = onnx.load(str(prepared))
+    if bits < 16:
+        model = version_converter.convert_version(model, 25 if container_bits(bits) == 2 else 21)
+    inits = {i.name: i for i in model.graph.initializer}
+    front, keep = [], []
+    for node in model.graph.node:
+        name = node.input[1] if node.op_type in WEIGHTED and len(node.input) > 1 else None
+        if name not in inits or inits[name].data_type != TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(inits.pop(name))
+        if bits == 16:
+            keep.append(numpy_helper.from_array(w.astype(np.float16), f"{name}_fp16"))
+            front.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT))
+        elif kmeans:
+            codebook, idx = kmeans_codebook(w, bits)
+            keep += [numpy_helper.from_array(codebook, f"{name}_codebook"), _packed(idx, bits, False, f"{name}_idx")]
+            front += [helper.make_node("Cast", [f"{name}_idx"], [f"{name}_idx64"], to=TensorProto.INT64),
+                      helper.make_node("Gather", [f"{name}_codebook", f"{name}_idx64"], [name], axis=0)]
+        else:
+            axis = _channel_axis(node, inits)
+            codes, scale, zero_point = _linear_codes(w, axis, bits, symmetric, per_channel)
+            keep += [_packed(codes, bits, symmetric, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale"),
+                     _packed(zero_point.reshape(scale.shape), bits, symmetric, f"{name}_zp")]
+            front.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [name],
+                                          **({"axis": axis} if per_channel else {})))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*inits.values(), *keep])
+    nodes = [*front, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.ir_version = min(model.ir_version, 13) if bits < 16 else model.ir_version
+    onnx.save(model, str(out_path))
+    return out_path
