@@ -86,3 +86,16 @@ def test_conditional_values_follow_fixed_parents(small_cnn):
     recipe = space.sample(trial, "digits", prunable)
     assert trial.params == {}  # fixed values are not searched, and neither are their inactive children
     assert (recipe.quantize.bits, recipe.distill.alpha) == (32, 0.0)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_space_loads_and_samples_valid_recipes(small_cnn, path):
+    space = SearchSpace.load(path)
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        recipe = space.sample(trial, "digits", prunable)
+        recipe.check_layers(prunable)
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+        study.tell(trial, 0.0)

@@ -45,6 +45,20 @@ def _tp_importance(name: str, **kwargs) -> Callable[[Tensor | None], Score]:
     return make
 
 
+def _from_weights(statistic: Callable[[Tensor], Tensor]) -> Callable[[Tensor | None], Score]:
+    """Score the root layer's filters, its weight viewed as (C_out, K)."""
+
+    def score(group) -> Tensor:
+        return statistic(group[0].dep.target.module.weight.detach().flatten(1))
+
+    return lambda _activations: score
+
+
+def fpgm_score(w: Tensor) -> Tensor:
+    """Sum of L2 distances to the other filters: smallest near the geometric median. w: (C, K)."""
+    return torch.cdist(w, w).sum(1)
+
+
 def _from_activations(statistic: Callable[[Tensor], Tensor]) -> Callable[[Tensor | None], Score]:
     return lambda activations: lambda _group: statistic(activations)
 
@@ -81,7 +95,7 @@ for _name, _criterion, _description in [
     ("l1", Criterion(_tp_importance("MagnitudeImportance", p=1, **_FIRST)),
      "L1 norm of each filter (Li et al., ICLR 2017)"),
     ("l2", Criterion(_tp_importance("MagnitudeImportance", p=2, **_FIRST)), "L2 norm of each filter"),
-    ("fpgm", Criterion(_tp_importance("FPGMImportance", **_FIRST)),
+    ("fpgm", Criterion(_from_weights(fpgm_score)),
      "distance to the filters' geometric median (He et al., CVPR 2019)"),
     ("bn_scale", Criterion(_tp_importance("BNScaleImportance", normalizer=None), needs_batchnorm=True),
      "|gamma| of the following BatchNorm (network slimming, Liu et al., ICCV 2017)"),

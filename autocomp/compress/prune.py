@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from autocomp.compress.criteria import CRITERIA, accumulate_gradients, preactivation_module, record_preactivations
@@ -77,16 +78,15 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
         criteria = {name: spec.criterion for name, layer in original.items() if spec.criterion in layer.criteria()}
         need = {}
     scores = _scores(model, graph, {n: c for n, c in criteria.items() if need.get(n, 1) > 0}, data)
-    if spec.scope == "local":
-        drop = {name: s.argsort(stable=True)[: need[name]].tolist() for name, s in scores.items()}
-    else:
+    if spec.scope == "global":
         total = round(spec.sparsity * sum(original[n].channels for n in criteria) * progress)
         floor = {n: max(1, math.ceil(spec.min_keep * original[n].channels)) for n in criteria}
-        drop = _global_selection(scores, total - sum(original[n].channels - channels[n] for n in criteria),
-                                 {n: channels[n] - floor[n] for n in criteria})
-    for name, idxs in drop.items():
+        need = _global_counts(scores, total - sum(original[n].channels - channels[n] for n in criteria),
+                              {n: channels[n] - floor[n] for n in criteria})
+    for name, s in scores.items():
+        prune_fn = graph.get_pruner_of_module(modules[name]).prune_out_channels
+        idxs = _lowest(s, need[name], _channel_groups(graph, modules[name]))
         if idxs:
-            prune_fn = graph.get_pruner_of_module(modules[name]).prune_out_channels
             graph.get_pruning_group(modules[name], prune_fn, idxs=idxs).prune()
     model.zero_grad(set_to_none=True)
     return model
@@ -107,16 +107,36 @@ def _scores(model: nn.Module, graph, criteria: dict[str, str], data: Split) -> d
     return scores
 
 
-def _global_selection(scores: dict[str, Tensor], count: int, removable: dict[str, int]) -> dict[str, list[int]]:
-    """The ``count`` lowest channels across layers, scores divided by their layer's mean;
-    no layer gives more than ``removable[name]``."""
-    ranked = sorted((float(v) / max(float(s.mean()), 1e-12), name, i)
-                    for name, s in scores.items() for i, v in enumerate(s))
-    drop: dict[str, list[int]] = {name: [] for name in scores}
-    for _, name, i in ranked:
+def _global_counts(scores: dict[str, Tensor], count: int, removable: dict[str, int]) -> dict[str, int]:
+    """How many channels each layer gives when the ``count`` lowest go across layers, scores
+    divided by their layer's mean; no layer gives more than ``removable[name]``."""
+    ranked = sorted((float(v) / max(float(s.mean()), 1e-12), name) for name, s in scores.items() for v in s)
+    counts = dict.fromkeys(scores, 0)
+    for _, name in ranked:
         if count <= 0:
             break
-        if len(drop[name]) < removable[name]:
-            drop[name].append(i)
+        if counts[name] < removable[name]:
+            counts[name] += 1
             count -= 1
-    return drop
+    return counts
+
+
+def _channel_groups(graph, layer: nn.Module) -> int:
+    """The number of groups of a grouped (not depthwise) convolution coupled to ``layer``'s channels:
+    such a convolution stays valid only if every group loses as many channels."""
+    prune_fn = graph.get_pruner_of_module(layer).prune_out_channels
+    convs = [dep.target.module for dep, _ in graph.get_pruning_group(layer, prune_fn, idxs=[0])
+             if isinstance(dep.target.module, nn.modules.conv._ConvNd)]
+    return max([c.groups for c in convs if 1 < c.groups < c.in_channels], default=1)
+
+
+def _lowest(scores: Tensor, count: int, groups: int) -> list[int]:
+    """The ``count`` lowest-scored channels, as many from each of ``groups`` equal blocks."""
+    if count <= 0:
+        return []
+    if groups == 1:
+        return scores.argsort(stable=True)[:count].tolist()
+    per_group = count // groups
+    blocks = scores.view(groups, -1)  # (G, C / G)
+    offsets = torch.arange(groups).unsqueeze(1) * blocks.shape[1]
+    return sorted((blocks.argsort(dim=1, stable=True)[:, :per_group] + offsets).flatten().tolist())
