@@ -16,7 +16,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.distill import Distiller
-from autocomp.compress.prune import prunable_layers, prune
+from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.features import layer_names
@@ -50,8 +50,9 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         epochs = recipe.finetune.epochs // rounds + (r <= recipe.finetune.epochs % rounds)
         _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1,
                    qat=recipe.quantize.qat and r == rounds, progress=progress)  # QAT in the last fine-tune
+    finalize_masks(student)
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
-                      out_dir / ARTIFACT)
+                      out_dir / ARTIFACT, sparse=recipe.prune.granularity == "weight")
     metrics = measure(artifact, student, task, recipe.measure)
     kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)
@@ -71,6 +72,7 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
                                    alpha=d.alpha, weight=d.weight, layers=layers) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
+            on_epoch_end=(lambda g: regrow(student, recipe.prune.regrow, g)) if recipe.prune.regrow > 0 else None,
             seed=seed, desc="fine-tune", progress=progress)
 
 

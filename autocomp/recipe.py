@@ -16,6 +16,13 @@ SCHEMA_VERSION = 1
 BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
 ACTIVATION_BITS = (32, 8)
 SCOPES = ("local", "global")
+GRANULARITIES = ("channel", "weight")
+
+
+def _weight_criteria() -> list[str]:
+    from autocomp.compress.criteria import CRITERIA
+
+    return [e.name for e in CRITERIA if e.value.weight_score is not None]
 
 
 @dataclass
@@ -34,28 +41,35 @@ class LayerPrune:
 
 @dataclass
 class Prune:
-    """Structured pruning: which channels go, ranked per layer (local) or across layers (global).
+    """Pruning: which channels (``granularity`` "channel") or single weights ("weight") go.
 
-    ``local``: each entry of ``layers`` removes its own share of that layer's channels.
-    ``global``: ``sparsity`` of all prunable channels goes, the lowest by ``criterion`` across
-    layers (scores normalised by their layer's mean), each layer keeping at least ``min_keep``
-    of its channels (the guard against layer collapse). ``rounds`` > 1 prunes iteratively, the
+    ``local``: each entry of ``layers`` removes its own share of that layer's channels/weights.
+    ``global``: ``sparsity`` of all prunable ones goes, the lowest by ``criterion`` across
+    layers (channel scores normalised by their layer's mean), each layer keeping at least
+    ``min_keep`` (the guard against layer collapse). ``rounds`` > 1 prunes iteratively, the
     fine-tune epochs split between rounds; ``bn_penalty`` adds L1 on BatchNorm scales to the
-    fine-tune loss (network slimming), which drives unneeded channels' gammas towards zero.
+    fine-tune loss (network slimming). Removed channels leave the model; removed weights are
+    masked to zero and the fp32 artifact stores them sparsely. ``regrow`` (weights only) is
+    sparse training: after each fine-tune epoch that share of the kept weights with the lowest
+    magnitude is dropped and as many pruned ones regrow at random (SET, Mocanu et al., 2018).
     """
 
     scope: str = "local"
+    granularity: str = "channel"
     layers: dict[str, LayerPrune] = field(default_factory=dict)
     sparsity: float = 0.0
     criterion: str = "l1"
     min_keep: float = 0.1
     rounds: int = 1
+    regrow: float = 0.0
     bn_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         from autocomp.compress.criteria import CRITERIA
 
         check_choice("scope", self.scope, SCOPES)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_range("regrow", self.regrow, 0.0, 0.5)
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         CRITERIA.get(self.criterion, field="criterion")
         check_range("min_keep", self.min_keep, 0.0, 1.0)
@@ -158,7 +172,15 @@ class Recipe:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # rules across fields; each field is checked by its own section
-        q = self.quantize
+        from autocomp.compress.criteria import CRITERIA
+
+        p, q = self.prune, self.quantize
+        if p.regrow > 0 and p.granularity != "weight":
+            raise ConfigError(f"regrows single weights, so needs granularity 'weight', but got {p.granularity!r}.",
+                              "prune.regrow")
+        if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
+            raise ConfigError(f"must score single weights {_weight_criteria()} when granularity is 'weight', but "
+                              f"got {p.criterion!r}.", "prune.criterion")
         if q.activation_bits == 8 and q.bits != 8:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
         if q.qat and not q.integer:
@@ -175,10 +197,11 @@ class Recipe:
                 hint = did_you_mean(name, prunable)
                 raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
                                   f"are {list(prunable)}.{hint}", field_name)
-            allowed = prunable[name].criteria()
-            if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows the layer
-                raise ConfigError(f"must be one of {allowed} for this layer (criteria that read a BatchNorm need "
-                                  f"one after it), but got {layer.criterion!r}.", f"{field_name}.criterion")
+            allowed = prunable[name].criteria(self.prune.granularity)
+            if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows; channel-only criteria
+                message = (f"must be one of {allowed} for this layer at granularity {self.prune.granularity!r}, "
+                           f"but got {layer.criterion!r}.")
+                raise ConfigError(message, f"{field_name}.criterion")
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **to_dict(self)}

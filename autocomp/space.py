@@ -20,7 +20,7 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quant
 
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
-PRUNE_KEYS = ["scope", "min_keep", "rounds", "bn_penalty"]
+PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
@@ -124,6 +124,11 @@ class SearchSpace:
                 from_dict(Prune, {key: value}, "space.prune")
         for criterion in space.criteria.candidates():
             CRITERIA.get(criterion, field="space.prune.criteria")
+        granularities = space.pruning["granularity"].candidates() if "granularity" in space.pruning else ["channel"]
+        if "weight" in granularities and not set(space.criteria.candidates()) & set(_criteria("weight")):
+            raise ConfigError(f"must hold a criterion that scores single weights {_criteria('weight')} when "
+                              f"granularity may be 'weight', but got {space.criteria.candidates()}.",
+                              "space.prune.criteria")
         return space
 
     def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None) -> Recipe:
@@ -133,17 +138,26 @@ class SearchSpace:
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 
     def _sample_prune(self, trial, prunable: dict, task: str) -> Prune:
-        """Local scope: a sparsity and a criterion per layer; global: one of each for all layers."""
+        """Local scope: a sparsity and a criterion per layer; global: one of each for all layers.
+
+        Parameter names carry the granularity where the criteria to choose from depend on it (an
+        Optuna parameter keeps one set of choices for the whole study).
+        """
         chosen = {key: self.pruning[key].suggest(trial, f"prune.{key}")
-                  for key in ("scope", "rounds", "bn_penalty") if key in self.pruning}
+                  for key in ("scope", "granularity", "rounds", "bn_penalty") if key in self.pruning}
+        granularity = chosen.get("granularity", "channel")
+        if granularity == "weight" and "regrow" in self.pruning:
+            chosen["regrow"] = self.pruning["regrow"].suggest(trial, "prune.regrow")
+        tag = "" if granularity == "channel" else f".{granularity}"
         if chosen.get("scope", "local") == "local":
-            layers = {name: self._sample_layer(trial, name, prunable[name].criteria())
+            layers = {name: self._sample_layer(trial, f"{name}{tag}", prunable[name].criteria(granularity))
                       for name in self.layer_names(prunable, task)}
             return Prune(layers=layers, **chosen)
         if "min_keep" in self.pruning:
             chosen["min_keep"] = self.pruning["min_keep"].suggest(trial, "prune.min_keep")
         sparsity = self.sparsity.suggest(trial, "prune.sparsity")
-        criterion = self.criteria.suggest(trial, "prune.criterion") if sparsity > 0 else "l1"
+        allowed = [c for c in self.criteria.candidates() if c in _criteria(granularity)]
+        criterion = Param(choices=tuple(allowed)).suggest(trial, f"prune{tag}.criterion") if sparsity > 0 else "l1"
         return Prune(sparsity=sparsity, criterion=criterion, **chosen)
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
@@ -155,11 +169,17 @@ class SearchSpace:
         return list(prunable) if self.layers is None else self.layers
 
     def _sample_layer(self, trial, name: str, allowed: list[str]) -> LayerPrune:
+        criteria = [c for c in self.criteria.candidates() if c in allowed]
+        if not criteria:  # no criterion of the space can score this layer: it stays whole
+            return LayerPrune(0.0, allowed[0])
         sparsity = self.sparsity.suggest(trial, f"prune.{name}.sparsity")
         if sparsity == 0.0:
             return LayerPrune(0.0, allowed[0])
-        criteria = [c for c in self.criteria.candidates() if c in allowed]
         return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
+
+
+def _criteria(granularity: str) -> list[str]:
+    return [e.name for e in CRITERIA if granularity == "channel" or e.value.weight_score is not None]
 
 
 def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:

@@ -56,13 +56,15 @@ def fit(
     weight_decay: float = 0.0,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     regularizer: Callable[[], Tensor] | None = None,
+    on_epoch_end: Callable[[torch.Generator], None] | None = None,
     seed: int = 0,
     desc: str = "train",
     progress: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed.
 
-    ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming).
+    ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming);
+    ``on_epoch_end(generator)`` runs after every epoch but the last (e.g. sparse-training regrowth).
     """
     from tqdm.auto import tqdm
 
@@ -77,7 +79,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="step")
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for x, y in data.batches(batch_size, generator):
             if augment is not None:
                 x = augment(x, generator)
@@ -90,6 +92,8 @@ def fit(
             schedule.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_epoch_end is not None and epoch < epochs - 1:
+            on_epoch_end(generator)
     bar.close()
     return model.eval()
 

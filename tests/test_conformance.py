@@ -16,18 +16,21 @@ from autocomp.pipeline import apply
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe
 
 METHODS = [(family, name) for family, registry in families().items() if family != "task" for name in registry.names()]
+METHODS += [("prune.criteria.weight", e.name) for e in families()["prune.criteria"] if e.value.weight_score is not None]
 
 
 def recipe_using(task, family: str, name: str) -> Recipe:
     from autocomp.compress.prune import prunable_layers
 
     layers = prunable_layers(task.teacher, task.example_input)
-    criterion = name if family == "prune.criteria" else "l1"
-    prune = Prune(layers={n: LayerPrune(0.5, criterion if criterion in layer.criteria() else "l1")
+    criterion = name if family.startswith("prune.criteria") else "l1"
+    granularity = "weight" if family == "prune.criteria.weight" else "channel"
+    prune = Prune(granularity=granularity, regrow=0.1 if granularity == "weight" else 0.0,
+                  layers={n: LayerPrune(0.5, criterion if criterion in layer.criteria(granularity) else "l1")
                           for n, layer in layers.items()})
     quantize = Quantize(bits=8, activation_bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
-    return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=1))
+    return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=2))
 
 
 @pytest.mark.slow

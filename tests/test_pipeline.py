@@ -75,3 +75,17 @@ def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tm
     assert result.kernels.get("FusedConv", 0) + result.kernels.get("Conv", 0) == 4
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]
+
+
+def test_unstructured_sparse_training_deploys_a_sparse_file(digits_task, tmp_path):
+    r = Recipe(task="digits", prune=Prune(scope="global", granularity="weight", sparsity=0.8, criterion="lamp",
+                                          regrow=0.1), finetune=FineTune(epochs=3))
+    result = apply(r, digits_task, tmp_path, progress=False)
+    teacher = teacher_metrics(digits_task, r.measure)
+    assert result.metrics["size_bytes"] < 0.4 * teacher["size_bytes"]
+    assert result.metrics["macs"] == teacher["macs"]  # masked weights are still multiplied: no fewer MACs
+    assert result.metrics["accuracy"] > 0.9
+    weights = [m.weight for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(int((w == 0).sum()) for w in weights) > 0.7 * sum(w.numel() for w in weights)
+    logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
+    assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]

@@ -36,6 +36,8 @@ def test_yaml_round_trip(tmp_path):
          "Did you mean 'fpgm'?"),
         ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
+        ({"prune": {"regrow": 0.2}}, "recipe.prune.regrow", "needs granularity 'weight'"),
+        ({"prune": {"granularity": "weight", "criterion": "fpgm"}}, "recipe.prune.criterion", "single weights"),
         ({"quantize": {"bits": 32, "activation_bits": 32, "qat": True}}, "recipe.quantize.qat",
          "needs integer weights"),
         ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),

@@ -29,19 +29,25 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         assert ("quantize.calibration" in trial.params) == (q.activation_bits == 8)
         assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
         assert ("quantize.qat" in trial.params) == (q.bits <= 8)
+        tag = "" if prune.granularity == "channel" else ".weight"
+        assert ("prune.regrow" in trial.params) == (prune.granularity == "weight")
         if prune.scope == "local":
             assert set(prune.layers) == set(prunable) and "prune.sparsity" not in trial.params
             for name, layer in prune.layers.items():
-                assert (f"prune.{name}.criterion" in trial.params) == (layer.sparsity > 0)
+                assert (f"prune.{name}{tag}.criterion" in trial.params) == (layer.sparsity > 0)
         else:
             assert not prune.layers and "prune.min_keep" in trial.params
-            assert ("prune.criterion" in trial.params) == (prune.sparsity > 0)
+            assert (f"prune{tag}.criterion" in trial.params) == (prune.sparsity > 0)
         study.tell(trial, 0.0)
         recipes.append(recipe)
-    local = [r.prune.layers for r in recipes if r.prune.scope == "local"]
+    local = [r.prune.layers for r in recipes if r.prune.scope == "local" and r.prune.granularity == "channel"]
     assert {r.quantize.bits for r in recipes} == {32, 16, 8, 4, 2}
     assert any(r.quantize.activation_bits == 8 for r in recipes) and any(r.quantize.kmeans for r in recipes)
     assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
+    assert {r.prune.granularity for r in recipes} == {"channel", "weight"}
+    weight_criteria = {c for r in recipes if r.prune.granularity == "weight"
+                       for c in [r.prune.criterion, *(layer.criterion for layer in r.prune.layers.values())]}
+    assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}
     assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp"}
     assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
     assert any(layers["conv1"].criterion == "bn_scale" for layers in local)

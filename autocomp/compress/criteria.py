@@ -29,6 +29,8 @@ class Criterion:
     needs_gradients: bool = False  # .grad of the weights, accumulated over minibatches
     needs_batchnorm: bool = False  # a BatchNorm after the layer
     needs_activations: bool = False  # the layer's (M, C) pre-activations on training data
+    # unstructured pruning: a score per weight from (weight, its gradient or None); None: channels only
+    weight_score: Callable[[Tensor, Tensor | None], Tensor] | None = None
 
 
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
@@ -52,6 +54,15 @@ def _from_weights(statistic: Callable[[Tensor], Tensor]) -> Callable[[Tensor | N
         return statistic(group[0].dep.target.module.weight.detach().flatten(1))
 
     return lambda _activations: score
+
+
+def lamp_weight_score(w: Tensor, _grad: Tensor | None) -> Tensor:
+    """LAMP per weight: w^2 over the sum of w'^2 of the weights at least as large (Lee et al., 2021)."""
+    w2 = w.flatten().pow(2)
+    order = w2.argsort(descending=True)
+    scores = torch.empty_like(w2)
+    scores[order] = w2[order] / w2[order].cumsum(0)  # denominator: this weight and every larger one
+    return scores.view_as(w)
 
 
 def fpgm_score(w: Tensor) -> Tensor:
@@ -92,16 +103,18 @@ def redundancy_score(a: Tensor) -> Tensor:
 # "first": a channel is scored by its root layer's own weights, as the papers define it.
 _FIRST = {"group_reduction": "first", "normalizer": None}
 for _name, _criterion, _description in [
-    ("l1", Criterion(_tp_importance("MagnitudeImportance", p=1, **_FIRST)),
-     "L1 norm of each filter (Li et al., ICLR 2017)"),
-    ("l2", Criterion(_tp_importance("MagnitudeImportance", p=2, **_FIRST)), "L2 norm of each filter"),
+    ("l1", Criterion(_tp_importance("MagnitudeImportance", p=1, **_FIRST), weight_score=lambda w, g: w.abs()),
+     "L1 norm of each filter; |w| per weight (Li et al., ICLR 2017; Han et al., NeurIPS 2015)"),
+    ("l2", Criterion(_tp_importance("MagnitudeImportance", p=2, **_FIRST), weight_score=lambda w, g: w.pow(2)),
+     "L2 norm of each filter; w^2 per weight"),
     ("fpgm", Criterion(_from_weights(fpgm_score)),
      "distance to the filters' geometric median (He et al., CVPR 2019)"),
     ("bn_scale", Criterion(_tp_importance("BNScaleImportance", normalizer=None), needs_batchnorm=True),
      "|gamma| of the following BatchNorm (network slimming, Liu et al., ICCV 2017)"),
-    ("taylor", Criterion(_tp_importance("TaylorImportance", **_FIRST), needs_gradients=True),
+    ("taylor", Criterion(_tp_importance("TaylorImportance", **_FIRST), needs_gradients=True,
+                         weight_score=lambda w, g: (w * g).abs()),
      "first-order Taylor |weight x gradient| over minibatches (Molchanov et al., ICLR 2017)"),
-    ("lamp", Criterion(_tp_importance("LAMPImportance", p=2, group_reduction="first")),
+    ("lamp", Criterion(_tp_importance("LAMPImportance", p=2, group_reduction="first"), weight_score=lamp_weight_score),
      "layer-adaptive magnitude score |w|^2 / sum of larger |w|^2 (Lee et al., ICLR 2021)"),
     ("apoz", Criterion(_from_activations(apoz_score), needs_activations=True),
      "average percentage of zeros after the ReLU on training data (Hu et al., 2016)"),
@@ -109,7 +122,7 @@ for _name, _criterion, _description in [
      "variance of the channel's output on training data: near-constant channels go first"),
     ("redundancy", Criterion(_from_activations(redundancy_score), needs_activations=True),
      "correlation between channel outputs: one of each redundant pair goes first (Suau et al., 2018)"),
-    ("random", Criterion(_tp_importance("RandomImportance")),
+    ("random", Criterion(_tp_importance("RandomImportance"), weight_score=lambda w, g: torch.rand_like(w)),
      "uniformly random channels (the baseline every criterion must beat)"),
 ]:
     CRITERIA.add(_name, _criterion, _description)

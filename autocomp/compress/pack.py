@@ -109,3 +109,66 @@ def pack_weights(prepared: Path, out_path: Path, bits: int, symmetric: bool = Tr
     model.ir_version = min(model.ir_version, 13) if bits < 16 else model.ir_version
     onnx.save(model, str(out_path))
     return out_path
+
+
+def sparse_encode(path: Path, out_path: Path, min_zeros: float = 0.05) -> Path:
+    """Store each Conv/Gemm/MatMul weight that is at least ``min_zeros`` zeros as a packed bitmask
+    (one bit per weight) and its non-zero values; the graph rebuilds the dense weight.
+
+    weight = Reshape(Gather([0, values...], mask * CumSum(mask)), shape), with the mask unpacked
+    from bytes by BitShift/BitwiseAnd. Every input is constant, so ONNX Runtime folds it once when
+    the session loads and runs the usual dense kernels: the file shrinks, the speed does not change.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {n.input[1] for n in model.graph.node if n.op_type in WEIGHTED and len(n.input) > 1}
+    shifts = numpy_helper.from_array(np.arange(8, dtype=np.uint8), "sparse_bit_shifts")
+    front, keep, used = [], [], False
+    for name in sorted(weights & set(inits)):
+        w = numpy_helper.to_array(inits[name])
+        if inits[name].data_type != TensorProto.FLOAT or (w == 0).mean() < min_zeros:
+            continue
+        used = True
+        del inits[name]
+        mask = (w != 0).ravel()
+        keep += [numpy_helper.from_array(np.packbits(mask, bitorder="little"), f"{name}_bits"),
+                 numpy_helper.from_array(np.concatenate([[0.0], w.ravel()[mask]]).astype(np.float32), f"{name}_nz"),
+                 numpy_helper.from_array(np.array([w.size], np.int64), f"{name}_size"),
+                 numpy_helper.from_array(np.array(w.shape, np.int64), f"{name}_shape")]
+        front += _sparse_decoder(name)
+    if used:
+        keep += [shifts, numpy_helper.from_array(np.array([-1], np.int64), "sparse_axis_last"),
+                 numpy_helper.from_array(np.uint8(1), "sparse_one"),
+                 numpy_helper.from_array(np.array([-1], np.int64), "sparse_flat"),
+                 numpy_helper.from_array(np.array([0], np.int64), "sparse_zero")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*inits.values(), *keep])
+    nodes = [*front, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def _sparse_decoder(name: str) -> list:
+    """Nodes that rebuild dense ``name`` from ``name``_bits, _nz, _size and _shape."""
+    from onnx import TensorProto, helper
+
+    def n(suffix: str) -> str:
+        return f"{name}_{suffix}"
+
+    return [
+        helper.make_node("Unsqueeze", [n("bits"), "sparse_axis_last"], [n("bytes")]),  # (B, 1)
+        helper.make_node("BitShift", [n("bytes"), "sparse_bit_shifts"], [n("shifted")], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [n("shifted"), "sparse_one"], [n("bitmat")]),  # (B, 8)
+        helper.make_node("Reshape", [n("bitmat"), "sparse_flat"], [n("bitflat")]),
+        helper.make_node("Slice", [n("bitflat"), "sparse_zero", n("size")], [n("maskbits")]),
+        helper.make_node("Cast", [n("maskbits")], [n("mask")], to=TensorProto.INT64),
+        helper.make_node("CumSum", [n("mask"), "sparse_zero"], [n("rank")]),
+        helper.make_node("Mul", [n("rank"), n("mask")], [n("index")]),  # 0 picks the leading 0.0
+        helper.make_node("Gather", [n("nz"), n("index")], [n("dense")], axis=0),
+        helper.make_node("Reshape", [n("dense"), n("shape")], [name]),
+    ]

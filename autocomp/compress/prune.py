@@ -33,8 +33,10 @@ class PrunableLayer:
     channels: int  # output channels (Conv) or features (Linear)
     batchnorm: bool  # a BatchNorm normalises these channels
 
-    def criteria(self) -> list[str]:
-        """The registered criteria that can score this layer."""
+    def criteria(self, granularity: str = "channel") -> list[str]:
+        """The registered criteria that can score this layer's channels (or single weights)."""
+        if granularity == "weight":
+            return [e.name for e in CRITERIA if e.value.weight_score is not None]
         return [e.name for e in CRITERIA if self.batchnorm or not e.value.needs_batchnorm]
 
 
@@ -67,6 +69,8 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     are counted; an iterative schedule calls this once per round with a growing ``progress``.
     """
     seed_everything(seed)
+    if spec.granularity == "weight":
+        return _prune_weights(model, spec, original, data, progress)
     modules = dict(model.named_modules())
     graph = _tp().DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
     channels = {name: graph.get_out_channels(modules[name]) for name in original}
@@ -107,17 +111,27 @@ def _scores(model: nn.Module, graph, criteria: dict[str, str], data: Split) -> d
     return scores
 
 
-def _global_counts(scores: dict[str, Tensor], count: int, removable: dict[str, int]) -> dict[str, int]:
-    """How many channels each layer gives when the ``count`` lowest go across layers, scores
-    divided by their layer's mean; no layer gives more than ``removable[name]``."""
-    ranked = sorted((float(v) / max(float(s.mean()), 1e-12), name) for name, s in scores.items() for v in s)
-    counts = dict.fromkeys(scores, 0)
-    for _, name in ranked:
-        if count <= 0:
+def _global_counts(scores: dict[str, Tensor], count: int, removable: dict[str, int],
+                   normalise: bool = True) -> dict[str, int]:
+    """How many channels (weights) each layer gives when the ``count`` lowest go across layers,
+    scores divided by their layer's mean if ``normalise``; no layer gives more than ``removable``.
+
+    A layer that would give more than its share is capped, and the rest is ranked again without it.
+    """
+    flat = {n: s.flatten() / (s.mean().clamp_min(1e-12) if normalise else 1.0) for n, s in scores.items()}
+    counts, open_layers = dict.fromkeys(scores, 0), list(scores)
+    while count > 0 and open_layers:
+        values = torch.cat([flat[n] for n in open_layers])
+        owner = torch.cat([torch.full((len(flat[n]),), i) for i, n in enumerate(open_layers)])
+        taken = torch.bincount(owner[values.argsort(stable=True)[:count]], minlength=len(open_layers))
+        capped = [n for i, n in enumerate(open_layers) if taken[i] >= removable[n]]
+        if not capped:
+            counts.update({n: int(taken[i]) for i, n in enumerate(open_layers)})
             break
-        if counts[name] < removable[name]:
-            counts[name] += 1
-            count -= 1
+        for n in capped:
+            counts[n] = max(removable[n], 0)
+            count -= counts[n]
+            open_layers.remove(n)
     return counts
 
 
@@ -140,3 +154,67 @@ def _lowest(scores: Tensor, count: int, groups: int) -> list[int]:
     blocks = scores.view(groups, -1)  # (G, C / G)
     offsets = torch.arange(groups).unsqueeze(1) * blocks.shape[1]
     return sorted((blocks.argsort(dim=1, stable=True)[:, :per_group] + offsets).flatten().tolist())
+
+
+def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLayer], data: Split,
+                   progress: float) -> nn.Module:
+    """Unstructured pruning: mask the lowest-scored single weights to zero (``torch.nn.utils.prune``).
+
+    The masks stay on through the fine-tune, so pruned weights remain zero; ``finalize_masks``
+    makes them permanent. A weight already masked counts first towards the target.
+    """
+    from torch.nn.utils import prune as torch_prune
+
+    modules = dict(model.named_modules())
+    plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items() if layer.sparsity > 0}
+            if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in original})
+    found = {n: CRITERIA.get(criterion) for n, (_, criterion) in plan.items()}
+    if any(c.needs_gradients for c in found.values()):
+        accumulate_gradients(model, data)
+    scores = {}
+    for name, criterion in found.items():
+        layer = modules[name]
+        grad = getattr(layer, "weight_orig", layer.weight).grad
+        score = criterion.weight_score(layer.weight.detach(), grad).detach().float()
+        mask = getattr(layer, "weight_mask", None)
+        scores[name] = score if mask is None else score.masked_fill(mask == 0, float("-inf"))
+    sizes = {name: s.numel() for name, s in scores.items()}
+    if spec.scope == "local":
+        counts = {name: min(round(plan[name][0] * sizes[name] * progress), sizes[name] - 1) for name in scores}
+    else:
+        floor = {name: max(1, math.ceil(spec.min_keep * n)) for name, n in sizes.items()}
+        counts = _global_counts(scores, round(spec.sparsity * sum(sizes.values()) * progress),
+                                {name: n - floor[name] for name, n in sizes.items()}, normalise=False)
+    for name, score in scores.items():
+        mask = torch.ones(score.numel())
+        mask[score.flatten().argsort(stable=True)[: counts[name]]] = 0.0
+        torch_prune.custom_from_mask(modules[name], "weight", mask.view_as(score))
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def regrow(model: nn.Module, fraction: float, generator: torch.Generator) -> None:
+    """Sparse training step (SET): in each masked layer drop ``fraction`` of the kept weights with the
+    lowest magnitude and regrow as many pruned positions at random, starting from zero."""
+    for layer in model.modules():
+        mask = getattr(layer, "weight_mask", None)
+        if mask is None:
+            continue
+        flat_mask, weights = mask.view(-1), layer.weight_orig.data.view(-1)
+        kept, pruned = flat_mask.nonzero().squeeze(1), (flat_mask == 0).nonzero().squeeze(1)
+        k = min(round(fraction * len(kept)), len(pruned))
+        if k == 0:
+            continue
+        drop = kept[weights[kept].abs().argsort(stable=True)[:k]]
+        grow = pruned[torch.randperm(len(pruned), generator=generator)[:k]]
+        flat_mask[drop], flat_mask[grow], weights[grow] = 0.0, 1.0, 0.0
+
+
+def finalize_masks(model: nn.Module) -> nn.Module:
+    """Make unstructured masks permanent: each masked weight becomes a plain tensor with zeros."""
+    from torch.nn.utils import prune as torch_prune
+
+    for layer in model.modules():
+        if hasattr(layer, "weight_mask"):
+            torch_prune.remove(layer, "weight")
+    return model

@@ -19,7 +19,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.pack import pack_weights
+from autocomp.compress.pack import pack_weights, sparse_encode
 from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
@@ -73,10 +73,15 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
 
 
 def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibration_x: np.ndarray,
-           path: Path) -> Path:
-    """Write the deployable ONNX artifact of ``model`` as ``spec`` quantizes it."""
+           path: Path, sparse: bool = False) -> Path:
+    """Write the deployable ONNX artifact of ``model`` as ``spec`` quantizes it.
+
+    ``sparse``: fp32 weights with zeros (unstructured pruning) are stored as a bitmask plus their
+    non-zero values; quantized weights are stored densely, zeros included, for now.
+    """
     if spec.bits == 32:
-        return runtime.export_onnx(model, example_input, path)
+        runtime.export_onnx(model, example_input, path)
+        return sparse_encode(path, path) if sparse else path
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:

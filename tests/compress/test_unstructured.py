@@ -1,0 +1,83 @@
+"""Unstructured pruning, sparse training with regrowth, and the sparse artifact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from autocomp import runtime
+from autocomp.compress.pack import sparse_encode
+from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
+from autocomp.recipe import LayerPrune, Prune
+from autocomp.train import Split, fit
+
+X = torch.zeros(1, 1, 8, 8)
+
+
+def data() -> Split:
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+
+
+def weight_prune(model, **spec) -> None:
+    prune(model, X, Prune(granularity="weight", **spec), prunable_layers(model, X), data())
+
+
+def test_magnitude_masks_exactly_the_smallest_weights(small_cnn):
+    w = small_cnn.conv2.weight.detach().clone()
+    weight_prune(small_cnn, layers={"conv2": LayerPrune(0.75, "l1")})
+    kept = small_cnn.conv2.weight.detach() != 0
+    assert int(kept.sum()) == w.numel() // 4
+    assert w[kept].abs().min() >= w[~kept].abs().max()  # every kept weight outweighs every pruned one
+    assert small_cnn.conv2.out_channels == 16  # nothing is removed: weights are masked
+
+
+def test_masks_hold_through_training_and_become_permanent(small_cnn):
+    weight_prune(small_cnn, layers={"fc1": LayerPrune(0.5, "taylor")})
+    fit(small_cnn, data(), lambda s, x, y: torch.nn.functional.cross_entropy(s, y), epochs=2, lr=1e-2,
+        batch_size=16, progress=False)
+    assert float((small_cnn.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    finalize_masks(small_cnn)
+    assert not hasattr(small_cnn.fc1, "weight_mask") and "weight" in dict(small_cnn.fc1.named_parameters())
+    assert float((small_cnn.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_global_unstructured_respects_the_floor_per_layer(small_cnn):
+    weight_prune(small_cnn, scope="global", sparsity=0.95, criterion="l1", min_keep=0.2)
+    for name in ("conv1", "conv2", "fc1"):
+        w = getattr(small_cnn, name).weight
+        assert int((w != 0).sum()) == math.ceil(0.2 * w.numel())
+
+
+def test_regrowth_keeps_the_rate_and_moves_the_mask(small_cnn):
+    weight_prune(small_cnn, layers={"fc1": LayerPrune(0.8, "l1")})
+    before = small_cnn.fc1.weight_mask.clone()
+    regrow(small_cnn, 0.25, torch.Generator().manual_seed(0))
+    after = small_cnn.fc1.weight_mask
+    assert after.sum() == before.sum()  # the sparsity rate is kept
+    assert int((before - after).clamp(min=0).sum()) == round(0.25 * int(before.sum()))  # dropped = regrown
+    grown = (after - before).clamp(min=0).bool()
+    assert torch.all(small_cnn.fc1.weight_orig[grown] == 0)  # regrown weights start from zero
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_sparse_artifact_is_smaller_and_exact(small_cnn, tmp_path, sparsity):
+    weight_prune(small_cnn, scope="global", sparsity=sparsity, criterion="l1", min_keep=0.05)
+    finalize_masks(small_cnn)
+    dense = runtime.export_onnx(small_cnn, X, tmp_path / "dense.onnx")
+    sparse = sparse_encode(dense, tmp_path / "sparse.onnx")
+    weights = sum(m.weight.numel() for m in (small_cnn.conv1, small_cnn.conv2, small_cnn.fc1))
+    zeros = sum(int((m.weight == 0).sum()) for m in (small_cnn.conv1, small_cnn.conv2, small_cnn.fc1))
+    saved = dense.stat().st_size - sparse.stat().st_size
+    assert saved > 4 * zeros - weights / 8 - 3 * 1000  # 4 B per zero, less a bit per weight, 1 kB of decoder per layer
+    x = torch.rand(16, 1, 8, 8).numpy()
+    np.testing.assert_allclose(runtime.run(runtime.session(sparse), x), runtime.run(runtime.session(dense), x),
+                               rtol=1e-6, atol=1e-6)
+    ops = {n.op_type for n in onnx.load(str(sparse)).graph.node}
+    assert {"BitShift", "CumSum", "Gather"} <= ops
+    kernels = runtime.kernels(sparse, X.numpy())
+    assert "BitShift" not in kernels and "Gather" not in kernels  # folded when the session loads
