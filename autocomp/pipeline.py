@@ -42,7 +42,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prunable = prunable_layers(task.teacher, task.example_input)
-    recipe.check_layers(prunable)
+    recipe.check_layers(prunable, layer_names(task.teacher))
     student = copy.deepcopy(task.teacher)
     rounds = recipe.prune.rounds
     for r in range(1, rounds + 1):  # one-shot when rounds == 1
@@ -65,8 +65,8 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     fake_quantized = quantization_aware(
-        student, layer_names(student), task.train.x[:CALIBRATION_SAMPLES], q.calibration, bits=q.bits,
-        per_channel=q.per_channel, symmetric=q.symmetric, quantize_inputs=q.activation_bits == 8,
+        student, {name: q.bits_of(name) for name in layer_names(student)}, task.train.x[:CALIBRATION_SAMPLES],
+        q.calibration, per_channel=q.per_channel, symmetric=q.symmetric, quantize_inputs=q.activation_bits == 8,
     ) if qat else contextlib.nullcontext()
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
                                    alpha=d.alpha, weight=d.weight, layers=layers) as loss:

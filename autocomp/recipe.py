@@ -84,8 +84,9 @@ class Quantize:
     ``activation_bits`` 8 (with ``bits`` 8) is static int8 on real int8 kernels, activations
     calibrated by ``calibration``. Otherwise weights alone are quantized and stored packed
     (min-max ``symmetric`` or asymmetric grid, ``per_channel`` or per tensor, or ``kmeans``
-    weight sharing), and run as fp32. ``qat`` fine-tunes with the quantizers in place
-    (quantization-aware training); otherwise the model is quantized after training (PTQ).
+    weight sharing), and run as fp32. ``layers`` gives single layers their own weight bits (mixed
+    precision; with static int8, 32 keeps a layer in fp32). ``qat`` fine-tunes with the quantizers
+    in place (quantization-aware training); otherwise the model is quantized after training (PTQ).
     """
 
     bits: int = 32
@@ -95,11 +96,14 @@ class Quantize:
     calibration: str = "minmax"
     qat: bool = False
     kmeans: bool = False
+    layers: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from autocomp.compress.calibrate import CALIBRATORS
 
         check_choice("bits", self.bits, BITS)
+        for name, bits in self.layers.items():
+            check_choice(f"layers.{name}", bits, (32, 8) if self.activation_bits == 8 else BITS)
         check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
         CALIBRATORS.get(self.calibration, field="calibration")
 
@@ -107,6 +111,9 @@ class Quantize:
     def integer(self) -> bool:
         """Weights on an integer grid (2-8 bits)."""
         return self.bits <= 8
+
+    def bits_of(self, layer: str) -> int:
+        return self.layers.get(layer, self.bits)
 
 
 @dataclass
@@ -189,8 +196,12 @@ class Recipe:
             raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 
-    def check_layers(self, prunable: dict[str, PrunableLayer]) -> None:
-        """Reject layers that the model this recipe is applied to cannot prune as asked."""
+    def check_layers(self, prunable: dict[str, PrunableLayer], quantizable: list[str] | None = None) -> None:
+        """Reject layers that the model this recipe is applied to cannot prune (or quantize) as asked."""
+        for name in self.quantize.layers:
+            if quantizable is not None and name not in quantizable:
+                raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."
+                                  f"{did_you_mean(name, quantizable)}", f"recipe.quantize.layers.{name}")
         for name, layer in self.prune.layers.items():
             field_name = f"recipe.prune.layers.{name}"
             if name not in prunable:

@@ -20,6 +20,8 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quant
 
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
+# per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
+PER_LAYER = {("Quantize", "layers"): "bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
@@ -131,9 +133,18 @@ class SearchSpace:
                               "space.prune.criteria")
         return space
 
-    def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None) -> Recipe:
-        """Define-by-run: ask ``trial`` for every free value and return the Recipe they make."""
-        values = {section: _sample_section(trial, section, params) for section, params in self.sections.items()}
+    def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None,
+               quantizable: list[str] | None = None) -> Recipe:
+        """Define-by-run: ask ``trial`` for every free value and return the Recipe they make.
+
+        ``quantizable`` names the Conv/Linear layers that may get their own weight bits
+        (default: the prunable ones).
+        """
+        values = {section: _sample_section(trial, section, {k: p for k, p in params.items() if k != "layers"})
+                  for section, params in self.sections.items()}
+        per_layer, q = self.sections["quantize"].get("layers"), values["quantize"]
+        if per_layer is not None and q.get("bits", 32) <= 16 and q.get("activation_bits", 32) == 32:
+            q["layers"] = {name: per_layer.suggest(trial, f"quantize.{name}.bits") for name in quantizable or prunable}
         return Recipe(task=task, prune=self._sample_prune(trial, prunable, task), seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 
@@ -199,8 +210,8 @@ def _section(data: Any, cls: type, path: str) -> dict[str, Param]:
     _check_keys(data, [f.name for f in dataclasses.fields(cls)], path)
     params = {key: Param.parse(spec, f"{path}.{key}") for key, spec in data.items()}
     for key, param in params.items():
-        for value in param.candidates():
-            from_dict(cls, {key: value}, path)  # the Recipe dataclass's own rules
+        for value in param.candidates():  # the Recipe dataclass's own rules; per-layer values as their field's
+            from_dict(cls, {PER_LAYER.get((cls.__name__, key), key): value}, path)
     return params
 
 

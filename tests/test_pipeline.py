@@ -63,7 +63,8 @@ def test_quantization_aware_fine_tune_deploys_int8(digits_task, tmp_path):
 @pytest.mark.parametrize("quantize", [
     Quantize(bits=16), Quantize(bits=8, per_channel=True), Quantize(bits=4, kmeans=True),
     Quantize(bits=4, symmetric=False, qat=True), Quantize(bits=2, per_channel=True, qat=True),
-], ids=["fp16", "int8-weights", "kmeans4", "qat4-asym", "qat2"])
+    Quantize(bits=8, per_channel=True, qat=True, layers={"conv1": 32, "conv4": 4, "fc1": 4}),
+], ids=["fp16", "int8-weights", "kmeans4", "qat4-asym", "qat2", "mixed"])
 def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tmp_path, quantize):
     r = Recipe(task="digits", quantize=quantize, finetune=FineTune(epochs=1))
     result = apply(r, digits_task, tmp_path, progress=False)

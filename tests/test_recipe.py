@@ -37,6 +37,7 @@ def test_yaml_round_trip(tmp_path):
         ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
         ({"prune": {"regrow": 0.2}}, "recipe.prune.regrow", "needs granularity 'weight'"),
+        ({"quantize": {"layers": {"conv1": 4}}}, "recipe.quantize.layers.conv1", "must be one of [32, 8]"),
         ({"prune": {"granularity": "weight", "criterion": "fpgm"}}, "recipe.prune.criterion", "single weights"),
         ({"quantize": {"bits": 32, "activation_bits": 32, "qat": True}}, "recipe.quantize.qat",
          "needs integer weights"),
@@ -63,5 +64,8 @@ def test_check_layers_against_the_model(small_cnn):
     with pytest.raises(ConfigError, match="Did you mean 'conv2'") as err:
         Recipe(task="digits", prune=Prune(layers={"conv9": LayerPrune(0.5)})).check_layers(prunable)
     assert err.value.field == "recipe.prune.layers.conv9"
+    with pytest.raises(ConfigError, match="Did you mean 'fc2'") as err:
+        Recipe(task="digits", quantize=Quantize(bits=4, layers={"fc3": 8})).check_layers(prunable, ["fc1", "fc2"])
+    assert err.value.field == "recipe.quantize.layers.fc3"
     with pytest.raises(ConfigError, match="bn_scale"):  # fc1 has no BatchNorm to read gamma from
         Recipe(task="digits", prune=Prune(layers={"fc1": LayerPrune(0.5, "bn_scale")})).check_layers(prunable)

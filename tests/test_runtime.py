@@ -73,3 +73,18 @@ def test_latency_is_a_median_with_spread(small_cnn, tmp_path):
     path = runtime.export_onnx(small_cnn, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
     result = latency_ms(runtime.session(path), np.zeros((1, 1, 8, 8), np.float32), Measure(batch_size=4))
     assert 0 < result["latency_p10_ms"] <= result["latency_ms"] <= result["latency_p90_ms"]
+
+
+def test_mixed_precision_gives_each_layer_its_own_storage(small_cnn, tmp_path):
+    path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=8, per_channel=True,
+                                              layers={"conv1": 32, "conv2": 2, "fc1": 4})
+    widths = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert widths["conv1.weight"] == onnx.TensorProto.FLOAT  # kept fp32
+    assert (widths["conv2.weight_q"], widths["fc1.weight_q"], widths["fc2.weight_q"]) == (
+        onnx.TensorProto.INT2, onnx.TensorProto.INT4, onnx.TensorProto.INT8)
+
+
+def test_static_int8_can_keep_a_layer_in_fp32(small_cnn, tmp_path):
+    path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=8, activation_bits=8, layers={"conv1": 32})
+    kernels = runtime.kernels(path, np.zeros((1, 1, 8, 8), np.float32))
+    assert kernels.get("QLinearConv") == 1 and kernels.get("FusedConv", 0) + kernels.get("Conv", 0) == 1

@@ -17,7 +17,7 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     recipes = []
-    for _ in range(60):
+    for _ in range(400):
         trial = study.ask()
         recipe = space.sample(trial, "digits", prunable, seed=1)
         recipe.check_layers(prunable)
@@ -49,6 +49,9 @@ def test_joint_space_samples_valid_recipes(small_cnn):
                        for c in [r.prune.criterion, *(layer.criterion for layer in r.prune.layers.values())]}
     assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}
     assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp"}
+    mixed = [r.quantize.layers for r in recipes if r.quantize.layers]
+    assert mixed and all(set(layers) == set(prunable) for layers in mixed)  # quantizable defaults to prunable
+    assert all(r.quantize.activation_bits == 32 and r.quantize.bits <= 16 for r in recipes if r.quantize.layers)
     assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
     assert any(layers["conv1"].criterion == "bn_scale" for layers in local)
     assert all(0.0 <= layers["conv2"].sparsity <= 0.8 for layers in local)

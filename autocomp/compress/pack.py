@@ -34,7 +34,7 @@ def _packed(values: np.ndarray, bits: int, signed: bool, name: str):
     return numpy_helper.from_array(np.asarray(values).astype(dtype), name)
 
 
-def _channel_axis(node, graph_inits: dict) -> int:
+def _channel_axis(node) -> int:
     """Output-channel axis of the weight: 0 for Conv and Gemm(transB=1), 1 for MatMul/Gemm(transB=0)."""
     if node.op_type == "Conv":
         return 0
@@ -70,45 +70,62 @@ def kmeans_codebook(w: np.ndarray, bits: int, seed: int = 0) -> tuple[np.ndarray
     return km.cluster_centers_.ravel().astype(np.float32), km.labels_.reshape(w.shape).astype(np.int32)
 
 
-def pack_weights(prepared: Path, out_path: Path, bits: int, symmetric: bool = True, per_channel: bool = True,
-                 kmeans: bool = False) -> Path:
-    """Rewrite every Conv/Gemm/MatMul weight of ``prepared`` (a BN-folded fp32 ONNX model) packed."""
+def weight_names(model) -> dict[str, object]:
+    """fp32 weight initializer name -> the Conv/Gemm/MatMul node that reads it."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.input[1]: n for n in model.graph.node
+            if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in inits
+            and inits[n.input[1]].data_type == TensorProto.FLOAT}
+
+
+def pack_weights(prepared: Path, out_path: Path, bits: dict[str, int], symmetric: bool = True,
+                 per_channel: bool = True, kmeans: bool = False) -> Path:
+    """Rewrite the weights of ``prepared`` (a BN-folded fp32 ONNX model) packed, each initializer
+    named in ``bits`` at its own width (32 leaves it as it is)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper, version_converter
 
     model = onnx.load(str(prepared))
-    if bits < 16:
-        model = version_converter.convert_version(model, 25 if container_bits(bits) == 2 else 21)
+    widths = [b for b in bits.values() if b <= 8]
+    if widths:
+        model = version_converter.convert_version(model, 25 if min(widths) <= 2 else 21)
+        model.ir_version = min(model.ir_version, 13)  # the newest ONNX Runtime reads
+    nodes = weight_names(model)
     inits = {i.name: i for i in model.graph.initializer}
     front, keep = [], []
-    for node in model.graph.node:
-        name = node.input[1] if node.op_type in WEIGHTED and len(node.input) > 1 else None
-        if name not in inits or inits[name].data_type != TensorProto.FLOAT:
+    for name, b in bits.items():
+        if b == 32:
             continue
         w = numpy_helper.to_array(inits.pop(name))
-        if bits == 16:
+        if b == 16:
             keep.append(numpy_helper.from_array(w.astype(np.float16), f"{name}_fp16"))
             front.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT))
         elif kmeans:
-            codebook, idx = kmeans_codebook(w, bits)
-            keep += [numpy_helper.from_array(codebook, f"{name}_codebook"), _packed(idx, bits, False, f"{name}_idx")]
+            codebook, idx = kmeans_codebook(w, b)
+            keep += [numpy_helper.from_array(codebook, f"{name}_codebook"), _packed(idx, b, False, f"{name}_idx")]
             front += [helper.make_node("Cast", [f"{name}_idx"], [f"{name}_idx64"], to=TensorProto.INT64),
                       helper.make_node("Gather", [f"{name}_codebook", f"{name}_idx64"], [name], axis=0)]
         else:
-            axis = _channel_axis(node, inits)
-            codes, scale, zero_point = _linear_codes(w, axis, bits, symmetric, per_channel)
-            keep += [_packed(codes, bits, symmetric, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale"),
-                     _packed(zero_point.reshape(scale.shape), bits, symmetric, f"{name}_zp")]
+            axis = _channel_axis(nodes[name])
+            codes, scale, zero_point = _linear_codes(w, axis, b, symmetric, per_channel)
+            keep += [_packed(codes, b, symmetric, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale"),
+                     _packed(zero_point.reshape(scale.shape), b, symmetric, f"{name}_zp")]
             front.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [name],
                                           **({"axis": axis} if per_channel else {})))
+    _rewrite(model, [*inits.values(), *keep], front)
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def _rewrite(model, initializers: list, front: list) -> None:
+    """Replace the graph's initializers, and put ``front`` (nodes that build weights) first."""
     del model.graph.initializer[:]
-    model.graph.initializer.extend([*inits.values(), *keep])
+    model.graph.initializer.extend(initializers)
     nodes = [*front, *model.graph.node]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.ir_version = min(model.ir_version, 13) if bits < 16 else model.ir_version
-    onnx.save(model, str(out_path))
-    return out_path
 
 
 def sparse_encode(path: Path, out_path: Path, min_zeros: float = 0.05) -> Path:
@@ -120,16 +137,15 @@ def sparse_encode(path: Path, out_path: Path, min_zeros: float = 0.05) -> Path:
     the session loads and runs the usual dense kernels: the file shrinks, the speed does not change.
     """
     import onnx
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    weights = {n.input[1] for n in model.graph.node if n.op_type in WEIGHTED and len(n.input) > 1}
     shifts = numpy_helper.from_array(np.arange(8, dtype=np.uint8), "sparse_bit_shifts")
     front, keep, used = [], [], False
-    for name in sorted(weights & set(inits)):
+    for name in sorted(weight_names(model)):
         w = numpy_helper.to_array(inits[name])
-        if inits[name].data_type != TensorProto.FLOAT or (w == 0).mean() < min_zeros:
+        if (w == 0).mean() < min_zeros:
             continue
         used = True
         del inits[name]
@@ -144,11 +160,7 @@ def sparse_encode(path: Path, out_path: Path, min_zeros: float = 0.05) -> Path:
                  numpy_helper.from_array(np.uint8(1), "sparse_one"),
                  numpy_helper.from_array(np.array([-1], np.int64), "sparse_flat"),
                  numpy_helper.from_array(np.array([0], np.int64), "sparse_zero")]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend([*inits.values(), *keep])
-    nodes = [*front, *model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    _rewrite(model, [*inits.values(), *keep], front)
     onnx.save(model, str(out_path))
     return out_path
 

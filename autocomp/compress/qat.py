@@ -54,15 +54,18 @@ def _input_quantizer(lo: float, hi: float):
 
 
 @contextlib.contextmanager
-def quantization_aware(model: nn.Module, layers: list[str], x: Tensor, calibration: str, bits: int = 8,
+def quantization_aware(model: nn.Module, bits: dict[str, int], x: Tensor, calibration: str,
                        per_channel: bool = False, symmetric: bool = True,
                        quantize_inputs: bool = True) -> Iterator[nn.Module]:
-    """Within the block, ``layers`` of ``model`` compute with fake-quantized weights (and 8-bit inputs)."""
+    """Within the block, each layer named in ``bits`` with integer weights (<= 8 bits) computes with
+    fake-quantized weights of its width (and 8-bit inputs)."""
     modules = dict(model.named_modules())
+    layers = [name for name, b in bits.items() if b <= 8]
     ranges = input_ranges(model, layers, x, calibration) if quantize_inputs else {}
     hooks = [modules[name].register_forward_pre_hook(_input_quantizer(*ranges[name])) for name in ranges]
     for name in layers:
-        parametrize.register_parametrization(modules[name], "weight", WeightFakeQuant(bits, per_channel, symmetric))
+        parametrize.register_parametrization(modules[name], "weight",
+                                             WeightFakeQuant(bits[name], per_channel, symmetric))
     try:
         yield model
     finally:

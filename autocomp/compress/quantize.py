@@ -19,7 +19,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.pack import pack_weights, sparse_encode
+from autocomp.compress.pack import pack_weights, sparse_encode, weight_names
 from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
@@ -49,8 +49,10 @@ def activation_batches(model_path: Path, x: np.ndarray, batch_size: int = 32) ->
 
 
 def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, calibration: str,
-                  per_channel: bool = False, symmetric: bool = True) -> Path:
-    """Write the int8 QDQ model of ``prepared`` (BN-folded fp32) to ``out_path``, calibrated on ``calibration_x``."""
+                  per_channel: bool = False, symmetric: bool = True, keep_fp32: tuple[str, ...] = ()) -> Path:
+    """Write the int8 QDQ model of ``prepared`` (BN-folded fp32) to ``out_path``, calibrated on
+    ``calibration_x``; the layers reading the weights named in ``keep_fp32`` stay fp32."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
@@ -68,6 +70,8 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax, extra_options={"WeightSymmetric": symmetric},
+                nodes_to_exclude=[node.name for name, node in weight_names(onnx.load(str(prepared))).items()
+                                  if name in keep_fp32],
             )
     return out_path
 
@@ -79,15 +83,18 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
     ``sparse``: fp32 weights with zeros (unstructured pruning) are stored as a bitmask plus their
     non-zero values; quantized weights are stored densely, zeros included, for now.
     """
-    if spec.bits == 32:
+    if spec.bits == 32 and not spec.layers:
         runtime.export_onnx(model, example_input, path)
         return sparse_encode(path, path) if sparse else path
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         runtime.export_onnx(model, example_input, fp32)
         quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
+        bits = {name: spec.bits_of(name.removesuffix(".weight")) for name in weight_names(onnx.load(str(prepared)))}
         if spec.activation_bits == 8:
-            return quantize_int8(prepared, path, calibration_x, spec.calibration, spec.per_channel, spec.symmetric)
-        return pack_weights(prepared, path, spec.bits, spec.symmetric, spec.per_channel, spec.kmeans)
+            return quantize_int8(prepared, path, calibration_x, spec.calibration, spec.per_channel, spec.symmetric,
+                                 keep_fp32=tuple(name for name, b in bits.items() if b == 32))
+        return pack_weights(prepared, path, bits, spec.symmetric, spec.per_channel, spec.kmeans)

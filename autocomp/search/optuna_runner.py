@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from autocomp.compress.prune import prunable_layers
+from autocomp.features import layer_names
 from autocomp.measure import with_ratios
 from autocomp.pipeline import ARTIFACT, RECIPE, apply, teacher_metrics
 from autocomp.space import SearchSpace
@@ -70,6 +71,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     space = SearchSpace.load(spec.space)
     task = load_task(spec.task)
     prunable = prunable_layers(task.teacher, task.example_input)
+    quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
     study = open_study(spec, seed)
     done = finished_trials(study)
@@ -82,7 +84,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     store = FileSystemArtifactStore(spec.artifacts)
 
     def objective(trial) -> list[float]:
-        recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure)
+        recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
         trial.set_user_attr("recipe", recipe.to_dict())
         result = _run_trial(trial, recipe, task, store)
         metrics = with_ratios(result.metrics, teacher)

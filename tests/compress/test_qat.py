@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 from autocomp.compress.qat import quantization_aware
 from autocomp.train import Split, fit
 
-LAYERS = ["conv1", "conv2", "fc1", "fc2"]
+LAYERS = dict.fromkeys(["conv1", "conv2", "fc1", "fc2"], 8)
 
 
 def data() -> Split:
@@ -42,3 +42,13 @@ def test_fake_quantized_forward_differs_from_float_only_by_quantization_noise(sm
     with quantization_aware(small_cnn, LAYERS, x, "minmax"):
         quantized = small_cnn(x).detach()
     assert 0 < (quantized - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_each_layer_trains_at_its_own_width(small_cnn):
+    with quantization_aware(small_cnn, {"conv2": 4, "fc1": 8, "fc2": 32}, data().x, "minmax",
+                            per_channel=True, quantize_inputs=False):
+        w = small_cnn.conv2.weight.detach().flatten(1)
+        assert all(len(torch.unique(row)) <= 16 for row in w)  # 4 bits: at most 16 levels per channel
+        assert parametrize.is_parametrized(small_cnn.fc1) and not parametrize.is_parametrized(small_cnn.fc2)
+        assert not parametrize.is_parametrized(small_cnn.conv1)  # not named: left alone
+        assert not any(m._forward_pre_hooks for m in small_cnn.modules())  # weights only
