@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from autocomp import runtime
+from autocomp.compress.blocks import drop_blocks, residual_blocks
 from autocomp.compress.distill import Distiller
 from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
 from autocomp.compress.qat import quantization_aware
@@ -42,8 +43,11 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prunable = prunable_layers(task.teacher, task.example_input)
-    recipe.check_layers(prunable, layer_names(task.teacher))
+    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher))
     student = copy.deepcopy(task.teacher)
+    drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
+    present = set(layer_names(student))
+    prunable = {name: layer for name, layer in prunable.items() if name in present}
     rounds = recipe.prune.rounds
     for r in range(1, rounds + 1):  # one-shot when rounds == 1
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed, progress=r / rounds)

@@ -52,6 +52,7 @@ class Prune:
     masked to zero and the fp32 artifact stores them sparsely. ``regrow`` (weights only) is
     sparse training: after each fine-tune epoch that share of the kept weights with the lowest
     magnitude is dropped and as many pruned ones regrow at random (SET, Mocanu et al., 2018).
+    ``drop_blocks`` first removes that many whole residual blocks, those whose branch adds least.
     """
 
     scope: str = "local"
@@ -63,6 +64,7 @@ class Prune:
     rounds: int = 1
     regrow: float = 0.0
     bn_penalty: float = 0.0
+    drop_blocks: int = 0
 
     def __post_init__(self) -> None:
         from autocomp.compress.criteria import CRITERIA
@@ -70,6 +72,7 @@ class Prune:
         check_choice("scope", self.scope, SCOPES)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_range("regrow", self.regrow, 0.0, 0.5)
+        check_range("drop_blocks", self.drop_blocks, 0, 1000)
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         CRITERIA.get(self.criterion, field="criterion")
         check_range("min_keep", self.min_keep, 0.0, 1.0)
@@ -196,8 +199,12 @@ class Recipe:
             raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 
-    def check_layers(self, prunable: dict[str, PrunableLayer], quantizable: list[str] | None = None) -> None:
+    def check_layers(self, prunable: dict[str, PrunableLayer], quantizable: list[str] | None = None,
+                     blocks: list[str] | None = None) -> None:
         """Reject layers that the model this recipe is applied to cannot prune (or quantize) as asked."""
+        if blocks is not None and self.prune.drop_blocks > len(blocks):
+            raise ConfigError(f"must be at most the {len(blocks)} residual blocks of the {self.task!r} model "
+                              f"{blocks}, but got {self.prune.drop_blocks}.", "recipe.prune.drop_blocks")
         for name in self.quantize.layers:
             if quantizable is not None and name not in quantizable:
                 raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."

@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits"}
-PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty"]
+PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
@@ -155,7 +155,7 @@ class SearchSpace:
         Optuna parameter keeps one set of choices for the whole study).
         """
         chosen = {key: self.pruning[key].suggest(trial, f"prune.{key}")
-                  for key in ("scope", "granularity", "rounds", "bn_penalty") if key in self.pruning}
+                  for key in ("scope", "granularity", "rounds", "bn_penalty", "drop_blocks") if key in self.pruning}
         granularity = chosen.get("granularity", "channel")
         if granularity == "weight" and "regrow" in self.pruning:
             chosen["regrow"] = self.pruning["regrow"].suggest(trial, "prune.regrow")
@@ -170,6 +170,13 @@ class SearchSpace:
         allowed = [c for c in self.criteria.candidates() if c in _criteria(granularity)]
         criterion = Param(choices=tuple(allowed)).suggest(trial, f"prune{tag}.criterion") if sparsity > 0 else "l1"
         return Prune(sparsity=sparsity, criterion=criterion, **chosen)
+
+    def check_blocks(self, blocks: list[str], task: str) -> None:
+        """Reject a space that may drop more residual blocks than the model has."""
+        most = max(self.pruning["drop_blocks"].candidates()) if "drop_blocks" in self.pruning else 0
+        if most > len(blocks):
+            raise ConfigError(f"may drop at most the {len(blocks)} residual blocks of the {task!r} model {blocks}, "
+                              f"but allows {most}.", "space.prune.drop_blocks")
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""

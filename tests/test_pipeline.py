@@ -73,7 +73,8 @@ def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tm
     assert result.metrics["size_bytes"] < teacher["size_bytes"] * (stored / 32 + 0.05)
     assert result.metrics["accuracy"] > (0.9 if quantize.bits >= 4 else 0.5)
     assert "QLinearConv" not in result.kernels  # no int8 kernel for weight-only quantization: fp32 convolutions
-    assert result.kernels.get("FusedConv", 0) + result.kernels.get("Conv", 0) == 4
+    convs = sum(isinstance(m, nn.Conv2d) for m in digits_task.teacher.modules())
+    assert result.kernels.get("FusedConv", 0) + result.kernels.get("Conv", 0) == convs
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]
 
@@ -90,3 +91,14 @@ def test_unstructured_sparse_training_deploys_a_sparse_file(digits_task, tmp_pat
     assert sum(int((w == 0).sum()) for w in weights) > 0.7 * sum(w.numel() for w in weights)
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]
+
+
+def test_dropping_the_residual_block_removes_its_work(digits_task, tmp_path):
+    layers = {"block.body.0": LayerPrune(0.5), "conv4": LayerPrune(0.5)}  # the first goes with its block
+    r = Recipe(task="digits", prune=Prune(drop_blocks=1, layers=layers), finetune=FineTune(epochs=1))
+    result = apply(r, digits_task, tmp_path, progress=False)
+    teacher = teacher_metrics(digits_task, r.measure)
+    assert isinstance(result.model.block, nn.Identity) and result.model.conv4.out_channels == 128
+    block_macs = 128 * 128 * 9 * 16  # the block's 3x3 conv on a 4x4 map
+    assert result.metrics["macs"] < teacher["macs"] - block_macs
+    assert result.metrics["accuracy"] > 0.9

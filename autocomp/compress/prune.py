@@ -75,7 +75,8 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     graph = _tp().DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
     channels = {name: graph.get_out_channels(modules[name]) for name in original}
     if spec.scope == "local":
-        criteria = {name: layer.criterion for name, layer in spec.layers.items() if layer.sparsity > 0}
+        criteria = {name: layer.criterion for name, layer in spec.layers.items()
+                    if layer.sparsity > 0 and name in original}  # not in original: in a dropped block
         need = {name: round(channels_to_remove(original[name].channels, spec.layers[name].sparsity) * progress)
                 - (original[name].channels - channels[name]) for name in criteria}
     else:
@@ -166,7 +167,8 @@ def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLa
     from torch.nn.utils import prune as torch_prune
 
     modules = dict(model.named_modules())
-    plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items() if layer.sparsity > 0}
+    plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items()
+             if layer.sparsity > 0 and n in original}
             if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in original})
     found = {n: CRITERIA.get(criterion) for n, (_, criterion) in plan.items()}
     if any(c.needs_gradients for c in found.values()):

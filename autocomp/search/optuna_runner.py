@@ -6,6 +6,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from autocomp.compress.blocks import residual_blocks
 from autocomp.compress.prune import prunable_layers
 from autocomp.features import layer_names
 from autocomp.measure import with_ratios
@@ -73,6 +74,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     prunable = prunable_layers(task.teacher, task.example_input)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
+    space.check_blocks(residual_blocks(task.teacher), spec.task)
     study = open_study(spec, seed)
     done = finished_trials(study)
     study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws

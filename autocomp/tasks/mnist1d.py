@@ -5,19 +5,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from autocomp.compress.blocks import Residual
 from autocomp.tasks.base import Task, cached_teacher
 from autocomp.tasks.registry import TASKS
 from autocomp.train import Split
 
 
 class MNIST1DCNN(nn.Module):
-    """Four 1-D conv blocks with BatchNorm and a two-layer head: ~0.68M parameters."""
+    """Four 1-D conv layers with BatchNorm, a residual block and a two-layer head: ~0.73M parameters."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv1d(1, 64, 5, padding=2), nn.BatchNorm1d(64)
         self.conv2, self.bn2 = nn.Conv1d(64, 128, 5, padding=2), nn.BatchNorm1d(128)
         self.conv3, self.bn3 = nn.Conv1d(128, 128, 3, padding=1), nn.BatchNorm1d(128)
+        self.block = Residual(nn.Sequential(nn.Conv1d(128, 128, 3, padding=1), nn.BatchNorm1d(128), nn.ReLU()))
         self.conv4, self.bn4 = nn.Conv1d(128, 256, 3, padding=1), nn.BatchNorm1d(256)
         self.fc1 = nn.Linear(256 * 10, 192)
         self.fc2 = nn.Linear(192, num_classes)
@@ -26,7 +28,7 @@ class MNIST1DCNN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, 1, 40)
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.pool(torch.relu(self.bn2(self.conv2(x))))  # (B, 128, 20)
-        x = torch.relu(self.bn3(self.conv3(x)))
+        x = self.block(torch.relu(self.bn3(self.conv3(x))))  # (B, 128, 20)
         x = self.pool(torch.relu(self.bn4(self.conv4(x))))  # (B, 256, 10)
         x = self.drop(torch.relu(self.fc1(x.flatten(1))))
         return self.fc2(x)  # (B, 10)
