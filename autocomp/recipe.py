@@ -19,12 +19,6 @@ SCOPES = ("local", "global")
 GRANULARITIES = ("channel", "weight")
 
 
-def _weight_criteria() -> list[str]:
-    from autocomp.compress.criteria import CRITERIA
-
-    return [e.name for e in CRITERIA if e.value.weight_score is not None]
-
-
 @dataclass
 class LayerPrune:
     """Remove ``sparsity`` of a layer's output channels, the lowest by ``criterion``."""
@@ -182,14 +176,14 @@ class Recipe:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # rules across fields; each field is checked by its own section
-        from autocomp.compress.criteria import CRITERIA
+        from autocomp.compress.criteria import CRITERIA, applicable
 
         p, q = self.prune, self.quantize
         if p.regrow > 0 and p.granularity != "weight":
             raise ConfigError(f"regrows single weights, so needs granularity 'weight', but got {p.granularity!r}.",
                               "prune.regrow")
         if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
-            raise ConfigError(f"must score single weights {_weight_criteria()} when granularity is 'weight', but "
+            raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
                               f"got {p.criterion!r}.", "prune.criterion")
         if q.activation_bits == 8 and q.bits != 8:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocomp.compress.criteria import CRITERIA
+from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, did_you_mean
 from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
@@ -97,7 +97,7 @@ class SearchSpace:
     sparsity: Param = field(default_factory=lambda: Param(choices=(0.0,)))
     criteria: Param = field(default_factory=lambda: Param(choices=("l1",)))
     layers: list[str] | None = None  # None: every prunable layer of the teacher
-    pruning: dict[str, Param] = field(default_factory=dict)  # scope, min_keep, rounds, bn_penalty
+    pruning: dict[str, Param] = field(default_factory=dict)  # the PRUNE_KEYS the space names
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
 
     @classmethod
@@ -110,28 +110,30 @@ class SearchSpace:
         _check_keys(data, ["schema_version", "prune", *SECTIONS], "space")
         space = cls(sections={name: _section(data.get(name, {}), SECTIONS[name], f"space.{name}")
                               for name in SECTIONS})
-        prune = data.get("prune", {})
+        space._parse_prune(data.get("prune", {}))
+        return space
+
+    def _parse_prune(self, prune: dict) -> None:
         _check_keys(prune, ["layers", "sparsity", "criteria", *PRUNE_KEYS], "space.prune")
         if "sparsity" in prune:
-            space.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
+            self.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
         if "criteria" in prune:
-            space.criteria = Param.parse(prune["criteria"], "space.prune.criteria")
+            self.criteria = Param.parse(prune["criteria"], "space.prune.criteria")
         layers = prune.get("layers", "all")
         if layers != "all" and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
             raise ConfigError(f"must be 'all' or a list of layer names, but got {layers!r}.", "space.prune.layers")
-        space.layers = None if layers == "all" else layers
-        space.pruning = {key: Param.parse(prune[key], f"space.prune.{key}") for key in PRUNE_KEYS if key in prune}
-        for key, param in [("sparsity", space.sparsity), *space.pruning.items()]:
+        self.layers = None if layers == "all" else layers
+        self.pruning = {key: Param.parse(prune[key], f"space.prune.{key}") for key in PRUNE_KEYS if key in prune}
+        for key, param in [("sparsity", self.sparsity), *self.pruning.items()]:
             for value in param.candidates():
                 from_dict(Prune, {key: value}, "space.prune")
-        for criterion in space.criteria.candidates():
+        for criterion in self.criteria.candidates():
             CRITERIA.get(criterion, field="space.prune.criteria")
-        granularities = space.pruning["granularity"].candidates() if "granularity" in space.pruning else ["channel"]
-        if "weight" in granularities and not set(space.criteria.candidates()) & set(_criteria("weight")):
-            raise ConfigError(f"must hold a criterion that scores single weights {_criteria('weight')} when "
-                              f"granularity may be 'weight', but got {space.criteria.candidates()}.",
+        granularities = self.pruning["granularity"].candidates() if "granularity" in self.pruning else ["channel"]
+        if "weight" in granularities and not set(self.criteria.candidates()) & set(applicable("weight")):
+            raise ConfigError(f"must hold a criterion that scores single weights {applicable('weight')} when "
+                              f"granularity may be 'weight', but got {self.criteria.candidates()}.",
                               "space.prune.criteria")
-        return space
 
     def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None,
                quantizable: list[str] | None = None) -> Recipe:
@@ -167,7 +169,7 @@ class SearchSpace:
         if "min_keep" in self.pruning:
             chosen["min_keep"] = self.pruning["min_keep"].suggest(trial, "prune.min_keep")
         sparsity = self.sparsity.suggest(trial, "prune.sparsity")
-        allowed = [c for c in self.criteria.candidates() if c in _criteria(granularity)]
+        allowed = [c for c in self.criteria.candidates() if c in applicable(granularity)]
         criterion = Param(choices=tuple(allowed)).suggest(trial, f"prune{tag}.criterion") if sparsity > 0 else "l1"
         return Prune(sparsity=sparsity, criterion=criterion, **chosen)
 
@@ -194,10 +196,6 @@ class SearchSpace:
         if sparsity == 0.0:
             return LayerPrune(0.0, allowed[0])
         return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
-
-
-def _criteria(granularity: str) -> list[str]:
-    return [e.name for e in CRITERIA if granularity == "channel" or e.value.weight_score is not None]
 
 
 def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:

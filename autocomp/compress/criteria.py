@@ -128,6 +128,14 @@ for _name, _criterion, _description in [
     CRITERIA.add(_name, _criterion, _description)
 
 
+def applicable(granularity: str = "channel", batchnorm: bool = True) -> list[str]:
+    """The criteria that can score channels (of a layer with or without a BatchNorm after it) or,
+    for granularity "weight", single weights."""
+    if granularity == "weight":
+        return [e.name for e in CRITERIA if e.value.weight_score is not None]
+    return [e.name for e in CRITERIA if batchnorm or not e.value.needs_batchnorm]
+
+
 def preactivation_module(graph, layer: nn.Module) -> nn.Module:
     """The BatchNorm that normalises ``layer``'s channels, else the layer itself."""
     prune_fn = graph.get_pruner_of_module(layer).prune_out_channels

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from autocomp.compress.criteria import CRITERIA, accumulate_gradients, preactivation_module, record_preactivations
+from autocomp.compress.criteria import (
+    CRITERIA,
+    accumulate_gradients,
+    applicable,
+    preactivation_module,
+    record_preactivations,
+)
 from autocomp.features import head_layer, layer_names
 from autocomp.train import Split, seed_everything
 
@@ -35,9 +41,7 @@ class PrunableLayer:
 
     def criteria(self, granularity: str = "channel") -> list[str]:
         """The registered criteria that can score this layer's channels (or single weights)."""
-        if granularity == "weight":
-            return [e.name for e in CRITERIA if e.value.weight_score is not None]
-        return [e.name for e in CRITERIA if self.batchnorm or not e.value.needs_batchnorm]
+        return applicable(granularity, self.batchnorm)
 
 
 def prunable_layers(model: nn.Module, example_input: Tensor) -> dict[str, PrunableLayer]:
