@@ -24,14 +24,15 @@ SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 PER_LAYER = {("Quantize", "layers"): "bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
-# of the fields before it (the recipe's defaults where those are fixed or not searched)
+# of the fields before it (the recipe's defaults where those are fixed or not searched) and the
+# sampled pruning ``granularity``
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
         "activation_bits": lambda v: v["bits"] == 8,
         "symmetric": lambda v: v["bits"] <= 8,
         "per_channel": lambda v: v["bits"] <= 8,
         "calibration": lambda v: v["activation_bits"] == 8,
-        "qat": lambda v: v["bits"] <= 8,
+        "qat": lambda v: v["bits"] <= 8 and v["granularity"] != "weight",
         "kmeans": lambda v: v["bits"] <= 8 and v["activation_bits"] == 32 and not v["qat"],
     },
     "distill": {
@@ -142,12 +143,14 @@ class SearchSpace:
         ``quantizable`` names the Conv/Linear layers that may get their own weight bits
         (default: the prunable ones).
         """
-        values = {section: _sample_section(trial, section, {k: p for k, p in params.items() if k != "layers"})
+        prune = self._sample_prune(trial, prunable, task)
+        values = {section: _sample_section(trial, section, {k: p for k, p in params.items() if k != "layers"},
+                                           {"granularity": prune.granularity})
                   for section, params in self.sections.items()}
         per_layer, q = self.sections["quantize"].get("layers"), values["quantize"]
         if per_layer is not None and q.get("bits", 32) <= 16 and q.get("activation_bits", 32) == 32:
             q["layers"] = {name: per_layer.suggest(trial, f"quantize.{name}.bits") for name in quantizable or prunable}
-        return Recipe(task=task, prune=self._sample_prune(trial, prunable, task), seed=seed,
+        return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 
     def _sample_prune(self, trial, prunable: dict, task: str) -> Prune:
@@ -198,12 +201,13 @@ class SearchSpace:
         return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
 
 
-def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
+def _sample_section(trial, section: str, params: dict[str, Param], context: dict[str, Any]) -> dict[str, Any]:
     """Sample a section's values in field order, each only where its condition holds."""
     conditions = CONDITIONS.get(section, {})
-    values = dataclasses.asdict(SECTIONS[section]())
+    fields = dataclasses.asdict(SECTIONS[section]())
+    values = {**context, **fields}
     chosen: dict[str, Any] = {}
-    for key in values:
+    for key in fields:
         if key in params and conditions.get(key, lambda _v: True)(values):
             values[key] = chosen[key] = params[key].suggest(trial, f"{section}.{key}")
     return chosen

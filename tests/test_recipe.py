@@ -38,6 +38,8 @@ def test_yaml_round_trip(tmp_path):
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
         ({"prune": {"regrow": 0.2}}, "recipe.prune.regrow", "needs granularity 'weight'"),
         ({"quantize": {"layers": {"conv1": 4}}}, "recipe.quantize.layers.conv1", "must be one of [32, 8]"),
+        ({"prune": {"granularity": "weight"}, "quantize": {"qat": True}}, "recipe.quantize.qat",
+         "granularity 'weight'"),
         ({"prune": {"granularity": "weight", "criterion": "fpgm"}}, "recipe.prune.criterion", "single weights"),
         ({"quantize": {"bits": 32, "activation_bits": 32, "qat": True}}, "recipe.quantize.qat",
          "needs integer weights"),

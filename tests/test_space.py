@@ -28,7 +28,7 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         q = recipe.quantize
         assert ("quantize.calibration" in trial.params) == (q.activation_bits == 8)
         assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
-        assert ("quantize.qat" in trial.params) == (q.bits <= 8)
+        assert ("quantize.qat" in trial.params) == (q.bits <= 8 and recipe.prune.granularity == "channel")
         tag = "" if prune.granularity == "channel" else ".weight"
         assert ("prune.regrow" in trial.params) == (prune.granularity == "weight")
         if prune.scope == "local":
