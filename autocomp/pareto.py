@@ -27,7 +27,8 @@ def front_table(study):
         metrics, recipe = trial.user_attrs["metrics"], trial.user_attrs["recipe"]
         row = {"trial": trial.number}
         row |= {column: metrics[key] * scale for column, (key, scale) in COLUMNS.items()}
-        row["bits"] = recipe["quantize"]["bits"]
+        quantize = recipe["quantize"]
+        row["bits"] = "mixed" if quantize.get("layers") else quantize["bits"]  # per-layer widths: see the recipe
         rows.append(row)
     table = pd.DataFrame(rows, columns=["trial", *COLUMNS, "bits"])
     return table.sort_values(["accuracy_%", "size_kb"], ascending=[False, True]).reset_index(drop=True)
