@@ -39,15 +39,16 @@ class CompressedModel:
 
 
 def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True) -> CompressedModel:
-    """Prune -> distil/fine-tune -> export -> quantize/calibrate -> measure, into ``out_dir``."""
+    """Drop blocks -> prune -> distil/fine-tune (per round) -> export -> quantize -> measure, into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prunable = prunable_layers(task.teacher, task.example_input)
     recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher))
     student = copy.deepcopy(task.teacher)
-    drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
-    present = set(layer_names(student))
-    prunable = {name: layer for name, layer in prunable.items() if name in present}
+    if recipe.prune.drop_blocks:
+        drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
+        present = set(layer_names(student))
+        prunable = {name: layer for name, layer in prunable.items() if name in present}
     rounds = recipe.prune.rounds
     for r in range(1, rounds + 1):  # one-shot when rounds == 1
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed, progress=r / rounds)
