@@ -86,8 +86,8 @@ class Quantize:
     in place (quantization-aware training); otherwise the model is quantized after training (PTQ).
     """
 
-    bits: int = 32
     activation_bits: int = 32
+    bits: int = 32
     symmetric: bool = True
     per_channel: bool = False
     calibration: str = "minmax"

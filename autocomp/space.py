@@ -28,7 +28,7 @@ PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalt
 # sampled pruning ``granularity``
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
-        "activation_bits": lambda v: v["bits"] == 8,
+        "bits": lambda v: v["activation_bits"] == 32,  # static int8 (activation_bits 8) sets bits 8
         "symmetric": lambda v: v["bits"] <= 8,
         "per_channel": lambda v: v["bits"] <= 8,
         "calibration": lambda v: v["activation_bits"] == 8,
@@ -40,6 +40,10 @@ CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
         "temperature": lambda v: v["kind"] != "none" and v["alpha"] > 0,
         "weight": lambda v: v["kind"] not in ("none", "logits"),
     },
+}
+# section -> {key: rule}: a value that follows from the ones before it (rule returns None: searched)
+DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
+    "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
 }
 
 
@@ -203,12 +207,14 @@ class SearchSpace:
 
 def _sample_section(trial, section: str, params: dict[str, Param], context: dict[str, Any]) -> dict[str, Any]:
     """Sample a section's values in field order, each only where its condition holds."""
-    conditions = CONDITIONS.get(section, {})
+    conditions, derived = CONDITIONS.get(section, {}), DERIVED.get(section, {})
     fields = dataclasses.asdict(SECTIONS[section]())
     values = {**context, **fields}
     chosen: dict[str, Any] = {}
     for key in fields:
-        if key in params and conditions.get(key, lambda _v: True)(values):
+        if key in derived and derived[key](values) is not None:
+            values[key] = chosen[key] = derived[key](values)
+        elif key in params and conditions.get(key, lambda _v: True)(values):
             values[key] = chosen[key] = params[key].suggest(trial, f"{section}.{key}")
     return chosen
 

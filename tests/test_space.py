@@ -27,6 +27,8 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         # criteria only where something is pruned
         q = recipe.quantize
         assert ("quantize.calibration" in trial.params) == (q.activation_bits == 8)
+        if q.activation_bits == 8:  # static int8 sets 8-bit weights instead of searching them
+            assert q.bits == 8 and "quantize.bits" not in trial.params
         assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
         assert ("quantize.qat" in trial.params) == (q.bits <= 8 and recipe.prune.granularity == "channel")
         tag = "" if prune.granularity == "channel" else ".weight"
