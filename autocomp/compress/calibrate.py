@@ -38,6 +38,17 @@ def scale_zero_point(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tupl
     return scale.clamp_min(1e-12).float(), zero_point
 
 
+def weight_range(w: Tensor, per_channel: bool, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Min-max range of a weight whose output channels lie on axis 0: (C,) vectors per channel,
+    scalars per tensor; symmetric: +-max|w|. The grid QAT trains on is the one ``pack.py`` deploys."""
+    flat = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)  # (C or 1, K)
+    lo, hi = flat.amin(1), flat.amax(1)
+    if symmetric:
+        hi = torch.maximum(lo.abs(), hi.abs())
+        lo = -hi
+    return (lo, hi) if per_channel else (lo[0], hi[0])
+
+
 def fake_quantize(x: Tensor, lo: Tensor | float, hi: Tensor | float, bits: int, symmetric: bool,
                   axis: int | None = None) -> Tensor:
     """Quantize-dequantize ``x`` onto the b-bit grid of [lo, hi]; gradients pass straight through

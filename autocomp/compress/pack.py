@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autocomp.compress.calibrate import qrange, scale_zero_point
+from autocomp.compress.calibrate import qrange, scale_zero_point, weight_range
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
@@ -44,19 +44,13 @@ def _channel_axis(node) -> int:
 
 def _linear_codes(w: np.ndarray, axis: int, bits: int, symmetric: bool, per_channel: bool):
     """Integer codes, scales and zero points of ``w`` on its min-max b-bit grid."""
-    x = torch.from_numpy(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).copy())  # (C, K)
-    lo, hi = (x.amin(1), x.amax(1)) if per_channel else (x.min(), x.max())
-    if symmetric:
-        hi = torch.maximum(lo.abs(), hi.abs())
-        lo = -hi
+    moved = np.moveaxis(w, axis, 0)  # (C, ...): output channels first
+    lo, hi = weight_range(torch.from_numpy(moved.copy()), per_channel, symmetric)
     scale, zero_point = scale_zero_point(lo, hi, bits, symmetric)
     qmin, qmax = qrange(bits, symmetric)
-    shape = [-1] + [1] * (w.ndim - 1)
-    s = np.moveaxis(scale.numpy().reshape(shape) if per_channel else scale.numpy(), 0, axis) if per_channel \
-        else scale.numpy()
-    z = np.moveaxis(zero_point.numpy().reshape(shape), 0, axis) if per_channel else zero_point.numpy()
-    codes = np.clip(np.round(w / s) + z, qmin, qmax).astype(np.int32)
-    return codes, scale.numpy().astype(np.float32), zero_point.numpy()
+    shape = (-1,) + (1,) * (w.ndim - 1)  # broadcasts a per-channel (or scalar) parameter over ``moved``
+    codes = np.clip(np.round(moved / scale.numpy().reshape(shape)) + zero_point.numpy().reshape(shape), qmin, qmax)
+    return np.moveaxis(codes, 0, axis).astype(np.int32), scale.numpy().astype(np.float32), zero_point.numpy()
 
 
 def kmeans_codebook(w: np.ndarray, bits: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from autocomp.compress.calibrate import CALIBRATORS, fake_quantize
+from autocomp.compress.calibrate import CALIBRATORS, fake_quantize, weight_range
 from autocomp.features import Tap
 
 
@@ -27,14 +27,8 @@ class WeightFakeQuant(nn.Module):
         self.bits, self.per_channel, self.symmetric = bits, per_channel, symmetric
 
     def forward(self, w: Tensor) -> Tensor:
-        flat = w.detach().flatten(1) if self.per_channel else w.detach().reshape(1, -1)  # (C_out or 1, K)
-        lo, hi = flat.amin(1), flat.amax(1)
-        if self.symmetric:
-            hi = torch.maximum(lo.abs(), hi.abs())
-            lo = -hi
-        if self.per_channel:
-            return fake_quantize(w, lo, hi, self.bits, self.symmetric, axis=0)
-        return fake_quantize(w, lo[0], hi[0], self.bits, self.symmetric)
+        lo, hi = weight_range(w, self.per_channel, self.symmetric)
+        return fake_quantize(w, lo, hi, self.bits, self.symmetric, axis=0 if self.per_channel else None)
 
 
 def input_ranges(model: nn.Module, layers: list[str], x: Tensor, calibration: str) -> dict[str, tuple[float, float]]:
