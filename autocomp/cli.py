@@ -152,12 +152,14 @@ def _apply(args: argparse.Namespace) -> int:
     task = load_task(recipe.task)
     result = apply(recipe, task, args.output)
     metrics = with_ratios(result.metrics, teacher_metrics(task, recipe.measure))
-    (args.output / "metrics.json").write_text(json.dumps({**metrics, "kernels": result.kernels}, indent=2))
+    (args.output / "metrics.json").write_text(json.dumps({**metrics, "kernels": result.kernels,
+                                                                "layer_kernels": result.layer_kernels}, indent=2))
     recorded = recipe.provenance.get("metrics", {})
     for key in ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup"):
         was = f"   (trial: {recorded[key]:.6g})" if key in recorded else ""
         print(f"{key:>18}: {metrics[key]:.6g}{was}")
     print(f"{'kernels':>18}: {', '.join(f'{op} x{n}' for op, n in result.kernels.items())}")
+    print(f"{'layers':>18}: {', '.join(f'{layer} {op}' for layer, op in result.layer_kernels.items())}")
     print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
     return 0
 

@@ -36,6 +36,7 @@ class CompressedModel:
     artifact: Path  # the deployable ONNX file
     metrics: dict[str, float]  # measured on the artifact
     kernels: dict[str, int]  # the ONNX Runtime kernels one inference executes, with counts
+    layer_kernels: dict[str, str]  # Conv/Linear layer -> the ONNX Runtime kernel that computes it
 
 
 def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True) -> CompressedModel:
@@ -61,7 +62,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     metrics = measure(artifact, student, task, recipe.measure)
     kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)
-    return CompressedModel(student, artifact, metrics, kernels)
+    return CompressedModel(student, artifact, metrics, kernels, runtime.layer_kernels(artifact))
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,

@@ -76,14 +76,16 @@ class Prune:
 
 @dataclass
 class Quantize:
-    """Weights of ``bits`` (32 fp32, 16 fp16, 2-8 integer) and activations of ``activation_bits``.
+    """Weights of ``bits`` (32 fp32, 16 fp16, 2-8 integer) and activations of ``activation_bits`` (32 or 8).
 
-    ``activation_bits`` 8 (with ``bits`` 8) is static int8 on real int8 kernels, activations
-    calibrated by ``calibration``. Otherwise weights alone are quantized and stored packed
-    (min-max ``symmetric`` or asymmetric grid, ``per_channel`` or per tensor, or ``kmeans``
-    weight sharing), and run as fp32. ``layers`` gives single layers their own weight bits (mixed
-    precision; with static int8, 32 keeps a layer in fp32). ``qat`` fine-tunes with the quantizers
-    in place (quantization-aware training); otherwise the model is quantized after training (PTQ).
+    A layer with 8-bit weights and 8-bit activations runs on real int8 kernels (static int8), its
+    activations calibrated by ``calibration``; ``activation_bits`` 8 makes that every layer's default
+    (and needs ``bits`` 8). The other layers keep fp32 activations and store their weights packed:
+    min-max ``symmetric`` or asymmetric grid, ``per_channel`` or per tensor, or ``kmeans`` weight
+    sharing. ``layers`` gives single layers their own weight bits and ``activation_layers`` their own
+    activation bits (mixed precision); a layer whose weights are not 8 bits has fp32 activations.
+    ``qat`` fine-tunes with the quantizers in place (quantization-aware training); otherwise the
+    model is quantized after training (PTQ).
     """
 
     activation_bits: int = 32
@@ -94,14 +96,20 @@ class Quantize:
     qat: bool = False
     kmeans: bool = False
     layers: dict[str, int] = field(default_factory=dict)
+    activation_layers: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from autocomp.compress.calibrate import CALIBRATORS
 
         check_choice("bits", self.bits, BITS)
         for name, bits in self.layers.items():
-            check_choice(f"layers.{name}", bits, (32, 8) if self.activation_bits == 8 else BITS)
+            check_choice(f"layers.{name}", bits, BITS)
         check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+        for name, bits in self.activation_layers.items():
+            check_choice(f"activation_layers.{name}", bits, ACTIVATION_BITS)
+            if bits == 8 and self.bits_of(name) != 8:
+                raise ConfigError(f"8 (int8 kernels) needs 8-bit weights, but the layer's weights have "
+                                  f"{self.bits_of(name)} bits.", f"activation_layers.{name}")
         CALIBRATORS.get(self.calibration, field="calibration")
 
     @property
@@ -111,6 +119,10 @@ class Quantize:
 
     def bits_of(self, layer: str) -> int:
         return self.layers.get(layer, self.bits)
+
+    def activation_bits_of(self, layer: str) -> int:
+        """8 where the layer runs on int8 kernels, else 32."""
+        return 32 if self.bits_of(layer) != 8 else self.activation_layers.get(layer, self.activation_bits)
 
 
 @dataclass
@@ -201,10 +213,11 @@ class Recipe:
         if blocks is not None and self.prune.drop_blocks > len(blocks):
             raise ConfigError(f"must be at most the {len(blocks)} residual blocks of the {self.task!r} model "
                               f"{blocks}, but got {self.prune.drop_blocks}.", "recipe.prune.drop_blocks")
-        for name in self.quantize.layers:
-            if quantizable is not None and name not in quantizable:
-                raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."
-                                  f"{did_you_mean(name, quantizable)}", f"recipe.quantize.layers.{name}")
+        for key in ("layers", "activation_layers"):
+            for name in getattr(self.quantize, key):
+                if quantizable is not None and name not in quantizable:
+                    raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."
+                                      f"{did_you_mean(name, quantizable)}", f"recipe.quantize.{key}.{name}")
         for name, layer in self.prune.layers.items():
             field_name = f"recipe.prune.layers.{name}"
             if name not in prunable:

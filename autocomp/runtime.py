@@ -61,6 +61,31 @@ def kernels(path: Path, example_input: np.ndarray, threads: int = 1) -> dict[str
     return dict(sorted(counts.items()))
 
 
+def layer_kernels(path: Path) -> dict[str, str]:
+    """Which ONNX Runtime kernel computes each Conv/Linear layer (``QLinearConv`` int8, ``FusedConv`` fp32,
+    ``MatMulNBits`` 4-bit, ...), read from the graph the runtime builds from the artifact: its graph
+    optimisations up to fusion, before the CPU layout transform (which renames the weights)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    layers: dict[str, str] = {}
+    for node in graph.node:  # in order: a weight's decoding nodes come before the layer that reads it
+        for name in node.input:
+            layer, found, _ = name.partition(".weight")
+            if found:
+                layers[layer] = node.op_type
+    return layers
+
+
 def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Outputs of the artifact on ``x``, in batches."""
     name = sess.get_inputs()[0].name

@@ -21,7 +21,7 @@ from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quant
 SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
-PER_LAYER = {("Quantize", "layers"): "bits"}
+PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched) and the
@@ -144,16 +144,21 @@ class SearchSpace:
                quantizable: list[str] | None = None) -> Recipe:
         """Define-by-run: ask ``trial`` for every free value and return the Recipe they make.
 
-        ``quantizable`` names the Conv/Linear layers that may get their own weight bits
-        (default: the prunable ones).
+        ``quantizable`` names the Conv/Linear layers that may get their own weight bits (weight-only)
+        or activation bits (static int8: int8 kernels or fp32), default: the prunable ones.
         """
         prune = self._sample_prune(trial, prunable, task)
-        values = {section: _sample_section(trial, section, {k: p for k, p in params.items() if k != "layers"},
+        values = {section: _sample_section(trial, section, {k: p for k, p in params.items()
+                                                            if (SECTIONS[section].__name__, k) not in PER_LAYER},
                                            {"granularity": prune.granularity})
                   for section, params in self.sections.items()}
-        per_layer, q = self.sections["quantize"].get("layers"), values["quantize"]
-        if per_layer is not None and q.get("bits", 32) <= 16 and q.get("activation_bits", 32) == 32:
-            q["layers"] = {name: per_layer.suggest(trial, f"quantize.{name}.bits") for name in quantizable or prunable}
+        params, q = self.sections["quantize"], values["quantize"]
+        static_int8 = q.get("activation_bits", 32) == 8
+        for key, rule, searched in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
+                                    ("activation_layers", "activation_bits", static_int8)]:
+            if key in params and searched:
+                names = quantizable or prunable
+                q[key] = {name: params[key].suggest(trial, f"quantize.{name}.{rule}") for name in names}
         return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 

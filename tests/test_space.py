@@ -54,6 +54,10 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     mixed = [r.quantize.layers for r in recipes if r.quantize.layers]
     assert mixed and all(set(layers) == set(prunable) for layers in mixed)  # quantizable defaults to prunable
     assert all(r.quantize.activation_bits == 32 and r.quantize.bits <= 16 for r in recipes if r.quantize.layers)
+    int8 = [r.quantize.activation_layers for r in recipes if r.quantize.activation_bits == 8]  # per-layer kernels
+    assert int8 and all(set(layers) == set(prunable) for layers in int8)
+    assert any(set(layers.values()) == {8, 32} for layers in int8)
+    assert all(not r.quantize.activation_layers for r in recipes if r.quantize.activation_bits == 32)
     assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
     assert any(layers["conv1"].criterion == "bn_scale" for layers in local)
     assert all(0.0 <= layers["conv2"].sparsity <= 0.8 for layers in local)

@@ -1,14 +1,20 @@
-"""Weight-only quantization of the ONNX artifact: low-bit weights stored packed, dequantized to fp32.
+"""Weight storage of the ONNX artifact: low-bit, shared or sparse weights, decoded once at load.
 
-Weights of ``bits`` < 8 are stored in the smallest ONNX integer type that holds them (INT2: four
-per byte; INT4: two per byte, also for 3 bits; INT8 for 5-7 bits) and turned back into fp32 by a
-DequantizeLinear in front of each layer; ``bits`` 16 stores fp16 and casts. ONNX Runtime then runs
-fp32 kernels: the file shrinks, the speed is what fp32 gives. K-means weight sharing (Han et al.,
-Deep Compression, ICLR 2016) stores a 2^bits-entry fp32 codebook per layer and packed indices.
+Each Conv/Gemm/MatMul weight is stored as codes in the smallest ONNX type that holds them (INT2:
+four per byte; INT4: two per byte, also for 3 bits; INT8 for 5-7 bits; fp16 for 16 bits) plus what
+turns codes back into the weight: a scale and zero point per tensor or per channel (linear grid), or
+a 2^bits-entry codebook (k-means weight sharing, Han et al., Deep Compression, ICLR 2016). A weight
+with zeros (unstructured pruning) is stored as a bitmask and its non-zero codes whenever that is
+smaller. The decoding nodes (Cast, Sub, Mul, Gather, ...) read constants only, so ONNX Runtime folds
+them once when the session loads and then runs its fp32 kernels: the file shrinks, the speed is
+fp32's. Linear layers with dense 3-4-bit weights instead keep them packed in memory and run ONNX
+Runtime's 4-bit kernel (MatMulNBits, fp32 activations).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +23,23 @@ import torch
 from autocomp.compress.calibrate import qrange, scale_zero_point, weight_range
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+NBITS = (3, 4)  # weight widths that run on MatMulNBits (its 2- and 8-bit fp32 paths are slower than fp32)
+NBITS_MAX_BLOCK = 256  # the largest block ONNX Runtime's CPU MatMulNBits takes
+DECODER_BYTES = 1000  # about what a sparse decoder's nodes add to the file
 
 
 def container_bits(bits: int) -> int:
-    """The ONNX integer width that stores ``bits``-bit codes: 2, 4 or 8."""
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+    """The storage width of ``bits``-bit codes: 2, 4 or 8 (integers), or 16/32 (floats)."""
+    return bits if bits >= 16 else 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
-def _packed(values: np.ndarray, bits: int, signed: bool, name: str):
-    """An ONNX tensor of integer ``values`` in the smallest container type, bit-packed in raw data."""
+def _stored(values: np.ndarray, bits: int, signed: bool, name: str):
+    """An ONNX tensor of ``values`` in the container type of ``bits`` (bit-packed in raw data)."""
     import ml_dtypes
     from onnx import numpy_helper
 
+    if bits >= 16:
+        return numpy_helper.from_array(np.asarray(values, np.float16 if bits == 16 else np.float32), name)
     kind = f"{'' if signed else 'u'}int{container_bits(bits)}"
     dtype = getattr(ml_dtypes, kind, None) or np.dtype(kind)
     return numpy_helper.from_array(np.asarray(values).astype(dtype), name)
@@ -38,8 +49,11 @@ def _channel_axis(node) -> int:
     """Output-channel axis of the weight: 0 for Conv and Gemm(transB=1), 1 for MatMul/Gemm(transB=0)."""
     if node.op_type == "Conv":
         return 0
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    return 0 if node.op_type == "Gemm" and trans_b else 1
+    return 0 if node.op_type == "Gemm" and _attr(node, "transB") else 1
+
+
+def _attr(node, name: str, default: float = 0):
+    return next((a.f if a.type == a.FLOAT else a.i for a in node.attribute if a.name == name), default)
 
 
 def _linear_codes(w: np.ndarray, axis: int, bits: int, symmetric: bool, per_channel: bool):
@@ -74,10 +88,164 @@ def weight_names(model) -> dict[str, object]:
             and inits[n.input[1]].data_type == TensorProto.FLOAT}
 
 
+@dataclass
+class Encoded:
+    """A weight as stored: ``codes`` shaped like it (``bits`` wide, ``signed``), ``fill`` the code a
+    pruned weight reads, and the ``constants`` and ``nodes`` that turn the fp32 codes tensor
+    ``<name>_codes`` into the weight ``<name>``."""
+
+    codes: np.ndarray
+    bits: int
+    signed: bool
+    suffix: str
+    fill: float = 0.0
+    constants: list = field(default_factory=list)
+    nodes: list = field(default_factory=list)
+
+
+def _encode(name: str, w: np.ndarray, bits: int, node, symmetric: bool, per_channel: bool, kmeans: bool,
+            mask: np.ndarray | None) -> Encoded:
+    """``w`` at ``bits`` (32/16 float, 2-8 linear grid or k-means); ``mask`` (kept weights) when stored sparsely."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    codes = f"{name}_codes"
+    if bits >= 16:
+        suffix = "fp16" if bits == 16 else "fp32"
+        return Encoded(w, bits, True, suffix, nodes=[helper.make_node("Identity", [codes], [name])])
+    if kmeans:  # Deep Compression clusters the weights that survived pruning; pruned ones read an extra 0.0
+        codebook, idx = kmeans_codebook(w if mask is None else w[mask], bits)
+        if mask is not None:
+            idx, kept = np.zeros(w.shape, np.int32), idx
+            idx[mask] = kept
+            codebook = np.append(codebook, np.float32(0.0))
+        return Encoded(idx, bits, False, "idx", fill=float(len(codebook) - 1),
+                       constants=[numpy_helper.from_array(codebook, f"{name}_codebook")],
+                       nodes=[helper.make_node("Cast", [codes], [f"{name}_idx64"], to=TensorProto.INT64),
+                              helper.make_node("Gather", [f"{name}_codebook", f"{name}_idx64"], [name], axis=0)])
+    axis = _channel_axis(node)
+    q, scale, zero_point = _linear_codes(w, axis, bits, symmetric, per_channel)
+    shape = [1] * w.ndim
+    shape[axis] = -1 if per_channel else 1
+    zero = f"{name}_zp" if mask is None else f"{name}_zp_kept"  # pruned weights read code 0: no zero point
+    nodes = [] if mask is None else [helper.make_node("Mul", [f"{name}_zp", f"{name}_mask"], [zero])]
+    return Encoded(q, bits, symmetric, "q", constants=[
+        numpy_helper.from_array(scale.reshape(shape), f"{name}_scale"),
+        numpy_helper.from_array(zero_point.astype(np.float32).reshape(shape), f"{name}_zp")], nodes=[
+        *nodes, helper.make_node("Sub", [codes, zero], [f"{name}_centred"]),
+        helper.make_node("Mul", [f"{name}_centred", f"{name}_scale"], [name])])
+
+
+def _stored_nodes(name: str, enc: Encoded, mask: np.ndarray | None) -> tuple[list, list]:
+    """Initializers and nodes that rebuild the fp32 codes ``<name>_codes`` (and, when sparse, the fp32
+    ``<name>_mask``) from storage: the codes as they are, or a bitmask and the kept codes.
+
+    Sparse: codes = Reshape(Gather([fill, kept...], mask * CumSum(mask)), shape), the mask unpacked from
+    bytes by BitShift/BitwiseAnd.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    def n(suffix: str) -> str:
+        return f"{name}_{suffix}"
+
+    if mask is None:
+        return ([_stored(enc.codes, enc.bits, enc.signed, n(enc.suffix))],
+                [helper.make_node("Cast", [n(enc.suffix)], [n("codes")], to=TensorProto.FLOAT)])
+    flat = mask.ravel()
+    constants = [
+        numpy_helper.from_array(np.packbits(flat, bitorder="little"), n("bits")),
+        _stored(enc.codes.ravel()[flat], enc.bits, enc.signed, n(f"{enc.suffix}_kept")),
+        numpy_helper.from_array(np.array([enc.fill], np.float32), n("fill")),
+        numpy_helper.from_array(np.array([flat.size], np.int64), n("size")),
+        numpy_helper.from_array(np.array(mask.shape, np.int64), n("shape")),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", [n("bits"), "sparse_minus_one"], [n("bytes")]),  # (B, 1)
+        helper.make_node("BitShift", [n("bytes"), "sparse_bit_shifts"], [n("shifted")], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [n("shifted"), "sparse_one"], [n("bitmat")]),  # (B, 8)
+        helper.make_node("Reshape", [n("bitmat"), "sparse_minus_one"], [n("bitflat")]),
+        helper.make_node("Slice", [n("bitflat"), "sparse_zero", n("size")], [n("maskbits")]),
+        helper.make_node("Cast", [n("maskbits")], [n("mask64")], to=TensorProto.INT64),
+        helper.make_node("CumSum", [n("mask64"), "sparse_zero"], [n("rank")]),
+        helper.make_node("Mul", [n("rank"), n("mask64")], [n("index")]),  # 0 picks the fill
+        helper.make_node("Cast", [n(f"{enc.suffix}_kept")], [n("kept")], to=TensorProto.FLOAT),
+        helper.make_node("Concat", [n("fill"), n("kept")], [n("table")], axis=0),
+        helper.make_node("Gather", [n("table"), n("index")], [n("flatcodes")], axis=0),
+        helper.make_node("Reshape", [n("flatcodes"), n("shape")], [n("codes")]),
+        helper.make_node("Cast", [n("mask64")], [n("flatmask")], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", [n("flatmask"), n("shape")], [n("mask")]),
+    ]
+    return constants, nodes
+
+
+def _sparse_constants() -> list:
+    """The constants every sparse decoder shares."""
+    from onnx import numpy_helper
+
+    return [numpy_helper.from_array(np.arange(8, dtype=np.uint8), "sparse_bit_shifts"),
+            numpy_helper.from_array(np.uint8(1), "sparse_one"),
+            numpy_helper.from_array(np.array([-1], np.int64), "sparse_minus_one"),
+            numpy_helper.from_array(np.array([0], np.int64), "sparse_zero")]
+
+
+def _sparse_wins(mask: np.ndarray, bits: int) -> bool:
+    """A bitmask and the kept codes take fewer bytes than all the codes."""
+    stored = container_bits(bits)
+    return math.ceil(mask.size / 8) + mask.sum() * stored / 8 + DECODER_BYTES < mask.size * stored / 8
+
+
+def _nbits_node(node, w: np.ndarray, bits: int, symmetric: bool, per_channel: bool, inits: dict):
+    """The MatMulNBits (4-bit) node that replaces a Linear ``node`` (Gemm A.W^T + C, or MatMul A.W), and its
+    constants: the codes of ``w`` on the recipe's grid, in blocks along K, each block repeating its row's scale
+    and zero point. None when ``node`` is not a plain Linear (transposed A, alpha, beta, a broadcast bias)."""
+    from onnx import helper, numpy_helper
+
+    gemm = node.op_type == "Gemm"
+    bias = node.input[2] if gemm and len(node.input) > 2 else ""
+    weight = w if gemm and _attr(node, "transB") else w.T  # (N, K)
+    n_out, k = weight.shape
+    if gemm and (_attr(node, "transA") or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
+        return None
+    if bias and (bias not in inits or tuple(inits[bias].dims) != (n_out,)):
+        return None
+    q, scale, zero_point = _linear_codes(weight, 0, bits, symmetric, per_channel)
+    offset = 8 if symmetric else 0  # the kernel's codes are unsigned
+    block = min(NBITS_MAX_BLOCK, max(16, 1 << (k - 1).bit_length()))
+    blocks = -(-k // block)
+    zero = np.broadcast_to(zero_point.reshape(-1, 1) + offset, (n_out, blocks))
+    codes = np.repeat(zero[:, :1], blocks * block, axis=1)  # the padding past K decodes to 0
+    codes[:, :k] = q + offset
+    pairs = codes.astype(np.uint8).reshape(n_out, blocks, block // 2, 2)
+    name = node.input[1]
+    constants = [
+        numpy_helper.from_array(pairs[..., 0] | (pairs[..., 1] << 4), f"{name}_nbits"),  # low nibble first
+        numpy_helper.from_array(np.repeat(np.broadcast_to(scale.reshape(-1, 1), (n_out, 1)), blocks, 1),
+                                f"{name}_nbits_scale"),
+        numpy_helper.from_array(zero.astype(np.float32), f"{name}_nbits_zp"),
+    ]
+    return constants, helper.make_node(
+        "MatMulNBits", [node.input[0], f"{name}_nbits", f"{name}_nbits_scale", f"{name}_nbits_zp", "", bias],
+        list(node.output), name=node.name, domain="com.microsoft", K=k, N=n_out, bits=4, block_size=block)
+
+
+def _int8_weights(model, inits: dict) -> dict[str, np.ndarray]:
+    """The int8 weight initializers that a DequantizeLinear with zero point 0 reads (static int8 layers)."""
+    from onnx import TensorProto, numpy_helper
+
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            codes = inits[node.input[0]]
+            zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+            if codes.data_type == TensorProto.INT8 and (zero is None or not numpy_helper.to_array(zero).any()):
+                weights[node.input[0]] = numpy_helper.to_array(codes)
+    return weights
+
+
 def pack_weights(prepared: Path, out_path: Path, bits: dict[str, int], symmetric: bool = True,
-                 per_channel: bool = True, kmeans: bool = False) -> Path:
-    """Rewrite the weights of ``prepared`` (a BN-folded fp32 ONNX model) packed, each initializer
-    named in ``bits`` at its own width (32 leaves it as it is)."""
+                 per_channel: bool = True, kmeans: bool = False, sparse: bool = False) -> Path:
+    """Rewrite the weights of ``prepared`` (a BN-folded fp32 ONNX model, maybe with static int8 layers): each
+    fp32 initializer named in ``bits`` at its own width (32 keeps fp32); ``sparse``: weights with zeros, the
+    int8 layers' symmetric weights too, stored sparsely where that is smaller."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper, version_converter
 
@@ -88,93 +256,39 @@ def pack_weights(prepared: Path, out_path: Path, bits: dict[str, int], symmetric
         model.ir_version = min(model.ir_version, 13)  # the newest ONNX Runtime reads
     nodes = weight_names(model)
     inits = {i.name: i for i in model.graph.initializer}
-    front, keep = [], []
+    front, keep, replaced = [], [], {}
     for name, b in bits.items():
-        if b == 32:
-            continue
-        w = numpy_helper.to_array(inits.pop(name))
-        if b == 16:
-            keep.append(numpy_helper.from_array(w.astype(np.float16), f"{name}_fp16"))
-            front.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT))
-        elif kmeans:
-            codebook, idx = kmeans_codebook(w, b)
-            keep += [numpy_helper.from_array(codebook, f"{name}_codebook"), _packed(idx, b, False, f"{name}_idx")]
-            front += [helper.make_node("Cast", [f"{name}_idx"], [f"{name}_idx64"], to=TensorProto.INT64),
-                      helper.make_node("Gather", [f"{name}_codebook", f"{name}_idx64"], [name], axis=0)]
-        else:
-            axis = _channel_axis(nodes[name])
-            codes, scale, zero_point = _linear_codes(w, axis, b, symmetric, per_channel)
-            keep += [_packed(codes, b, symmetric, f"{name}_q"), numpy_helper.from_array(scale, f"{name}_scale"),
-                     _packed(zero_point.reshape(scale.shape), b, symmetric, f"{name}_zp")]
-            front.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [name],
-                                          **({"axis": axis} if per_channel else {})))
-    _rewrite(model, [*inits.values(), *keep], front)
-    onnx.save(model, str(out_path))
-    return out_path
-
-
-def _rewrite(model, initializers: list, front: list) -> None:
-    """Replace the graph's initializers, and put ``front`` (nodes that build weights) first."""
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-    nodes = [*front, *model.graph.node]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-
-
-def sparse_encode(path: Path, out_path: Path, min_zeros: float = 0.05) -> Path:
-    """Store each Conv/Gemm/MatMul weight that is at least ``min_zeros`` zeros as a packed bitmask
-    (one bit per weight) and its non-zero values; the graph rebuilds the dense weight.
-
-    weight = Reshape(Gather([0, values...], mask * CumSum(mask)), shape), with the mask unpacked
-    from bytes by BitShift/BitwiseAnd. Every input is constant, so ONNX Runtime folds it once when
-    the session loads and runs the usual dense kernels: the file shrinks, the speed does not change.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    shifts = numpy_helper.from_array(np.arange(8, dtype=np.uint8), "sparse_bit_shifts")
-    front, keep, used = [], [], False
-    for name in sorted(weight_names(model)):
         w = numpy_helper.to_array(inits[name])
-        if (w == 0).mean() < min_zeros:
+        mask = (w != 0) if sparse and _sparse_wins(w != 0, b) else None
+        if b == 32 and mask is None:
             continue
-        used = True
         del inits[name]
-        mask = (w != 0).ravel()
-        keep += [numpy_helper.from_array(np.packbits(mask, bitorder="little"), f"{name}_bits"),
-                 numpy_helper.from_array(np.concatenate([[0.0], w.ravel()[mask]]).astype(np.float32), f"{name}_nz"),
-                 numpy_helper.from_array(np.array([w.size], np.int64), f"{name}_size"),
-                 numpy_helper.from_array(np.array(w.shape, np.int64), f"{name}_shape")]
-        front += _sparse_decoder(name)
-    if used:
-        keep += [shifts, numpy_helper.from_array(np.array([-1], np.int64), "sparse_axis_last"),
-                 numpy_helper.from_array(np.uint8(1), "sparse_one"),
-                 numpy_helper.from_array(np.array([-1], np.int64), "sparse_flat"),
-                 numpy_helper.from_array(np.array([0], np.int64), "sparse_zero")]
-    _rewrite(model, [*inits.values(), *keep], front)
+        if mask is None and b in NBITS and not kmeans and nodes[name].op_type in ("Gemm", "MatMul") and w.ndim == 2:
+            nbits = _nbits_node(nodes[name], w, b, symmetric, per_channel, inits)
+            if nbits is not None:
+                constants, kernel = nbits
+                keep += constants
+                replaced[id(nodes[name])] = kernel
+                continue
+        enc = _encode(name, w, b, nodes[name], symmetric, per_channel, kmeans, mask)
+        constants, decoder = _stored_nodes(name, enc, mask)
+        keep += [*constants, *enc.constants]
+        front += [*decoder, *enc.nodes]
+    if sparse:
+        for name, codes in _int8_weights(model, inits).items():  # the int8 kernels' weights, zero point 0
+            if _sparse_wins(codes != 0, 8):
+                del inits[name]
+                constants, decoder = _stored_nodes(name, Encoded(codes, 8, True, "int8"), codes != 0)
+                keep += constants
+                front += [*decoder, helper.make_node("Cast", [f"{name}_codes"], [name], to=TensorProto.INT8)]
+    if any(node.op_type == "BitShift" for node in front):
+        keep += _sparse_constants()
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    graph = [replaced.get(id(node), node) for node in model.graph.node]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*inits.values(), *keep])
+    del model.graph.node[:]
+    model.graph.node.extend([*front, *graph])
     onnx.save(model, str(out_path))
     return out_path
-
-
-def _sparse_decoder(name: str) -> list:
-    """Nodes that rebuild dense ``name`` from ``name``_bits, _nz, _size and _shape."""
-    from onnx import TensorProto, helper
-
-    def n(suffix: str) -> str:
-        return f"{name}_{suffix}"
-
-    return [
-        helper.make_node("Unsqueeze", [n("bits"), "sparse_axis_last"], [n("bytes")]),  # (B, 1)
-        helper.make_node("BitShift", [n("bytes"), "sparse_bit_shifts"], [n("shifted")], direction="RIGHT"),
-        helper.make_node("BitwiseAnd", [n("shifted"), "sparse_one"], [n("bitmat")]),  # (B, 8)
-        helper.make_node("Reshape", [n("bitmat"), "sparse_flat"], [n("bitflat")]),
-        helper.make_node("Slice", [n("bitflat"), "sparse_zero", n("size")], [n("maskbits")]),
-        helper.make_node("Cast", [n("maskbits")], [n("mask")], to=TensorProto.INT64),
-        helper.make_node("CumSum", [n("mask"), "sparse_zero"], [n("rank")]),
-        helper.make_node("Mul", [n("rank"), n("mask")], [n("index")]),  # 0 picks the leading 0.0
-        helper.make_node("Gather", [n("nz"), n("index")], [n("dense")], axis=0),
-        helper.make_node("Reshape", [n("dense"), n("shape")], [name]),
-    ]

@@ -19,7 +19,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.pack import pack_weights, sparse_encode, weight_names
+from autocomp.compress.pack import pack_weights, weight_names
 from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
@@ -73,28 +73,52 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
                 nodes_to_exclude=[node.name for name, node in weight_names(onnx.load(str(prepared))).items()
                                   if name in keep_fp32],
             )
+    _float_inputs(out_path, keep_fp32)
     return out_path
+
+
+def _float_inputs(path: Path, keep_fp32: tuple[str, ...]) -> None:
+    """Feed each fp32 layer the float tensor in front of its input's QuantizeLinear -> DequantizeLinear pair.
+
+    A DequantizeLinear feeding a Conv/Gemm with a float weight makes ONNX Runtime quantize that weight when
+    the session loads (its WeightBiasQuantization pass) and run the layer on int8 kernels after all. The
+    bypassed pair stays in the graph: without it ONNX Runtime moves the DequantizeLinear of the producer
+    (a Reshape, say) onto the layer's input again.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for name, node in weight_names(model).items():
+        dq = producer.get(node.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if name in keep_fp32 and q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+    onnx.save(model, str(path))
 
 
 def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibration_x: np.ndarray,
            path: Path, sparse: bool = False) -> Path:
     """Write the deployable ONNX artifact of ``model`` as ``spec`` quantizes it.
 
-    ``sparse``: fp32 weights with zeros (unstructured pruning) are stored as a bitmask plus their
-    non-zero values; quantized weights are stored densely, zeros included, for now.
+    Layers with 8-bit activations run on int8 kernels (static int8 QDQ); the others keep fp32
+    activations, their weights stored at their own width by ``pack.py``. ``sparse``: weights with
+    zeros (unstructured pruning) outside the int8 layers are stored as a bitmask and their kept codes.
     """
-    if spec.bits == 32 and not spec.layers:
-        runtime.export_onnx(model, example_input, path)
-        return sparse_encode(path, path) if sparse else path
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
+        fp32, prepared, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         runtime.export_onnx(model, example_input, fp32)
-        quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
-        bits = {name: spec.bits_of(name.removesuffix(".weight")) for name in weight_names(onnx.load(str(prepared)))}
-        if spec.activation_bits == 8:
-            return quantize_int8(prepared, path, calibration_x, spec.calibration, spec.per_channel, spec.symmetric,
-                                 keep_fp32=tuple(name for name, b in bits.items() if b == 32))
-        return pack_weights(prepared, path, bits, spec.symmetric, spec.per_channel, spec.kmeans)
+        if spec.bits == 32 and not spec.layers and spec.activation_bits == 32 and not spec.activation_layers:
+            prepared = fp32  # nothing quantized: the plain export (weights may still be stored sparsely)
+        else:
+            quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
+        layers = {name: name.removesuffix(".weight") for name in weight_names(onnx.load(str(prepared)))}
+        int8_layers = [name for name, layer in layers.items() if spec.activation_bits_of(layer) == 8]
+        if int8_layers:
+            prepared = quantize_int8(prepared, int8, calibration_x, spec.calibration, spec.per_channel,
+                                     spec.symmetric, keep_fp32=tuple(set(layers) - set(int8_layers)))
+        bits = {name: spec.bits_of(layer) for name, layer in layers.items() if name not in int8_layers}
+        return pack_weights(prepared, path, bits, spec.symmetric, spec.per_channel, spec.kmeans, sparse=sparse)

@@ -92,6 +92,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         metrics = with_ratios(result.metrics, teacher)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("kernels", result.kernels)
+        trial.set_user_attr("layer_kernels", result.layer_kernels)
         return [metrics[name] for name in spec.objectives]
 
     if trials > done:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from autocomp import runtime
-from autocomp.compress.pack import sparse_encode
+from autocomp.compress.pack import DECODER_BYTES, container_bits
 from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
-from autocomp.recipe import LayerPrune, Prune
+from autocomp.compress.quantize import deploy
+from autocomp.recipe import LayerPrune, Prune, Quantize
 from autocomp.train import Split, fit
 
 X = torch.zeros(1, 1, 8, 8)
@@ -64,20 +65,36 @@ def test_regrowth_keeps_the_rate_and_moves_the_mask(small_cnn):
     assert torch.all(small_cnn.fc1.weight_orig[grown] == 0)  # regrown weights start from zero
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.9])
-def test_sparse_artifact_is_smaller_and_exact(small_cnn, tmp_path, sparsity):
+STORAGE = {"fp32": {}, "fp16": {"bits": 16}, "int4": {"bits": 4, "symmetric": False, "per_channel": True},
+           "int8": {"bits": 8}, "kmeans4": {"bits": 4, "kmeans": True},
+           "int8_kernels": {"bits": 8, "activation_bits": 8, "per_channel": True}}
+
+
+@pytest.mark.parametrize(("sparsity", "storage"), [(0.5, "fp32"), (0.9, "fp32"), (0.9, "fp16"), (0.9, "int4"),
+                                                   (0.5, "int4"), (0.9, "int8"), (0.9, "kmeans4"),
+                                                   (0.9, "int8_kernels")])
+def test_sparse_artifact_is_smaller_and_exact(small_cnn, tmp_path, sparsity, storage):
     weight_prune(small_cnn, scope="global", sparsity=sparsity, criterion="l1", min_keep=0.05)
     finalize_masks(small_cnn)
-    dense = runtime.export_onnx(small_cnn, X, tmp_path / "dense.onnx")
-    sparse = sparse_encode(dense, tmp_path / "sparse.onnx")
+    spec, x = Quantize(**STORAGE[storage]), torch.rand(16, 1, 8, 8)
+    dense = deploy(small_cnn, X, spec, x.numpy(), tmp_path / "dense.onnx")
+    sparse = deploy(small_cnn, X, spec, x.numpy(), tmp_path / "sparse.onnx", sparse=True)
     weights = sum(m.weight.numel() for m in (small_cnn.conv1, small_cnn.conv2, small_cnn.fc1))
     zeros = sum(int((m.weight == 0).sum()) for m in (small_cnn.conv1, small_cnn.conv2, small_cnn.fc1))
+    stored = container_bits(spec.bits)
     saved = dense.stat().st_size - sparse.stat().st_size
-    assert saved > 4 * zeros - weights / 8 - 3 * 1000  # 4 B per zero, less a bit per weight, 1 kB of decoder per layer
-    x = torch.rand(16, 1, 8, 8).numpy()
-    np.testing.assert_allclose(runtime.run(runtime.session(sparse), x), runtime.run(runtime.session(dense), x),
-                               rtol=1e-6, atol=1e-6)
+    assert saved > (zeros * stored - weights) / 8 - 3 * DECODER_BYTES  # per zero its code, less a bit per weight
+    out = runtime.run(runtime.session(sparse), x.numpy())
+    if spec.kmeans:  # the codebook clusters the kept weights only, so it differs from the dense one
+        reference = small_cnn(x).detach().numpy()
+        assert np.abs(out - reference).max() < 0.5 * np.abs(reference).max()
+    else:  # the same codes, stored otherwise
+        np.testing.assert_allclose(out, runtime.run(runtime.session(dense), x.numpy()), rtol=1e-5, atol=1e-5)
     ops = {n.op_type for n in onnx.load(str(sparse)).graph.node}
     assert {"BitShift", "CumSum", "Gather"} <= ops
     kernels = runtime.kernels(sparse, X.numpy())
     assert "BitShift" not in kernels and "Gather" not in kernels  # folded when the session loads
+    dense_kernels = runtime.layer_kernels(dense)
+    for layer, kernel in runtime.layer_kernels(sparse).items():  # the same, but sparse 4-bit Linear is fp32
+        assert kernel == dense_kernels[layer] or (dense_kernels[layer], kernel) in {("MatMulNBits", "Gemm"),
+                                                                                   ("MatMulNBits", "FusedGemm")}
