@@ -44,7 +44,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prunable = prunable_layers(task.teacher, task.example_input)
-    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher))
+    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher, task.example_input))
     student = copy.deepcopy(task.teacher)
     if recipe.prune.drop_blocks:
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])

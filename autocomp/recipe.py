@@ -46,7 +46,9 @@ class Prune:
     masked to zero and the fp32 artifact stores them sparsely. ``regrow`` (weights only) is
     sparse training: after each fine-tune epoch that share of the kept weights with the lowest
     magnitude is dropped and as many pruned ones regrow at random (SET, Mocanu et al., 2018).
-    ``drop_blocks`` first removes that many whole residual blocks, those whose branch adds least.
+    ``drop_blocks`` first removes that many whole residual blocks, those whose branch adds least:
+    submodules whose forward adds their input to a computed branch, output shaped as input
+    (``Residual``, a BasicBlock without downsample; see ``autocomp.compress.blocks``).
     """
 
     scope: str = "local"

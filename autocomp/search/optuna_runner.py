@@ -74,7 +74,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     prunable = prunable_layers(task.teacher, task.example_input)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
-    space.check_blocks(residual_blocks(task.teacher), spec.task)
+    space.check_blocks(residual_blocks(task.teacher, task.example_input), spec.task)
     study = open_study(spec, seed)
     done = finished_trials(study)
     study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws
