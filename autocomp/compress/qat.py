@@ -3,7 +3,10 @@
 Weights are fake-quantized on every access (symmetric, min-max per tensor or per channel, as the
 deployed int8 weights); each Conv/Linear input is fake-quantized to 8 bits over the range the
 recipe's calibrator picked on training data. The straight-through estimator lets gradients
-reach the float weights (Jacob et al., CVPR 2018).
+reach the float weights (Jacob et al., CVPR 2018). A weight masked by unstructured pruning
+(``prune.WeightMask``) is masked first, then fake-quantized: its range is the masked weight's, zeros
+included, as deployed; a zero stays exactly zero on any grid (0 is a level of every grid, ``calibrate.py``)
+and the mask stops the gradient of pruned weights.
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def _input_quantizer(lo: float, hi: float):
     return lambda _module, args: (fake_quantize(args[0], lo, hi, 8, symmetric=False), *args[1:])
 
 
+def _remove_fake_quant(layer: nn.Module) -> None:
+    """Take the fake quantizer, the weight's last parametrization, off ``layer``; any before it (a pruning
+    mask) stays."""
+    chain = layer.parametrizations.weight
+    if len(chain) > 1:
+        del chain[-1]
+    else:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+
+
 @contextlib.contextmanager
 def quantization_aware(model: nn.Module, bits: dict[str, int], x: Tensor, calibration: str,
                        per_channel: bool = False, symmetric: bool = True,
@@ -64,6 +77,6 @@ def quantization_aware(model: nn.Module, bits: dict[str, int], x: Tensor, calibr
         yield model
     finally:
         for name in layers:
-            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+            _remove_fake_quant(modules[name])
         for hook in hooks:
             hook.remove()
