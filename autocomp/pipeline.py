@@ -70,9 +70,11 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
     d, q = recipe.distill, recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    quantized = layer_names(student)
     fake_quantized = quantization_aware(
-        student, {name: q.bits_of(name) for name in layer_names(student)}, task.train.x[:CALIBRATION_SAMPLES],
-        q.calibration, per_channel=q.per_channel, symmetric=q.symmetric, quantize_inputs=q.activation_bits == 8,
+        student, {name: q.bits_of(name) for name in quantized}, task.train.x[:CALIBRATION_SAMPLES], q.calibration,
+        per_channel=q.per_channel, symmetric=q.symmetric,
+        quantize_inputs=[name for name in quantized if q.activation_bits_of(name) == 8],
     ) if qat else contextlib.nullcontext()
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
                                    alpha=d.alpha, weight=d.weight, layers=layers) as loss:

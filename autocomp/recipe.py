@@ -201,8 +201,6 @@ class Recipe:
                               f"got {p.criterion!r}.", "prune.criterion")
         if q.activation_bits == 8 and q.bits != 8:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
-        if q.qat and p.granularity == "weight":
-            raise ConfigError("cannot be combined with granularity 'weight' (masked weights) yet.", "quantize.qat")
         if q.qat and not q.integer:
             raise ConfigError(f"needs integer weights (bits 2-8), but got bits {q.bits}.", "quantize.qat")
         if q.kmeans and (not q.integer or q.activation_bits == 8 or q.qat):

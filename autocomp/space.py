@@ -24,15 +24,14 @@ SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
 # section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
-# of the fields before it (the recipe's defaults where those are fixed or not searched) and the
-# sampled pruning ``granularity``
+# of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
         "bits": lambda v: v["activation_bits"] == 32,  # static int8 (activation_bits 8) sets bits 8
         "symmetric": lambda v: v["bits"] <= 8,
         "per_channel": lambda v: v["bits"] <= 8,
         "calibration": lambda v: v["activation_bits"] == 8,
-        "qat": lambda v: v["bits"] <= 8 and v["granularity"] != "weight",
+        "qat": lambda v: v["bits"] <= 8,
         "kmeans": lambda v: v["bits"] <= 8 and v["activation_bits"] == 32 and not v["qat"],
     },
     "distill": {
@@ -149,8 +148,7 @@ class SearchSpace:
         """
         prune = self._sample_prune(trial, prunable, task)
         values = {section: _sample_section(trial, section, {k: p for k, p in params.items()
-                                                            if (SECTIONS[section].__name__, k) not in PER_LAYER},
-                                           {"granularity": prune.granularity})
+                                                            if (SECTIONS[section].__name__, k) not in PER_LAYER})
                   for section, params in self.sections.items()}
         params, q = self.sections["quantize"], values["quantize"]
         static_int8 = q.get("activation_bits", 32) == 8
@@ -210,11 +208,11 @@ class SearchSpace:
         return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
 
 
-def _sample_section(trial, section: str, params: dict[str, Param], context: dict[str, Any]) -> dict[str, Any]:
+def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
     """Sample a section's values in field order, each only where its condition holds."""
     conditions, derived = CONDITIONS.get(section, {}), DERIVED.get(section, {})
     fields = dataclasses.asdict(SECTIONS[section]())
-    values = {**context, **fields}
+    values = dict(fields)
     chosen: dict[str, Any] = {}
     for key in fields:
         if key in derived and derived[key](values) is not None:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from autocomp import runtime
+from autocomp.compress.prune import prunable_layers
 from autocomp.pipeline import apply, teacher_metrics
 from autocomp.recipe import FineTune, LayerPrune, Prune, Quantize, Recipe
 
@@ -91,6 +94,24 @@ def test_unstructured_sparse_training_deploys_a_sparse_file(digits_task, tmp_pat
     assert sum(int((w == 0).sum()) for w in weights) > 0.7 * sum(w.numel() for w in weights)
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"]
+
+
+def test_quantization_aware_sparse_training_deploys_the_masked_weights(digits_task, tmp_path):
+    prunable = prunable_layers(digits_task.teacher, digits_task.example_input)
+    r = Recipe(task="digits", prune=Prune(granularity="weight", regrow=0.1,
+                                          layers={name: LayerPrune(0.5, "l1") for name in prunable}),
+               quantize=Quantize(bits=4, symmetric=False, per_channel=True, qat=True), finetune=FineTune(epochs=2))
+    result = apply(r, digits_task, tmp_path, progress=False)
+    logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
+    assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"] > 0.9
+    initializers = onnx.load(str(result.artifact)).graph.initializer
+    packed = {i.name: numpy_helper.to_array(i).astype(np.int32) for i in initializers
+              if i.name.endswith(("_q", "_zp"))}  # integer codes and zero points
+    for name in prunable:
+        w = result.model.get_submodule(name).weight.detach().numpy()  # (C_out, ...), as the artifact lays it out
+        codes, zero_point = packed[f"{name}.weight_q"], packed[f"{name}.weight_zp"].reshape(-1, *[1] * (w.ndim - 1))
+        assert (w == 0).mean() >= 0.5  # as sparse as asked (a regrown weight that got no gradient stays 0)
+        assert np.all((codes == zero_point)[w == 0])  # each pruned weight deploys as an exact 0
 
 
 def test_dropping_the_residual_block_removes_its_work(digits_task, tmp_path):

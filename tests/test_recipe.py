@@ -24,6 +24,12 @@ def test_yaml_round_trip(tmp_path):
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 
+def test_quantization_aware_training_of_masked_weights_round_trips():
+    recipe = Recipe(task="digits", prune=Prune(scope="global", granularity="weight", sparsity=0.5, regrow=0.1),
+                    quantize=Quantize(bits=4, symmetric=False, qat=True))
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
 @pytest.mark.parametrize(
     ("patch", "field", "fragment"),
     [
@@ -39,8 +45,6 @@ def test_yaml_round_trip(tmp_path):
         ({"prune": {"regrow": 0.2}}, "recipe.prune.regrow", "needs granularity 'weight'"),
         ({"quantize": {"layers": {"conv1": 4}, "activation_layers": {"conv1": 8}}},
          "recipe.quantize.activation_layers.conv1", "needs 8-bit weights, but the layer's weights have 4"),
-        ({"prune": {"granularity": "weight"}, "quantize": {"qat": True}}, "recipe.quantize.qat",
-         "granularity 'weight'"),
         ({"prune": {"granularity": "weight", "criterion": "fpgm"}}, "recipe.prune.criterion", "single weights"),
         ({"quantize": {"bits": 32, "activation_bits": 32, "qat": True}}, "recipe.quantize.qat",
          "needs integer weights"),

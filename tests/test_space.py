@@ -30,7 +30,7 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         if q.activation_bits == 8:  # static int8 sets 8-bit weights instead of searching them
             assert q.bits == 8 and "quantize.bits" not in trial.params
         assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
-        assert ("quantize.qat" in trial.params) == (q.bits <= 8 and recipe.prune.granularity == "channel")
+        assert ("quantize.qat" in trial.params) == (q.bits <= 8)
         tag = "" if prune.granularity == "channel" else ".weight"
         assert ("prune.regrow" in trial.params) == (prune.granularity == "weight")
         if prune.scope == "local":
@@ -47,6 +47,7 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     assert any(r.quantize.activation_bits == 8 for r in recipes) and any(r.quantize.kmeans for r in recipes)
     assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
     assert {r.prune.granularity for r in recipes} == {"channel", "weight"}
+    assert {r.prune.granularity for r in recipes if r.quantize.qat} == {"channel", "weight"}  # QAT of masked weights
     weight_criteria = {c for r in recipes if r.prune.granularity == "weight"
                        for c in [r.prune.criterion, *(layer.criterion for layer in r.prune.layers.values())]}
     assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}

@@ -2,7 +2,7 @@
 
 Each layer's channels are scored by its criterion (``criteria.py``); the lowest-scored channels
 are removed together with everything that depends on them (BatchNorm entries, the next layer's
-input channels).
+input channels). Unstructured pruning instead masks single weights to zero (``WeightMask``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from autocomp.compress.criteria import (
     CRITERIA,
@@ -161,15 +162,39 @@ def _lowest(scores: Tensor, count: int, groups: int) -> list[int]:
     return sorted((blocks.argsort(dim=1, stable=True)[:, :per_group] + offsets).flatten().tolist())
 
 
+class WeightMask(nn.Module):
+    """Parametrization ``weight = original * mask`` of unstructured pruning: a pruned weight reads as exactly
+    zero and gets no gradient. It is the first parametrization of the weight, so one registered after it (the
+    fake quantizer of ``qat.py``) sees the masked weight."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.mask
+
+
+def weight_mask(layer: nn.Module) -> Tensor | None:
+    """The 0/1 mask on ``layer``'s weight (same shape), None if its weights are not masked."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    first = layer.parametrizations.weight[0]
+    return first.mask if isinstance(first, WeightMask) else None
+
+
+def latent_weight(layer: nn.Module) -> Tensor:
+    """The weight the optimizer trains: under parametrizations (mask, fake quantizer) their original."""
+    return layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+
+
 def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLayer], data: Split,
                    progress: float) -> nn.Module:
-    """Unstructured pruning: mask the lowest-scored single weights to zero (``torch.nn.utils.prune``).
+    """Unstructured pruning: mask the lowest-scored single weights to zero (a ``WeightMask``).
 
     The masks stay on through the fine-tune, so pruned weights remain zero; ``finalize_masks``
     makes them permanent. A weight already masked counts first towards the target.
     """
-    from torch.nn.utils import prune as torch_prune
-
     modules = dict(model.named_modules())
     plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items()
              if layer.sparsity > 0 and n in original}
@@ -180,9 +205,8 @@ def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLa
     scores = {}
     for name, criterion in found.items():
         layer = modules[name]
-        grad = getattr(layer, "weight_orig", layer.weight).grad
-        score = criterion.weight_score(layer.weight.detach(), grad).detach().float()
-        mask = getattr(layer, "weight_mask", None)
+        score = criterion.weight_score(layer.weight.detach(), latent_weight(layer).grad).detach().float()
+        mask = weight_mask(layer)
         scores[name] = score if mask is None else score.masked_fill(mask == 0, float("-inf"))
     sizes = {name: s.numel() for name, s in scores.items()}
     if spec.scope == "local":
@@ -194,19 +218,27 @@ def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLa
     for name, score in scores.items():
         mask = torch.ones(score.numel())
         mask[score.flatten().argsort(stable=True)[: counts[name]]] = 0.0
-        torch_prune.custom_from_mask(modules[name], "weight", mask.view_as(score))
+        _set_mask(modules[name], mask.view_as(score))
     model.zero_grad(set_to_none=True)
     return model
+
+
+def _set_mask(layer: nn.Module, mask: Tensor) -> None:
+    current = weight_mask(layer)
+    if current is None:
+        parametrize.register_parametrization(layer, "weight", WeightMask(mask))
+    else:
+        current.copy_(mask)
 
 
 def regrow(model: nn.Module, fraction: float, generator: torch.Generator) -> None:
     """Sparse training step (SET): in each masked layer drop ``fraction`` of the kept weights with the
     lowest magnitude and regrow as many pruned positions at random, starting from zero."""
     for layer in model.modules():
-        mask = getattr(layer, "weight_mask", None)
+        mask = weight_mask(layer)
         if mask is None:
             continue
-        flat_mask, weights = mask.view(-1), layer.weight_orig.data.view(-1)
+        flat_mask, weights = mask.view(-1), latent_weight(layer).data.view(-1)
         kept, pruned = flat_mask.nonzero().squeeze(1), (flat_mask == 0).nonzero().squeeze(1)
         k = min(round(fraction * len(kept)), len(pruned))
         if k == 0:
@@ -217,10 +249,7 @@ def regrow(model: nn.Module, fraction: float, generator: torch.Generator) -> Non
 
 
 def finalize_masks(model: nn.Module) -> nn.Module:
-    """Make unstructured masks permanent: each masked weight becomes a plain tensor with zeros."""
-    from torch.nn.utils import prune as torch_prune
-
-    for layer in model.modules():
-        if hasattr(layer, "weight_mask"):
-            torch_prune.remove(layer, "weight")
+    """Make unstructured masks permanent: each masked weight becomes a plain parameter with zeros."""
+    for layer in [m for m in model.modules() if weight_mask(m) is not None]:  # listed first: removal edits the tree
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return model

@@ -3,13 +3,16 @@
 Weights are fake-quantized on every access (symmetric, min-max per tensor or per channel, as the
 deployed int8 weights); each Conv/Linear input is fake-quantized to 8 bits over the range the
 recipe's calibrator picked on training data. The straight-through estimator lets gradients
-reach the float weights (Jacob et al., CVPR 2018).
+reach the float weights (Jacob et al., CVPR 2018). A weight masked by unstructured pruning
+(``prune.WeightMask``) is masked first, then fake-quantized: its range is the masked weight's, zeros
+included, as deployed; a zero stays exactly zero on any grid (0 is a level of every grid, ``calibrate.py``)
+and the mask stops the gradient of pruned weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -47,15 +50,28 @@ def _input_quantizer(lo: float, hi: float):
     return lambda _module, args: (fake_quantize(args[0], lo, hi, 8, symmetric=False), *args[1:])
 
 
+def _remove_fake_quant(layer: nn.Module) -> None:
+    """Take the fake quantizer, the weight's last parametrization, off ``layer``; any before it (a pruning
+    mask) stays."""
+    chain = layer.parametrizations.weight
+    if len(chain) > 1:
+        del chain[-1]
+    else:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+
+
 @contextlib.contextmanager
 def quantization_aware(model: nn.Module, bits: dict[str, int], x: Tensor, calibration: str,
                        per_channel: bool = False, symmetric: bool = True,
-                       quantize_inputs: bool = True) -> Iterator[nn.Module]:
+                       quantize_inputs: bool | Collection[str] = True) -> Iterator[nn.Module]:
     """Within the block, each layer named in ``bits`` with integer weights (<= 8 bits) computes with
-    fake-quantized weights of its width (and 8-bit inputs)."""
+    fake-quantized weights of its width, and with 8-bit inputs where ``quantize_inputs`` says: all
+    these layers (True), none (False), or the layers it names (those on int8 kernels)."""
     modules = dict(model.named_modules())
     layers = [name for name, b in bits.items() if b <= 8]
-    ranges = input_ranges(model, layers, x, calibration) if quantize_inputs else {}
+    int8 = [n for n in layers if n in quantize_inputs] if isinstance(quantize_inputs, Collection) else (
+        layers if quantize_inputs else [])
+    ranges = input_ranges(model, int8, x, calibration) if int8 else {}
     hooks = [modules[name].register_forward_pre_hook(_input_quantizer(*ranges[name])) for name in ranges]
     for name in layers:
         parametrize.register_parametrization(modules[name], "weight",
@@ -64,6 +80,6 @@ def quantization_aware(model: nn.Module, bits: dict[str, int], x: Tensor, calibr
         yield model
     finally:
         for name in layers:
-            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+            _remove_fake_quant(modules[name])
         for hook in hooks:
             hook.remove()

@@ -11,7 +11,7 @@ import torch
 
 from autocomp import runtime
 from autocomp.compress.pack import DECODER_BYTES, container_bits
-from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
+from autocomp.compress.prune import finalize_masks, latent_weight, prunable_layers, prune, regrow, weight_mask
 from autocomp.compress.quantize import deploy
 from autocomp.recipe import LayerPrune, Prune, Quantize
 from autocomp.train import Split, fit
@@ -43,8 +43,20 @@ def test_masks_hold_through_training_and_become_permanent(small_cnn):
         batch_size=16, progress=False)
     assert float((small_cnn.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
     finalize_masks(small_cnn)
-    assert not hasattr(small_cnn.fc1, "weight_mask") and "weight" in dict(small_cnn.fc1.named_parameters())
+    assert weight_mask(small_cnn.fc1) is None and "weight" in dict(small_cnn.fc1.named_parameters())
     assert float((small_cnn.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_iterative_rounds_grow_one_mask_in_place(small_cnn):
+    spec = Prune(granularity="weight", layers={"fc1": LayerPrune(0.5, "taylor")})
+    original = prunable_layers(small_cnn, X)
+    prune(small_cnn, X, spec, original, data(), progress=0.5)
+    halfway = weight_mask(small_cnn.fc1).clone()
+    prune(small_cnn, X, spec, original, data(), progress=1.0)
+    final = weight_mask(small_cnn.fc1)
+    assert (float(halfway.mean()), float(final.mean())) == (0.75, 0.5)
+    assert torch.all(final[halfway == 0] == 0)  # a weight masked in the first round stays masked
+    assert len(small_cnn.fc1.parametrizations.weight) == 1  # the same mask, updated
 
 
 def test_global_unstructured_respects_the_floor_per_layer(small_cnn):
@@ -56,13 +68,13 @@ def test_global_unstructured_respects_the_floor_per_layer(small_cnn):
 
 def test_regrowth_keeps_the_rate_and_moves_the_mask(small_cnn):
     weight_prune(small_cnn, layers={"fc1": LayerPrune(0.8, "l1")})
-    before = small_cnn.fc1.weight_mask.clone()
+    before = weight_mask(small_cnn.fc1).clone()
     regrow(small_cnn, 0.25, torch.Generator().manual_seed(0))
-    after = small_cnn.fc1.weight_mask
+    after = weight_mask(small_cnn.fc1)
     assert after.sum() == before.sum()  # the sparsity rate is kept
     assert int((before - after).clamp(min=0).sum()) == round(0.25 * int(before.sum()))  # dropped = regrown
     grown = (after - before).clamp(min=0).bool()
-    assert torch.all(small_cnn.fc1.weight_orig[grown] == 0)  # regrown weights start from zero
+    assert torch.all(latent_weight(small_cnn.fc1)[grown] == 0)  # regrown weights start from zero
 
 
 STORAGE = {"fp32": {}, "fp16": {"bits": 16}, "int4": {"bits": 4, "symmetric": False, "per_channel": True},
