@@ -43,7 +43,7 @@ class Prune:
     ``min_keep`` (the guard against layer collapse). ``rounds`` > 1 prunes iteratively, the
     fine-tune epochs split between rounds; ``bn_penalty`` adds L1 on BatchNorm scales to the
     fine-tune loss (network slimming). Removed channels leave the model; removed weights are
-    masked to zero and the fp32 artifact stores them sparsely. ``regrow`` (weights only) is
+    masked to zero and the artifact stores them sparsely (bitmask + kept codes). ``regrow`` (weights only) is
     sparse training: after each fine-tune epoch that share of the kept weights with the lowest
     magnitude is dropped and as many pruned ones regrow at random (SET, Mocanu et al., 2018).
     ``drop_blocks`` first removes that many whole residual blocks, those whose branch adds least:

@@ -104,14 +104,17 @@ def test_quantization_aware_sparse_training_deploys_the_masked_weights(digits_ta
     result = apply(r, digits_task, tmp_path, progress=False)
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["accuracy"] > 0.9
-    initializers = onnx.load(str(result.artifact)).graph.initializer
-    packed = {i.name: numpy_helper.to_array(i).astype(np.int32) for i in initializers
-              if i.name.endswith(("_q", "_zp"))}  # integer codes and zero points
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(result.artifact)).graph.initializer}
     for name in prunable:
         w = result.model.get_submodule(name).weight.detach().numpy()  # (C_out, ...), as the artifact lays it out
-        codes, zero_point = packed[f"{name}.weight_q"], packed[f"{name}.weight_zp"].reshape(-1, *[1] * (w.ndim - 1))
         assert (w == 0).mean() >= 0.5  # as sparse as asked (a regrown weight that got no gradient stays 0)
-        assert np.all((codes == zero_point)[w == 0])  # each pruned weight deploys as an exact 0
+        if f"{name}.weight_bits" in stored:  # stored sparsely: a pruned weight is no kept code, it decodes to 0
+            kept = np.unpackbits(stored[f"{name}.weight_bits"], bitorder="little")[: w.size].astype(bool)
+            assert not kept[w.ravel() == 0].any()
+        else:  # stored densely (a layer too small for a bitmask to pay): each pruned weight is its zero point
+            zero_point = stored[f"{name}.weight_zp"].reshape(-1, *[1] * (w.ndim - 1))
+            assert np.all((stored[f"{name}.weight_q"].astype(np.float32) == zero_point)[w == 0])
+    assert any(f"{name}.weight_bits" in stored for name in prunable)
 
 
 def test_dropping_the_residual_block_removes_its_work(digits_task, tmp_path):

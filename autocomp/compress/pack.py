@@ -4,11 +4,12 @@ Each Conv/Gemm/MatMul weight is stored as codes in the smallest ONNX type that h
 four per byte; INT4: two per byte, also for 3 bits; INT8 for 5-7 bits; fp16 for 16 bits) plus what
 turns codes back into the weight: a scale and zero point per tensor or per channel (linear grid), or
 a 2^bits-entry codebook (k-means weight sharing, Han et al., Deep Compression, ICLR 2016). A weight
-with zeros (unstructured pruning) is stored as a bitmask and its non-zero codes whenever that is
-smaller. The decoding nodes (Cast, Sub, Mul, Gather, ...) read constants only, so ONNX Runtime folds
-them once when the session loads and then runs its fp32 kernels: the file shrinks, the speed is
-fp32's. Linear layers with dense 3-4-bit weights instead keep them packed in memory and run ONNX
-Runtime's 4-bit kernel (MatMulNBits, fp32 activations).
+with zeros (unstructured pruning), the int8 layers' symmetric weights too, is stored as a bitmask
+and its non-zero codes whenever that is smaller. The decoding nodes (Cast, Sub, Mul, Gather, ...)
+read constants only, so ONNX Runtime folds them once when the session loads and then runs its
+fp32 kernels: the file shrinks, the speed is fp32's. Linear layers with dense 3-4-bit weights
+instead keep them packed in memory and run ONNX Runtime's 4-bit kernel (MatMulNBits, fp32
+activations).
 """
 
 from __future__ import annotations
