@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ demo: setup
 test: setup
 	$(BIN)/ruff check autocomp tests
 	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/storage.py
 
 lint: setup
 	$(BIN)/ruff check autocomp tests

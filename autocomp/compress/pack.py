@@ -194,6 +194,14 @@ def _sparse_wins(mask: np.ndarray, bits: int) -> bool:
     return math.ceil(mask.size / 8) + mask.sum() * stored / 8 + DECODER_BYTES < mask.size * stored / 8
 
 
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes packed two to a byte along the last axis, the first in the low nibble (odd length: padded)."""
+    codes = np.asarray(codes, np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
 def _nbits_node(node, w: np.ndarray, bits: int, symmetric: bool, per_channel: bool, inits: dict):
     """The MatMulNBits (4-bit) node that replaces a Linear ``node`` (Gemm A.W^T + C, or MatMul A.W), and its
     constants: the codes of ``w`` on the recipe's grid, in blocks along K, each block repeating its row's scale
@@ -215,13 +223,12 @@ def _nbits_node(node, w: np.ndarray, bits: int, symmetric: bool, per_channel: bo
     zero = np.broadcast_to(zero_point.reshape(-1, 1) + offset, (n_out, blocks))
     codes = np.repeat(zero[:, :1], blocks * block, axis=1)  # the padding past K decodes to 0
     codes[:, :k] = q + offset
-    pairs = codes.astype(np.uint8).reshape(n_out, blocks, block // 2, 2)
     name = node.input[1]
     constants = [
-        numpy_helper.from_array(pairs[..., 0] | (pairs[..., 1] << 4), f"{name}_nbits"),  # low nibble first
+        numpy_helper.from_array(_nibbles(codes.reshape(n_out, blocks, block)), f"{name}_nbits"),
         numpy_helper.from_array(np.repeat(np.broadcast_to(scale.reshape(-1, 1), (n_out, 1)), blocks, 1),
                                 f"{name}_nbits_scale"),
-        numpy_helper.from_array(zero.astype(np.float32), f"{name}_nbits_zp"),
+        numpy_helper.from_array(_nibbles(zero), f"{name}_nbits_zp"),  # packed: float zero points are 3x slower
     ]
     return constants, helper.make_node(
         "MatMulNBits", [node.input[0], f"{name}_nbits", f"{name}_nbits_scale", f"{name}_nbits_zp", "", bias],
