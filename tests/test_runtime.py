@@ -114,12 +114,18 @@ def test_static_int8_can_keep_a_layer_in_fp32(small_cnn, tmp_path):
                                                                        "fc2": "QGemm"}
 
 
-@pytest.mark.parametrize("weights", [8, 4])
-def test_static_int8_keeps_an_inner_layer_fp32(small_cnn, tmp_path, weights):
-    # fc1 sits between int8 layers: ONNX Runtime would quantize its weight itself if its input came from a
-    # DequantizeLinear, so the artifact must feed it floats
+@pytest.mark.parametrize(("fp32", "weights"), [(["fc1"], 8), (["fc1"], 4), (["fc2"], 8), (["conv2"], 8),
+                                               (["conv2", "fc1"], 8)])
+def test_static_int8_runs_each_layer_on_the_kernel_its_activation_bits_ask(small_cnn, tmp_path, fp32, weights):
+    # an fp32 layer between int8 layers: ONNX Runtime quantizes its weight itself if a per-tensor DequantizeLinear
+    # feeds it, and the int8 layer before it must keep its int8 output
     path, reference, quantized = deploy_small(small_cnn, tmp_path, bits=8, activation_bits=8,
-                                              layers={"fc1": weights}, activation_layers={"fc1": 32})
-    assert runtime.layer_kernels(path) == {"conv1": "QLinearConv", "conv2": "QLinearConv",
-                                           "fc1": "Gemm" if weights == 8 else "MatMulNBits", "fc2": "QGemm"}
+                                              layers=dict.fromkeys(fp32, weights),
+                                              activation_layers=dict.fromkeys(fp32, 32))
+    int8 = {"conv1": "QLinearConv", "conv2": "QLinearConv", "fc1": "QGemm", "fc2": "QGemm"}
+    fp32_kernels = {"Conv", "FusedConv", "Gemm", "FusedGemm"} if weights == 8 else {"MatMulNBits"}
+    kernels = runtime.layer_kernels(path)
+    assert set(kernels) == set(int8)
+    for layer, kernel in kernels.items():
+        assert kernel in fp32_kernels if layer in fp32 else kernel == int8[layer]
     assert np.abs(quantized - reference).max() < 0.1 * np.abs(reference).max()

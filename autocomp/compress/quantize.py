@@ -78,22 +78,40 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
 
 
 def _float_inputs(path: Path, keep_fp32: tuple[str, ...]) -> None:
-    """Feed each fp32 layer the float tensor in front of its input's QuantizeLinear -> DequantizeLinear pair.
+    """Give each fp32 layer whose input is dequantized a DequantizeLinear of its own, with its scale and zero
+    point repeated per channel.
 
-    A DequantizeLinear feeding a Conv/Gemm with a float weight makes ONNX Runtime quantize that weight when
-    the session loads (its WeightBiasQuantization pass) and run the layer on int8 kernels after all. The
-    bypassed pair stays in the graph: without it ONNX Runtime moves the DequantizeLinear of the producer
-    (a Reshape, say) onto the layer's input again.
+    ONNX Runtime quantizes the float weight of a Conv/Gemm whose input comes from a per-tensor
+    DequantizeLinear and whose output goes on to a QuantizeLinear (its WeightBiasQuantization pass when the
+    session loads), so an fp32 layer between int8 layers would run on int8 kernels after all. A per-channel
+    DequantizeLinear gives the same floats and leaves the layer, and the int8 layer before it, as planned.
     """
     import onnx
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
+    nodes = list(model.graph.node)
     for name, node in weight_names(model).items():
         dq = producer.get(node.input[0])
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if name in keep_fp32 and q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
+        if name not in keep_fp32 or dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        w = inits[name].dims
+        channels = (w[1] * next((a.i for a in node.attribute if a.name == "group"), 1) if node.op_type == "Conv"
+                    else w[1] if any(a.name == "transB" and a.i for a in node.attribute) else w[0])
+        scale, zero_point = (numpy_helper.to_array(inits[i]) for i in dq.input[1:3])
+        own = f"{node.name}_input"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, scale, scale.dtype), f"{own}_scale"),
+            numpy_helper.from_array(np.full(channels, zero_point, zero_point.dtype), f"{own}_zero_point")])
+        nodes.insert(nodes.index(node), helper.make_node(
+            "DequantizeLinear", [dq.input[0], f"{own}_scale", f"{own}_zero_point"], [f"{own}_dequantized"],
+            name=f"{own}_DequantizeLinear", axis=1 if node.op_type == "Conv" else -1))
+        node.input[0] = f"{own}_dequantized"
+    read = {i for node in nodes for i in node.input} | {o.name for o in model.graph.output}
+    del model.graph.node[:]
+    model.graph.node.extend(n for n in nodes if n.op_type != "DequantizeLinear" or read & set(n.output))
     onnx.save(model, str(path))
 
 
