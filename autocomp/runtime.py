@@ -80,7 +80,7 @@ def layer_kernels(path: Path) -> dict[str, str]:
     layers: dict[str, str] = {}
     for node in graph.node:  # in order: a weight's decoding nodes come before the layer that reads it
         for name in node.input:
-            layer, found, _ = name.partition(".weight")
+            layer, found, _ = name.rpartition(".weight")
             if found:
                 layers[layer] = node.op_type
     return layers
