@@ -53,6 +53,13 @@ def _channel_axis(node) -> int:
     return 0 if node.op_type == "Gemm" and _attr(node, "transB") else 1
 
 
+def input_channels(node, weight_dims) -> int:
+    """Input channels of a Conv/Gemm/MatMul ``node`` whose weight has shape ``weight_dims``."""
+    if node.op_type == "Conv":
+        return weight_dims[1] * _attr(node, "group", 1)
+    return weight_dims[1] if node.op_type == "Gemm" and _attr(node, "transB") else weight_dims[0]
+
+
 def _attr(node, name: str, default: float = 0):
     return next((a.f if a.type == a.FLOAT else a.i for a in node.attribute if a.name == name), default)
 

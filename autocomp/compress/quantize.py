@@ -19,7 +19,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.pack import pack_weights, weight_names
+from autocomp.compress.pack import input_channels, pack_weights, weight_names
 from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
@@ -97,9 +97,7 @@ def _float_inputs(path: Path, keep_fp32: tuple[str, ...]) -> None:
         dq = producer.get(node.input[0])
         if name not in keep_fp32 or dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             continue
-        w = inits[name].dims
-        channels = (w[1] * next((a.i for a in node.attribute if a.name == "group"), 1) if node.op_type == "Conv"
-                    else w[1] if any(a.name == "transB" and a.i for a in node.attribute) else w[0])
+        channels = input_channels(node, inits[name].dims)
         scale, zero_point = (numpy_helper.to_array(inits[i]) for i in dq.input[1:3])
         own = f"{node.name}_input"
         model.graph.initializer.extend([
