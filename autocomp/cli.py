@@ -9,7 +9,7 @@ from pathlib import Path
 
 from autocomp.errors import AutocompError
 
-EXIT_USAGE = 2
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     apply = commands.add_parser("apply", help="rebuild and measure the artifact of a recipe")
     apply.add_argument("recipe", type=Path, help="recipe YAML (from `autocomp export`)")
     apply.add_argument("-o", "--output", type=Path, required=True, help="folder for model.onnx and metrics.json")
+    apply.add_argument("--allow-other-teacher", action="store_true",
+                       help="replay even if the task's teacher or data differ from the recipe's (digests)")
     apply.set_defaults(run=_apply)
 
     methods = commands.add_parser("methods", help="list every compression method and task, by family")
@@ -104,14 +106,18 @@ def _load(args: argparse.Namespace):
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autocomp.search.optuna_runner import run_search
+    from autocomp.search.optuna_runner import failure, run_search, summary
 
     spec = _spec(args)
-    study = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress)
-    failed = [t for t in study.trials if t.state.name == "FAIL"]
-    for trial in failed:
-        print(f"trial {trial.number} failed: {trial.user_attrs.get('error', 'see the Optuna log')}")
+    study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress)
+    for trial in trials:
+        if trial.state.name == "FAIL":
+            print(f"trial {trial.number} failed: {failure(trial)}")
     _print_front(study)
+    print(summary(trials))
+    if trials and all(t.state.name == "FAIL" for t in trials):
+        print("autocomp: error: every trial of this run failed (reasons above).", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -121,7 +127,7 @@ def _print_front(study, csv: Path | None = None) -> None:
     if "teacher" not in study.user_attrs:
         raise AutocompError(f"Study {study.study_name!r} was not made by `autocomp search` (no teacher metrics).")
     table = front_table(study)
-    print(format_table(table, study.user_attrs["teacher"]))
+    print(format_table(table, study.user_attrs["teacher"], study.metric_names or []))
     if csv is not None:
         table.to_csv(csv, index=False)
         print(f"wrote {csv}")
@@ -143,23 +149,37 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    import tempfile
+
     from autocomp.measure import with_ratios
-    from autocomp.pipeline import apply, teacher_metrics
+    from autocomp.pipeline import apply, teacher_baseline
     from autocomp.recipe import Recipe
+    from autocomp.search.optuna_runner import check_fingerprint
     from autocomp.tasks import load_task
 
     recipe = Recipe.load(args.recipe)
     task = load_task(recipe.task)
-    result = apply(recipe, task, args.output)
-    metrics = with_ratios(result.metrics, teacher_metrics(task, recipe.measure))
+    recorded = recipe.provenance.get("fingerprint")
+    if not args.allow_other_teacher:
+        check_fingerprint(recorded, task.fingerprint(), f"recipe {str(args.recipe)!r}")
+    elif recorded and recorded != task.fingerprint():
+        print("autocomp: warning: the recipe was made for another teacher or other data (--allow-other-teacher).")
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = teacher_baseline(task, recipe.measure, tmp, recorded=recipe.provenance.get("teacher"))
+        result = apply(recipe, task, args.output, reference=baseline.artifact)
+    metrics = with_ratios(result.metrics, baseline.metrics)
     (args.output / "metrics.json").write_text(json.dumps({**metrics, "kernels": result.kernels,
-                                                                "layer_kernels": result.layer_kernels}, indent=2))
-    recorded = recipe.provenance.get("metrics", {})
-    for key in ("accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup"):
-        was = f"   (trial: {recorded[key]:.6g})" if key in recorded else ""
+                                                          "layer_kernels": result.layer_kernels}, indent=2))
+    trial = recipe.provenance.get("metrics", {})
+    for key in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup"):
+        was = f"   (trial: {trial[key]:.6g})" if key in trial else ""
         print(f"{key:>18}: {metrics[key]:.6g}{was}")
+    print(f"{'latency spread':>18}: p10 {metrics['latency_p10_ms']:.4g} ms, p90 {metrics['latency_p90_ms']:.4g} ms, "
+          f"ratio to teacher {metrics['latency_ratio']:.4g} +- {100 * metrics['latency_ratio_ci']:.2g}%"
+          f"{' (noisy)' if metrics['latency_noisy'] else ''}")
     print(f"{'kernels':>18}: {', '.join(f'{op} x{n}' for op, n in result.kernels.items())}")
     print(f"{'layers':>18}: {', '.join(f'{layer} {op}' for layer, op in result.layer_kernels.items())}")
+    print("the search ranked trials on val_accuracy; test_accuracy is reported only")
     print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
     return 0
 

@@ -1,60 +1,74 @@
-"""Honest metrics, always taken on the deployable artifact (ARCHITECTURE.md, 'Honest numbers')."""
+"""Honest metrics, always taken on the deployable artifact (ARCHITECTURE.md, 'Honest numbers').
+
+Accuracy is measured on both held-out splits: a search ranks trials on ``val_accuracy`` and only
+reports ``test_accuracy`` (selecting on the test split would report the winner's curse).
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from autocomp import runtime
+from autocomp import latency, runtime
 from autocomp.recipe import Measure
 from autocomp.tasks.base import Task
 
+SPLITS = ("val", "test")
 
-def latency_ms(sess, example_input: np.ndarray, spec: Measure) -> dict[str, float]:
-    """Median wall time of one ``sess.run`` at the study's batch size, after warm-up, with spread."""
+
+def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndarray, spec: Measure) -> latency.Latency:
+    """Time ``artifact`` side by side with ``reference`` (or alone) at the study's batch size and threads."""
     x = np.repeat(example_input, spec.batch_size, axis=0)
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(spec.warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(spec.repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    q10, q50, q90 = np.percentile(times, [10, 50, 90])
-    return {"latency_ms": float(q50), "latency_p10_ms": float(q10), "latency_p90_ms": float(q90)}
+
+    def runner(path: Path):
+        sess = runtime.session(path, threads=spec.threads)
+        feed = {sess.get_inputs()[0].name: x}
+        return lambda: sess.run(None, feed)
+
+    candidate = runner(artifact)
+    return latency.compare(candidate, candidate if reference is None else runner(reference),
+                           warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance, max_seconds=spec.max_seconds)
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Multiply-accumulates of one forward pass at batch 1, and the parameter count."""
+    """Multiply-accumulates of one forward pass at batch 1, the parameter count, and the non-zero
+    parameters (unstructured sparsity: masked weights are still stored and computed densely)."""
     import torch_pruning as tp
 
     macs, params = tp.utils.count_ops_and_params(model.eval(), example_input)
-    return {"macs": int(macs), "params": int(params)}
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    if macs < 0 or params < 0:
+        raise RuntimeError(f"counted {macs} MACs and {params} parameters: module metadata disagrees with weights")
+    return {"macs": int(macs), "params": int(params), "nonzero_params": nonzero}
 
 
-def measure(artifact: Path, model: nn.Module, task: Task, spec: Measure) -> dict[str, float]:
-    """Accuracy, size, latency of the artifact; MACs and parameters of the model it was made from."""
+def measure(artifact: Path, model: nn.Module, task: Task, spec: Measure,
+            reference: Path | None = None) -> dict[str, float]:
+    """Accuracy on the validation and test splits, size and latency (against ``reference``) of the
+    artifact; MACs and parameters of the model it was made from."""
     sess = runtime.session(artifact, threads=spec.threads)
-    logits = runtime.run(sess, task.test.x.numpy())
-    return {
-        "accuracy": task.metric(logits, task.test.y.numpy()),
-        "size_bytes": artifact.stat().st_size,
-        **latency_ms(sess, task.example_input.numpy(), spec),
-        **macs_and_params(model, task.example_input),
-    }
+    scores = {f"{name}_accuracy": task.metric(runtime.run(sess, split.x.numpy()), split.y.numpy())
+              for name, split in zip(SPLITS, (task.val, task.test), strict=True)}
+    timing = time_artifact(artifact, reference, task.example_input.numpy(), spec)
+    return {**scores, "size_bytes": artifact.stat().st_size, **timing.as_metrics(),
+            **macs_and_params(model, task.example_input)}
 
 
 def with_ratios(metrics: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
-    """Add the comparisons against the teacher, measured the same way."""
+    """Add the comparisons against the teacher, measured the same way.
+
+    ``latency_ms`` is the measured ratio to the teacher's artifact (timed side by side) times the
+    teacher's latency when the study began: one scale for every trial of a study and its replays.
+    """
     return {
         **metrics,
-        "accuracy_drop_pp": 100.0 * (teacher["accuracy"] - metrics["accuracy"]),
+        **{f"{split}_drop_pp": 100.0 * (teacher[f"{split}_accuracy"] - metrics[f"{split}_accuracy"])
+           for split in SPLITS},
         "compression_ratio": teacher["size_bytes"] / metrics["size_bytes"],
-        "speedup": teacher["latency_ms"] / metrics["latency_ms"],
+        "latency_ms": metrics["latency_ratio"] * teacher["latency_ms"],
+        "speedup": 1.0 / metrics["latency_ratio"],
         "macs_ratio": teacher["macs"] / max(metrics["macs"], 1),
     }

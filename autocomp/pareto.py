@@ -8,8 +8,9 @@ from autocomp.errors import AutocompError
 from autocomp.recipe import Recipe
 
 COLUMNS = {  # column -> (metric key, scale)
-    "accuracy_%": ("accuracy", 100.0),
-    "drop_pp": ("accuracy_drop_pp", 1.0),
+    "val_%": ("val_accuracy", 100.0),
+    "test_%": ("test_accuracy", 100.0),
+    "test_drop_pp": ("test_drop_pp", 1.0),
     "size_kb": ("size_bytes", 1e-3),
     "ratio_x": ("compression_ratio", 1.0),
     "latency_ms": ("latency_ms", 1.0),
@@ -19,7 +20,10 @@ COLUMNS = {  # column -> (metric key, scale)
 
 
 def front_table(study):
-    """The Pareto-optimal completed trials as a DataFrame, best accuracy first."""
+    """The Pareto-optimal completed trials as a DataFrame, best validation accuracy first.
+
+    ``noisy`` marks trials whose latency did not settle within the measurement budget.
+    """
     import pandas as pd
 
     rows = []
@@ -29,17 +33,21 @@ def front_table(study):
         row |= {column: metrics[key] * scale for column, (key, scale) in COLUMNS.items()}
         quantize = recipe["quantize"]
         row["bits"] = "mixed" if quantize.get("layers") else quantize["bits"]  # per-layer widths: see the recipe
+        row["noisy"] = "yes" if metrics["latency_noisy"] else ""
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["trial", *COLUMNS, "bits"])
-    return table.sort_values(["accuracy_%", "size_kb"], ascending=[False, True]).reset_index(drop=True)
+    table = pd.DataFrame(rows, columns=["trial", *COLUMNS, "bits", "noisy"])
+    return table.sort_values(["val_%", "size_kb"], ascending=[False, True]).reset_index(drop=True)
 
 
-def format_table(table, teacher: dict[str, float]) -> str:
-    """A fixed-width text table, headed by the teacher's own measurements."""
-    head = (f"teacher: accuracy {100 * teacher['accuracy']:.2f}%, size {teacher['size_bytes'] / 1e3:.1f} KB, "
-            f"latency {teacher['latency_ms']:.4f} ms, {teacher['macs'] / 1e6:.2f} M MACs")
+def format_table(table, teacher: dict[str, float], objectives: list[str]) -> str:
+    """A fixed-width text table, headed by the teacher's own measurements and what the front was chosen on."""
+    head = (f"teacher: val {100 * teacher['val_accuracy']:.2f}%, test {100 * teacher['test_accuracy']:.2f}%, "
+            f"size {teacher['size_bytes'] / 1e3:.1f} KB, latency {teacher['latency_ms']:.4f} ms, "
+            f"{teacher['macs'] / 1e6:.2f} M MACs")
+    chosen = (f"Pareto front on {', '.join(objectives)}: {len(table)} trial(s), chosen on the validation split; "
+              f"test accuracy is reported only")
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-    return f"{head}\nPareto front: {len(table)} trial(s)\n{body}"
+    return f"{head}\n{chosen}\n{body}"
 
 
 def export_recipe(study, trial_number: int, path: str | Path, storage: str) -> Recipe:
@@ -53,8 +61,9 @@ def export_recipe(study, trial_number: int, path: str | Path, storage: str) -> R
                             f"{complete}, but trial {trial_number} {state}.")
     recipe = Recipe.from_dict(trial.user_attrs["recipe"])
     recipe.provenance = {
-        "study": study.study_name, "storage": storage, "trial": trial.number,
-        "task": recipe.task, "metrics": trial.user_attrs["metrics"], "versions": versions(),
+        "study": study.study_name, "storage": storage, "trial": trial.number, "task": recipe.task,
+        "fingerprint": study.user_attrs.get("fingerprint", {}), "teacher": study.user_attrs["teacher"],
+        "metrics": trial.user_attrs["metrics"], "versions": versions(),
     }
     recipe.save(path)
     return recipe

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,12 @@ class CompressedModel:
     layer_kernels: dict[str, str]  # Conv/Linear layer -> the ONNX Runtime kernel that computes it
 
 
-def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True) -> CompressedModel:
-    """Drop blocks -> prune -> distil/fine-tune (per round) -> export -> quantize -> measure, into ``out_dir``."""
+def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True,
+          reference: Path | None = None) -> CompressedModel:
+    """Drop blocks -> prune -> distil/fine-tune (per round) -> export -> quantize -> measure, into ``out_dir``.
+
+    Latency is timed side by side with the ``reference`` artifact (the teacher's), or alone without one.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prunable = prunable_layers(task.teacher, task.example_input)
@@ -50,16 +53,16 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
         present = set(layer_names(student))
         prunable = {name: layer for name, layer in prunable.items() if name in present}
-    rounds = recipe.prune.rounds
-    for r in range(1, rounds + 1):  # one-shot when rounds == 1
-        prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed, progress=r / rounds)
-        epochs = recipe.finetune.epochs // rounds + (r <= recipe.finetune.epochs % rounds)
+    schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
+    for r, epochs in enumerate(schedule, start=1):
+        prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
+              progress=r / len(schedule))
         _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1,
-                   qat=recipe.quantize.qat and r == rounds, progress=progress)  # QAT in the last fine-tune
+                   qat=recipe.quantize.qat and r == len(schedule), progress=progress)  # QAT in the last fine-tune
     finalize_masks(student)
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
                       out_dir / ARTIFACT, sparse=recipe.prune.granularity == "weight")
-    metrics = measure(artifact, student, task, recipe.measure)
+    metrics = measure(artifact, student, task, recipe.measure, reference)
     kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)
     return CompressedModel(student, artifact, metrics, kernels, runtime.layer_kernels(artifact))
@@ -84,8 +87,22 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
             seed=seed, desc="fine-tune", progress=progress)
 
 
-def teacher_metrics(task: Task, spec: Measure) -> dict[str, float]:
-    """The teacher measured by the same path, with nothing compressed: the baseline for ratios."""
+@dataclass
+class Baseline:
+    """The teacher's own artifact, the reference every trial is timed against, and its metrics."""
+
+    artifact: Path
+    metrics: dict[str, float]
+
+
+def teacher_baseline(task: Task, spec: Measure, out_dir: str | Path,
+                     recorded: dict[str, float] | None = None) -> Baseline:
+    """The teacher exported and measured by the same path, with nothing compressed, into ``out_dir``.
+
+    ``latency_ms`` is the teacher's own median, unless ``recorded`` (the teacher metrics of the study a
+    recipe came from) fixes the scale: then ratios measured now read in that study's milliseconds.
+    """
     identity = Recipe(task=task.name, finetune=FineTune(epochs=0), measure=spec)
-    with tempfile.TemporaryDirectory() as tmp:
-        return apply(identity, task, tmp, progress=False).metrics
+    metrics = apply(identity, task, out_dir, progress=False).metrics
+    metrics["latency_ms"] = recorded["latency_ms"] if recorded else metrics["latency_raw_ms"]
+    return Baseline(Path(out_dir) / ARTIFACT, metrics)

@@ -150,6 +150,8 @@ class Distill:
 
 @dataclass
 class FineTune:
+    """``epochs`` of fine-tuning in all, split over the pruning rounds (``schedule``)."""
+
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
@@ -159,21 +161,30 @@ class FineTune:
         check_range("lr", self.lr, 1e-7, 1.0)
         check_range("batch_size", self.batch_size, 1, 65536)
 
+    def schedule(self, rounds: int) -> list[int]:
+        """Epochs after each of ``rounds`` pruning rounds: as even as whole epochs allow, earlier rounds
+        first (5 epochs over 2 rounds: [3, 2])."""
+        return [self.epochs // rounds + (r < self.epochs % rounds) for r in range(rounds)]
+
 
 @dataclass
 class Measure:
-    """How latency is measured: the deployed batch size and thread count, warm-up, repeats."""
+    """How latency is measured (``autocomp.latency``): at the deployed batch size and thread count,
+    after ``warmup_seconds`` of warm-up, in blocks interleaved with the teacher's artifact until the
+    95% interval of the latency ratio is within ``tolerance`` of it, or ``max_seconds`` have passed."""
 
     batch_size: int = 1
     threads: int = 1
-    warmup: int = 20
-    repeats: int = 100
+    warmup_seconds: float = 1.0
+    tolerance: float = 0.02
+    max_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1, 65536)
         check_range("threads", self.threads, 1, 1024)
-        check_range("warmup", self.warmup, 0, 100000)
-        check_range("repeats", self.repeats, 30, 100000)
+        check_range("warmup_seconds", self.warmup_seconds, 0.0, 600.0)
+        check_range("tolerance", self.tolerance, 0.001, 0.5)
+        check_range("max_seconds", self.max_seconds, 0.1, 3600.0)
 
 
 @dataclass
@@ -203,6 +214,12 @@ class Recipe:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
         if q.qat and not q.integer:
             raise ConfigError(f"needs integer weights (bits 2-8), but got bits {q.bits}.", "quantize.qat")
+        if q.qat and self.finetune.epochs == 0:
+            raise ConfigError("trains with the quantizers in place, so needs finetune.epochs >= 1, but got 0.",
+                              "quantize.qat")
+        if p.rounds > 1 and self.finetune.epochs < p.rounds:
+            raise ConfigError(f"must give each of the {p.rounds} pruning rounds (prune.rounds) at least one epoch, "
+                              f"so must be >= {p.rounds}, but got {self.finetune.epochs}.", "finetune.epochs")
         if q.kmeans and (not q.integer or q.activation_bits == 8 or q.qat):
             raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")

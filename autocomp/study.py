@@ -11,13 +11,14 @@ from autocomp.errors import ConfigError, check_choice, check_range
 from autocomp.recipe import Measure
 
 SCHEMA_VERSION = 1
-METRICS = ("accuracy", "size_bytes", "latency_ms", "macs", "params")
+# what a search may optimise; test_accuracy is reported only (selecting on it is the winner's curse)
+METRICS = ("val_accuracy", "size_bytes", "latency_ms", "macs", "params", "nonzero_params")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("nsga2", "tpe", "random")
 
 
 def _default_objectives() -> dict[str, str]:
-    return {"accuracy": "maximize", "size_bytes": "minimize", "latency_ms": "minimize"}
+    return {"val_accuracy": "maximize", "size_bytes": "minimize", "latency_ms": "minimize"}
 
 
 @dataclass
@@ -47,6 +48,9 @@ class StudySpec:
         if not self.objectives:
             raise ConfigError("must name at least one metric to optimise, but got {}.", "objectives")
         for metric, direction in self.objectives.items():
+            if metric in ("accuracy", "test_accuracy"):
+                raise ConfigError(f"must rank trials on the validation split ('val_accuracy'; the test split is only "
+                                  f"reported), but got {metric!r}.", "objectives")
             check_choice("objectives", metric, METRICS)
             check_choice(f"objectives.{metric}", direction, DIRECTIONS)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,23 @@ class Split:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             yield self.x[idx], self.y[idx]
+
+
+TRAIN_THREADS = 2  # fixed, not the machine's core count: float sums depend on how work is split
+
+
+@contextlib.contextmanager
+def deterministic(threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Train reproducibly on any machine of one kind: a fixed intra-op thread count and torch's
+    deterministic algorithms, restored afterwards."""
+    before, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(strict)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -61,7 +79,8 @@ def fit(
     desc: str = "train",
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed.
+    """Train ``model`` in place with AdamW and a cosine schedule; deterministic for a given seed
+    (``deterministic``: the same weights on every machine of one kind, whatever its core count).
 
     ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming);
     ``on_epoch_end(generator)`` runs after every epoch but the last (e.g. sparse-training regrowth).
@@ -79,21 +98,22 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, unit="step")
     model.train()
-    for epoch in range(epochs):
-        for x, y in data.batches(batch_size, generator):
-            if augment is not None:
-                x = augment(x, generator)
-            loss = loss_fn(model(x), x, y)
-            if regularizer is not None:
-                loss = loss + regularizer()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if on_epoch_end is not None and epoch < epochs - 1:
-            on_epoch_end(generator)
+    with deterministic():
+        for epoch in range(epochs):
+            for x, y in data.batches(batch_size, generator):
+                if augment is not None:
+                    x = augment(x, generator)
+                loss = loss_fn(model(x), x, y)
+                if regularizer is not None:
+                    loss = loss + regularizer()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if on_epoch_end is not None and epoch < epochs - 1:
+                on_epoch_end(generator)
     bar.close()
     return model.eval()
 

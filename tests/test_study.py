@@ -12,14 +12,16 @@ def test_demo_study_resolves_paths_next_to_its_file():
     assert spec.storage == f"sqlite:///{ROOT / 'studies' / 'digits.db'}"
     assert spec.space == str(ROOT / "search_spaces" / "joint.yaml")
     assert spec.artifacts == str(ROOT / "studies" / "digits_artifacts")
-    assert list(spec.objectives.items()) == [("accuracy", "maximize"), ("size_bytes", "minimize"),
+    assert list(spec.objectives.items()) == [("val_accuracy", "maximize"), ("size_bytes", "minimize"),
                                              ("latency_ms", "minimize")]
 
 
 @pytest.mark.parametrize(
     ("line", "field", "fragment"),
     [
-        ("objectives: {accuracy: maximise}", "study.objectives.accuracy", "Did you mean 'maximize'?"),
+        ("objectives: {val_accuracy: maximise}", "study.objectives.val_accuracy", "Did you mean 'maximize'?"),
+        ("objectives: {test_accuracy: maximize}", "study.objectives", "validation split"),
+        ("objectives: {accuracy: maximize}", "study.objectives", "got 'accuracy'"),
         ("objectives: {latency: minimize}", "study.objectives", "Did you mean 'latency_ms'?"),
         ("sampler: nsga3", "study.sampler", "Did you mean 'nsga2'?"),
         ("trials: 0", "study.trials", "got 0"),

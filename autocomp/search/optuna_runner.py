@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autocomp.compress.blocks import residual_blocks
 from autocomp.compress.prune import prunable_layers
+from autocomp.errors import AutocompError
 from autocomp.features import layer_names
 from autocomp.measure import with_ratios
-from autocomp.pipeline import ARTIFACT, RECIPE, apply, teacher_metrics
+from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline
+from autocomp.recipe import Recipe
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
-from autocomp.tasks import load_task
+from autocomp.tasks import Task, load_task
+
+if TYPE_CHECKING:
+    import optuna
 
 FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
@@ -44,7 +52,7 @@ def load_study(storage: str, study_name: str):
     """Load an existing study, or raise a one-line error listing the studies that do exist."""
     import optuna
 
-    from autocomp.errors import AutocompError, did_you_mean
+    from autocomp.errors import did_you_mean
 
     try:
         return optuna.load_study(storage=storage, study_name=study_name)
@@ -59,12 +67,12 @@ def finished_trials(study) -> int:
 
 
 def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True):
-    """Run trials until the study holds ``trials`` finished ones; return the study.
+    """Run trials until the study holds ``trials`` finished ones; return the study and the numbers of
+    the trials this run finished.
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
     import optuna
-    from optuna.artifacts import FileSystemArtifactStore
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or spec.trials
@@ -76,37 +84,48 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     space.layer_names(prunable, spec.task)
     space.check_blocks(residual_blocks(task.teacher, task.example_input), spec.task)
     study = open_study(spec, seed)
+    check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
     done = finished_trials(study)
     study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(spec.objectives))
-    teacher = _teacher_metrics(study, task, spec)
+    before = {t.number for t in study.trials}
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = _baseline(study, task, spec, tmp)
+        if trials > done:
+            objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
+            study.optimize(objective, n_trials=trials - done, catch=(Exception,), show_progress_bar=progress)
+    return study, [t for t in study.trials if t.number not in before]
+
+
+def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
+               quantizable: list[str], seed: int) -> Callable[[optuna.Trial], list[float]]:
+    from optuna.artifacts import FileSystemArtifactStore
+
     Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(spec.artifacts)
 
-    def objective(trial) -> list[float]:
+    def objective(trial: optuna.Trial) -> list[float]:
         recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
         trial.set_user_attr("recipe", recipe.to_dict())
-        result = _run_trial(trial, recipe, task, store)
-        metrics = with_ratios(result.metrics, teacher)
+        result = _run_trial(trial, recipe, task, store, baseline.artifact)
+        metrics = with_ratios(result.metrics, baseline.metrics)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("kernels", result.kernels)
         trial.set_user_attr("layer_kernels", result.layer_kernels)
         return [metrics[name] for name in spec.objectives]
 
-    if trials > done:
-        study.optimize(objective, n_trials=trials - done, catch=(Exception,), show_progress_bar=progress)
-    return study
+    return objective
 
 
-def _run_trial(trial, recipe, task, store):
+def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, store: object, reference: Path) -> CompressedModel:
     """``apply`` one recipe; store its artifact and recipe, or its error as the failure reason."""
     from optuna.artifacts import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = apply(recipe, task, tmp, progress=False)
+            result = apply(recipe, task, tmp, progress=False, reference=reference)
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             raise
@@ -115,11 +134,35 @@ def _run_trial(trial, recipe, task, store):
     return result
 
 
-def _teacher_metrics(study, task, spec: StudySpec) -> dict[str, float]:
-    """The teacher measured once per study by the same ``apply`` path, with nothing compressed."""
-    if "teacher" in study.user_attrs:
-        return study.user_attrs["teacher"]
-    metrics = teacher_metrics(task, spec.measure)
-    study.set_user_attr("teacher", metrics)
-    study.set_user_attr("task", spec.task)
-    return metrics
+def _baseline(study: optuna.Study, task: Task, spec: StudySpec, out_dir: str) -> Baseline:
+    """The teacher's artifact for this run, timed against; its metrics are measured once per study
+    (they fix the study's latency scale) and stored with the task's fingerprint."""
+    baseline = teacher_baseline(task, spec.measure, out_dir)
+    if "teacher" not in study.user_attrs:
+        study.set_user_attr("teacher", baseline.metrics)
+        study.set_user_attr("task", spec.task)
+        study.set_user_attr("fingerprint", task.fingerprint())
+    return Baseline(baseline.artifact, study.user_attrs["teacher"])
+
+
+def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> None:
+    """Refuse to mix results of another teacher or other data: ``recorded`` is what ``where`` was made with."""
+    for key in ("teacher_sha256", "data_sha256"):
+        if recorded and recorded.get(key) != current[key]:
+            raise AutocompError(f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
+                                f"{current[key][:12]}...: another teacher or other data.")
+
+
+def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """One line of counts by state, and the most common failure reasons."""
+    counts = Counter(t.state.name for t in trials)
+    reasons = Counter(failure(t) for t in trials if t.state.name == "FAIL")
+    lines = [f"this run: {len(trials)} trial(s): " + ", ".join(f"{counts[s]} {s.lower()}" for s in FINISHED)]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(3)]
+    return "\n".join(lines)
+
+
+def failure(trial: optuna.trial.FrozenTrial) -> str:
+    """The first line of a failed trial's reason (the whole reason is its ``error`` user attribute)."""
+    lines = trial.user_attrs.get("error", "no reason recorded (see the Optuna log)").splitlines()
+    return lines[0][:200] if lines else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,22 @@ class Task:
         """The metric of a torch ``model`` on ``split`` (the artifact is scored in measure.py)."""
         return self.metric(predict(model, split.x).numpy(), split.y.numpy())
 
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of the teacher's weights and of the data splits, which a recipe's replay must match."""
+        state = self.teacher.state_dict()
+        return {"teacher_sha256": digest(state[k] for k in sorted(state)),
+                "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y))}
+
+
+def digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes, in order."""
+    sha = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        sha.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        sha.update(t.numpy().tobytes())
+    return sha.hexdigest()
+
 
 def cache_dir() -> Path:
     """Where trained teachers are cached: ``$AUTOCOMP_CACHE`` or ``~/.cache/autocomp``."""
@@ -58,14 +74,17 @@ def cached_teacher(
 ) -> nn.Module:
     """Train ``build()`` once with cross-entropy and cache its weights; later calls load them.
 
-    The cache key holds the task key, the seed, the architecture and the training settings, so
-    a change to any of them trains a new teacher instead of loading a stale one.
+    The cache key holds the task key, the seed, the architecture, the training settings and a digest
+    of the training data, so a change to any of them trains a new teacher instead of loading a stale
+    one. Training is deterministic (``train.fit``), so a fresh machine of the same kind trains the
+    same weights.
     """
     torch.manual_seed(seed)
     model = build()
-    fingerprint = f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{len(train)}|{getattr(augment, '__name__', None)}"
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    path = cache_dir() / "teachers" / f"{key}-seed{seed}-{digest}.pt"
+    data = digest([train.x, train.y])
+    fingerprint = f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{data}|{getattr(augment, '__name__', None)}"
+    key_digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    path = cache_dir() / "teachers" / f"{key}-seed{seed}-{key_digest}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()

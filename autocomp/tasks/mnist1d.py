@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -34,18 +35,19 @@ class MNIST1DCNN(nn.Module):
         return self.fc2(x)  # (B, 10)
 
 
-@TASKS.register("mnist1d", "MNIST-1D (5000 sequences of length 40, generated locally), 1-D CNN teacher, accuracy")
+TRAIN, VAL, TEST = 4000, 2000, 2000  # 2,000 held-out examples resolve a 1-point accuracy difference
+
+
+@TASKS.register("mnist1d", "MNIST-1D (8000 sequences of length 40, generated locally: 4000 train, 2000 val, "
+                           "2000 test), 1-D CNN teacher, accuracy")
 def mnist1d(seed: int = 0) -> Task:
     from mnist1d.data import get_dataset_args, make_dataset
-    from sklearn.model_selection import train_test_split
 
-    data = make_dataset(get_dataset_args())  # default args: 4000 train / 1000 test, seed 42
-    x = torch.tensor(data["x"], dtype=torch.float32).unsqueeze(1)  # (4000, 1, 40)
-    y = torch.tensor(data["y"], dtype=torch.long)
-    train, val = train_test_split(torch.arange(len(y)).numpy(), test_size=0.1, stratify=y, random_state=0)
-    train_split = Split(x[train], y[train])
-    teacher = cached_teacher("mnist1d", MNIST1DCNN, train_split, epochs=15, lr=2e-3,
-                             weight_decay=5e-2, seed=seed)
-    test = Split(torch.tensor(data["x_test"], dtype=torch.float32).unsqueeze(1),
-                 torch.tensor(data["y_test"], dtype=torch.long))
-    return Task("mnist1d", teacher, train_split, Split(x[val], y[val]), test, example_input=x[:1])
+    args = get_dataset_args()  # the paper's generator settings and data seed (42)
+    args.num_samples, args.train_split = TRAIN + VAL + TEST, TRAIN / (TRAIN + VAL + TEST)
+    data = make_dataset(args)
+    x = torch.tensor(np.concatenate([data["x"], data["x_test"]]), dtype=torch.float32).unsqueeze(1)  # (N, 1, 40)
+    y = torch.tensor(np.concatenate([data["y"], data["y_test"]]), dtype=torch.long)
+    train, val, test = (Split(x[a:b], y[a:b]) for a, b in [(0, TRAIN), (TRAIN, TRAIN + VAL), (TRAIN + VAL, None)])
+    teacher = cached_teacher("mnist1d", MNIST1DCNN, train, epochs=15, lr=2e-3, weight_decay=5e-2, seed=seed)
+    return Task("mnist1d", teacher, train, val, test, example_input=x[:1])

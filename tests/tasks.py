@@ -1,0 +1,41 @@
+"""User tasks for tests, loaded as a user would: ``task: "tests.tasks:NAME"`` (untrained, built in milliseconds)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autocomp.tasks import Task
+from autocomp.train import Split, predict
+from tests.conftest import SmallCNN
+
+
+def _inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def val_test_disagree() -> Task:
+    """Validation labels are the teacher's own predictions, test labels never are: a trial scores
+    100% on validation and 0% on test, so any mix-up of the splits shows."""
+    torch.manual_seed(0)
+    teacher = SmallCNN().eval()
+    x_val, x_test = _inputs(64, 1), _inputs(64, 2)
+    val = Split(x_val, predict(teacher, x_val).argmax(1))
+    test = Split(x_test, (predict(teacher, x_test).argmax(1) + 1) % 10)
+    return Task("val_test_disagree", teacher, Split(_inputs(64, 0), torch.zeros(64, dtype=torch.long)), val, test,
+                example_input=x_val[:1])
+
+
+class FixedView(SmallCNN):
+    """A model whose forward hard-codes its width (``view(-1, 256)``): it breaks once channels go."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.reshape(-1, 256))))
+
+
+def fixed_view() -> Task:
+    torch.manual_seed(0)
+    data = Split(_inputs(64, 0), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
+    return Task("fixed_view", FixedView().eval(), data, data, data, example_input=data.x[:1])

@@ -1,0 +1,53 @@
+"""The search ranks trials on the validation split, reports the test split, and says when it failed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import optuna
+
+from autocomp.search.optuna_runner import run_search
+from autocomp.study import StudySpec
+from tests.conftest import ROOT
+from tests.test_cli import AUTOCOMP
+
+SPACE = """schema_version: 1
+prune: {scope: local, sparsity: %s, criteria: [l1]}
+quantize: {bits: [32, 16]}
+finetune: {epochs: 0}
+"""
+
+
+def study(tmp_path, task: str, sparsity: str) -> StudySpec:
+    (tmp_path / "space.yaml").write_text(SPACE % sparsity)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: s\ntask: '{task}'\nspace: space.yaml\ntrials: 3\n"
+                    "population_size: 2\nmeasure: {warmup_seconds: 0.1, max_seconds: 1.0}\n")
+    return path
+
+
+def test_trials_are_ranked_on_validation_and_test_is_only_reported(tmp_path):
+    study_obj, trials = run_search(StudySpec.load(study(tmp_path, "tests.tasks:val_test_disagree", "0.0")),
+                                   progress=False)
+    assert study_obj.user_attrs["teacher"]["val_accuracy"] == 1.0
+    assert study_obj.user_attrs["teacher"]["test_accuracy"] == 0.0
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    for trial in trials:
+        metrics = trial.user_attrs["metrics"]
+        assert trial.values[0] == metrics["val_accuracy"] == 1.0 and metrics["test_accuracy"] == 0.0
+        assert metrics["test_drop_pp"] == metrics["val_drop_pp"] == 0.0
+
+
+def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path):
+    path = study(tmp_path, "tests.tasks:fixed_view", "0.5")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([AUTOCOMP, "search", str(path), "--no-progress"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "this run: 3 trial(s): 0 complete, 3 fail, 0 pruned" in result.stdout
+    assert "3 x TorchExportError: Failed to export" in result.stdout
+    assert "every trial of this run failed" in result.stderr
+    stored = optuna.load_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    assert [t.state.name for t in stored.trials] == ["FAIL"] * 3  # each recorded with its reason
+    assert all(t.user_attrs["error"] for t in stored.trials)
