@@ -144,7 +144,9 @@ class SearchSpace:
         """Define-by-run: ask ``trial`` for every free value and return the Recipe they make.
 
         ``quantizable`` names the Conv/Linear layers that may get their own weight bits (weight-only)
-        or activation bits (static int8: int8 kernels or fp32), default: the prunable ones.
+        or activation bits (static int8: int8 kernels or fp32), default: the prunable ones. A trial
+        whose sampled epochs are fewer than its pruning rounds (or 0 with QAT) gets one per round
+        (one for QAT), the Recipe's rule that every round fine-tunes.
         """
         prune = self._sample_prune(trial, prunable, task)
         values = {section: _sample_section(trial, section, {k: p for k, p in params.items()
@@ -157,6 +159,9 @@ class SearchSpace:
             if key in params and searched:
                 names = quantizable or prunable
                 q[key] = {name: params[key].suggest(trial, f"quantize.{name}.{rule}") for name in names}
+        finetune = values["finetune"]  # every round, and the QAT round, fine-tunes for at least one epoch
+        least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0)
+        finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
         return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 

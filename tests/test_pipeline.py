@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -130,3 +132,22 @@ def test_dropping_the_residual_block_removes_its_work(digits_task, tmp_path):
     block_macs = 128 * 128 * 9 * 16  # the block's 3x3 conv on a 4x4 map
     assert result.metrics["macs"] < teacher["macs"] - block_macs
     assert result.metrics["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize(("prune", "quantize", "epochs"), [
+    (Prune(), Quantize(bits=8, activation_bits=8), 1),
+    (Prune(layers={"conv2": LayerPrune(0.5)}, rounds=2), Quantize(bits=4, per_channel=True), 2),
+    (Prune(scope="global", granularity="weight", sparsity=0.5, regrow=0.1, rounds=2), Quantize(bits=4), 3),
+    (Prune(), Quantize(bits=8, activation_bits=8, layers={"fc1": 4}, activation_layers={"conv1": 32}), 1),
+], ids=["int8", "rounds2-int4", "masked-regrow-int4", "mixed"])
+def test_quantization_aware_training_changes_the_weights_of_every_recipe_that_asks(digits_task, tmp_path, prune,
+                                                                                      quantize, epochs):
+    def weights(qat: bool) -> dict[str, torch.Tensor]:
+        r = Recipe(task="digits", prune=prune, quantize=dataclasses.replace(quantize, qat=qat),
+                   finetune=FineTune(epochs=epochs))
+        return apply(r, digits_task, tmp_path / str(qat), progress=False).model.state_dict()
+
+    ptq, qat = weights(False), weights(True)
+    changed = [k for k in ptq if k.endswith("weight") and not torch.equal(ptq[k], qat[k])]
+    trained = [k for k in ptq if k.endswith("weight") and ptq[k].dim() > 1]  # Conv/Linear weights
+    assert set(trained) <= set(changed)  # QAT ran in the last fine-tune and moved every layer's weights

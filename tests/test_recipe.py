@@ -52,6 +52,8 @@ def test_quantization_aware_training_of_masked_weights_round_trips():
         ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
         ({"schema_version": 7}, "recipe.schema_version", "got 7"),
+        ({"prune": {"rounds": 3}}, "recipe.finetune.epochs", "each of the 3 pruning rounds"),
+        ({"quantize": {"qat": True}, "finetune": {"epochs": 0}}, "recipe.quantize.qat", "finetune.epochs >= 1"),
     ],
 )
 def test_bad_values_name_field_rule_and_value(patch, field, fragment):
@@ -76,3 +78,11 @@ def test_check_layers_against_the_model(small_cnn):
     assert err.value.field == "recipe.quantize.layers.fc3"
     with pytest.raises(ConfigError, match="bn_scale"):  # fc1 has no BatchNorm to read gamma from
         Recipe(task="digits", prune=Prune(layers={"fc1": LayerPrune(0.5, "bn_scale")})).check_layers(prunable)
+
+
+@pytest.mark.parametrize(("epochs", "rounds", "schedule"), [(5, 2, [3, 2]), (2, 2, [1, 1]), (4, 1, [4]), (0, 1, [0]),
+                                                            (7, 3, [3, 2, 2])])
+def test_the_fine_tune_schedule_gives_every_round_its_epochs(epochs, rounds, schedule):
+    from autocomp.recipe import FineTune
+
+    assert FineTune(epochs=epochs).schedule(rounds) == schedule
