@@ -13,8 +13,9 @@ from torch import nn
 
 from autocomp.compress.groups import check_metadata, pruning_groups
 from autocomp.compress.prune import prunable_layers, prune
+from autocomp.errors import ConfigError
 from autocomp.features import layer_names
-from autocomp.recipe import LayerPrune, Prune
+from autocomp.recipe import LayerPrune, Prune, Recipe
 from autocomp.runtime import export_onnx
 from autocomp.tasks.digits import DigitsCNN
 from autocomp.train import Split
@@ -261,3 +262,15 @@ def test_check_metadata_names_every_size_out_of_step_with_the_weights():
         + ", ".join(f"'features.4: num_features (vs {t}) 39 != 38 (from the tensor shapes)'"
                     for t in ("weight", "bias", "running_mean", "running_var"))
         + ", 'head: in_features 41 != 40 (from the tensor shapes)']")
+
+
+def test_a_recipe_names_a_group_once():
+    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    both = {"conv3": LayerPrune(0.5), "block.body.0": LayerPrune(0.3)}
+    with pytest.raises(ConfigError) as err:
+        Recipe(task="digits", prune=Prune(layers=both)).check_layers(prunable)
+    assert str(err.value) == (
+        "`recipe.prune.layers.block.body.0` is tied to `conv3` (one pruning group: ['conv3', 'block.body.0']); "
+        "a group's channels are pruned once, named by one member, but got both.")
+    Recipe(task="digits", prune=Prune(layers={"block.body.0": LayerPrune(0.5)})).check_layers(prunable)
+    Recipe(task="digits", prune=Prune(granularity="weight", layers=both)).check_layers(prunable)  # masks: per layer
