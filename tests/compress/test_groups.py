@@ -201,6 +201,38 @@ def test_local_scope_prunes_the_whole_group_by_whichever_member_is_named(cls, me
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+def following_batchnorm(model: nn.Module, name: str) -> nn.Module | None:
+    """The BatchNorm after a zoo layer: the next module of its Sequential, or bnK after convK."""
+    parent, _, child = name.rpartition(".")
+    sibling = str(int(child) + 1) if child.isdigit() else child.replace("conv", "bn")
+    module = getattr(model.get_submodule(parent), sibling, None)
+    return module if isinstance(module, nn.BatchNorm2d) else None
+
+
+@pytest.mark.parametrize(("cls", "members"), [(cls, m) for cls, groups in ZOO.items() for m, _, _ in groups],
+                         ids=lambda v: v.__name__ if isinstance(v, type) else v[0])
+def test_removing_dead_channels_leaves_the_output_unchanged(cls, members):
+    """Channels that output zero through the activation go; every consumer must keep exactly the others."""
+    model = make(cls)
+    count, divisor = next((c, d) for m, c, d in ZOO[cls] if m == members)
+    block = count // divisor
+    dead = [b * block + p for b in range(divisor) for p in range(1, block, 2)][: divisor * (block // 2)]
+    with torch.no_grad():
+        for name in members:  # zero filters (lowest L1) whose activation reads 0: relu(-1)
+            layer, bn = model.get_submodule(name), following_batchnorm(model, name)
+            layer.weight[dead] = 0.0
+            if layer.bias is not None:
+                layer.bias[dead] = -1.0
+            if bn is not None:
+                bn.weight[dead], bn.bias[dead] = 0.0, -1.0
+    x = torch.randn(4, 3, 8, 8)
+    expected = model(x)
+    spec = Prune(layers={members[-1]: LayerPrune(len(dead) / count, "l1")})
+    prune(model, X, spec, prunable_layers(model, X), data())
+    assert {channels(model)[n] for n in members} == {count - len(dead)}
+    torch.testing.assert_close(model(x), expected)
+
+
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("cls", ZOO, ids=lambda c: c.__name__)
 def test_global_scope_removes_the_share_and_keeps_min_keep_of_every_group(cls, sparsity):
