@@ -67,12 +67,14 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     graph = dependency_graph(model, example_input)
     groups = {g.name: g for g in pruning_groups(model, example_input, graph) if g.name in original}
     size = {name: original[name].channels for name in groups}  # against which targets count
+    removed = {name: size[name] - g.channels for name, g in groups.items()}  # by earlier rounds
     if spec.scope == "local":
-        targets = {original[n].group: layer for n, layer in spec.layers.items() if n in original and layer.sparsity > 0}
-        criteria = {name: targets[original[name].group].criterion for name in groups if original[name].group in targets}
-        need = {name: channels_to_remove(size[name], targets[original[name].group].sparsity * progress,
-                                         groups[name].divisor) - (size[name] - groups[name].channels)
-                for name in criteria}
+        # a group's entry names any one member; after dropped blocks a group may have a new first member
+        targets = {original[n].group: entry for n, entry in spec.layers.items() if n in original and entry.sparsity > 0}
+        plan = {name: targets[original[name].group] for name in groups if original[name].group in targets}
+        criteria = {name: entry.criterion for name, entry in plan.items()}
+        need = {name: channels_to_remove(size[name], entry.sparsity * progress, groups[name].divisor) - removed[name]
+                for name, entry in plan.items()}
     else:
         criteria = {name: spec.criterion for name, g in groups.items() if spec.criterion in g.criteria()}
         need = {}
@@ -80,7 +82,7 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     if spec.scope == "global":
         total = round(spec.sparsity * sum(size[n] for n in criteria) * progress)
         floor = {n: max(1, math.ceil(spec.min_keep * size[n])) for n in criteria}
-        need = _global_counts(scores, total - sum(size[n] - groups[n].channels for n in criteria),
+        need = _global_counts(scores, total - sum(removed[n] for n in criteria),
                               {n: groups[n].channels - floor[n] for n in criteria})
     modules = dict(model.named_modules())
     for name, s in scores.items():
