@@ -280,6 +280,16 @@ def test_the_digits_teachers_residual_partners_keep_the_requested_share():
     check_metadata(model)
 
 
+def test_a_group_named_by_a_member_of_a_dropped_block_still_prunes_the_rest():
+    model, x = DigitsCNN().eval(), torch.zeros(1, 1, 8, 8)
+    original = prunable_layers(model, x)  # of the teacher, before the block goes
+    model.block = nn.Identity()
+    digits = Split(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    prune(model, x, Prune(layers={"block.body.0": LayerPrune(0.5, "l1")}), original, digits)
+    teacher = channels(DigitsCNN())
+    assert channels(model) == {n: 64 if n == "conv3" else c for n, c in teacher.items() if n != "block.body.0"}
+
+
 def test_check_metadata_names_every_size_out_of_step_with_the_weights():
     model = MobileNet()
     model.features[3].groups = 37  # depthwise: 38 filters of one input channel each
