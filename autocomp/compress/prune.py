@@ -60,6 +60,8 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     ``original`` holds the prunable layers of the unpruned model, against which the targets are counted
     (each group's share of its original channels); an iterative schedule calls this once per round with a
     growing ``progress``. Channels go per pruning group: one target, one ranking, one removal per group.
+    Layers of ``original`` the model no longer has (dropped blocks) are skipped, but an entry naming one
+    still prunes the rest of its group.
     """
     seed_everything(seed)
     if spec.granularity == "weight":
@@ -176,9 +178,10 @@ def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLa
     makes them permanent. A weight already masked counts first towards the target.
     """
     modules = dict(model.named_modules())
+    present = [n for n in original if n in modules]  # not the layers of dropped blocks
     plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items()
-             if layer.sparsity > 0 and n in original}
-            if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in original})
+             if layer.sparsity > 0 and n in present}
+            if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in present})
     found = {n: CRITERIA.get(criterion) for n, (_, criterion) in plan.items()}
     if any(c.needs_gradients for c in found.values()):
         accumulate_gradients(model, data)

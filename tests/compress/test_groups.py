@@ -12,7 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from autocomp.compress.groups import check_metadata, pruning_groups
-from autocomp.compress.prune import prunable_layers, prune
+from autocomp.compress.prune import prunable_layers, prune, weight_mask
 from autocomp.errors import ConfigError
 from autocomp.features import layer_names
 from autocomp.recipe import LayerPrune, Prune, Recipe
@@ -288,6 +288,9 @@ def test_a_group_named_by_a_member_of_a_dropped_block_still_prunes_the_rest():
     prune(model, x, Prune(layers={"block.body.0": LayerPrune(0.5, "l1")}), original, digits)
     teacher = channels(DigitsCNN())
     assert channels(model) == {n: 64 if n == "conv3" else c for n, c in teacher.items() if n != "block.body.0"}
+    prune(model, x, Prune(scope="global", granularity="weight", sparsity=0.5), original, digits)
+    masks = [weight_mask(model.get_submodule(n)) for n in ("conv1", "conv2", "conv3", "conv4", "fc1")]
+    assert sum(int((m == 0).sum()) for m in masks) == round(0.5 * sum(m.numel() for m in masks))
 
 
 def test_check_metadata_names_every_size_out_of_step_with_the_weights():
