@@ -31,8 +31,8 @@ class PruningGroup:
     name: str  # the first member in model order: the group's name in recipes and search spaces
     members: tuple[str, ...]  # in model order
     channels: int  # output channels (Conv) or features (Linear) of every member
-    divisor: int = 1  # a grouped (not depthwise) convolution on these channels loses as many in every group
-    batchnorm: bool = False  # a BatchNorm normalises these channels
+    divisor: int  # a grouped (not depthwise) convolution on these channels loses as many in every group
+    batchnorm: bool  # a BatchNorm normalises these channels
 
     def criteria(self, granularity: str = "channel") -> list[str]:
         """The registered criteria that can score this group's channels (or its layers' single weights)."""
