@@ -37,10 +37,15 @@ class LayerPrune:
 class Prune:
     """Pruning: which channels (``granularity`` "channel") or single weights ("weight") go.
 
-    ``local``: each entry of ``layers`` removes its own share of that layer's channels/weights.
-    ``global``: ``sparsity`` of all prunable ones goes, the lowest by ``criterion`` across
-    layers (channel scores normalised by their layer's mean), each layer keeping at least
-    ``min_keep`` (the guard against layer collapse). ``rounds`` > 1 prunes iteratively, the
+    Channels go per pruning group: layers whose channels are tied one-to-one (the two inputs of a residual
+    add, a depthwise convolution and the layer feeding it; ``autocomp.compress.groups``) lose the same
+    channels. ``local``: each entry of ``layers`` removes round(sparsity x channels) of its group's channels
+    (of a layer's single weights at granularity "weight"); a group is named once, by any one of its members,
+    so naming a second member of the same group is an error (single weights are per layer: no such rule).
+    ``global``: ``sparsity`` of all prunable channels (weights) goes, the lowest by ``criterion`` across
+    groups (channel scores normalised by their group's mean), each group (layer) keeping at least
+    ``min_keep`` (the guard against layer collapse). A group a grouped convolution reads loses channels in
+    multiples of its number of groups. ``rounds`` > 1 prunes iteratively, the
     fine-tune epochs split between rounds; ``bn_penalty`` adds L1 on BatchNorm scales to the
     fine-tune loss (network slimming). Removed channels leave the model; removed weights are
     masked to zero and the artifact stores them sparsely (bitmask + kept codes). ``regrow`` (weights only) is
@@ -235,12 +240,19 @@ class Recipe:
                 if quantizable is not None and name not in quantizable:
                     raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."
                                       f"{did_you_mean(name, quantizable)}", f"recipe.quantize.{key}.{name}")
+        named: dict[str, str] = {}  # pruning group -> the member that names it
         for name, layer in self.prune.layers.items():
             field_name = f"recipe.prune.layers.{name}"
             if name not in prunable:
                 hint = did_you_mean(name, prunable)
                 raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
                                   f"are {list(prunable)}.{hint}", field_name)
+            group = prunable[name].group
+            if self.prune.granularity == "channel" and group in named:
+                partners = [n for n, other in prunable.items() if other.group == group]
+                raise ConfigError(f"is tied to `{named[group]}` (one pruning group: {partners}); a group's channels "
+                                  f"are pruned once, named by one member, but got both.", field_name)
+            named[group] = name
             allowed = prunable[name].criteria(self.prune.granularity)
             if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows; channel-only criteria
                 message = (f"must be one of {allowed} for this layer at granularity {self.prune.granularity!r}, "

@@ -96,11 +96,12 @@ class Param:
 
 @dataclass
 class SearchSpace:
-    """Per-layer sparsity and criterion, plus the quantize/distill/finetune sections of a Recipe."""
+    """Per-group (per-layer for single weights) sparsity and criterion, plus the quantize/distill/finetune
+    sections of a Recipe."""
 
     sparsity: Param = field(default_factory=lambda: Param(choices=(0.0,)))
     criteria: Param = field(default_factory=lambda: Param(choices=("l1",)))
-    layers: list[str] | None = None  # None: every prunable layer of the teacher
+    layers: list[str] | None = None  # None: every prunable layer of the teacher (a pruning group by any member)
     pruning: dict[str, Param] = field(default_factory=dict)  # the PRUNE_KEYS the space names
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
 
@@ -166,7 +167,8 @@ class SearchSpace:
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
 
     def _sample_prune(self, trial, prunable: dict, task: str) -> Prune:
-        """Local scope: a sparsity and a criterion per layer; global: one of each for all layers.
+        """Local scope: a sparsity and a criterion per pruning group (channels), named by the group's name, or
+        per layer (single weights); global: one of each for all layers.
 
         Parameter names carry the granularity where the criteria to choose from depend on it (an
         Optuna parameter keeps one set of choices for the whole study).
@@ -178,8 +180,11 @@ class SearchSpace:
             chosen["regrow"] = self.pruning["regrow"].suggest(trial, "prune.regrow")
         tag = "" if granularity == "channel" else f".{granularity}"
         if chosen.get("scope", "local") == "local":
+            names = self.layer_names(prunable, task)
+            if granularity == "channel":  # the channels of a group go together: a group is named once
+                names = list(dict.fromkeys(prunable[name].group for name in names))
             layers = {name: self._sample_layer(trial, f"{name}{tag}", prunable[name].criteria(granularity))
-                      for name in self.layer_names(prunable, task)}
+                      for name in names}
             return Prune(layers=layers, **chosen)
         if "min_keep" in self.pruning:
             chosen["min_keep"] = self.pruning["min_keep"].suggest(trial, "prune.min_keep")

@@ -25,9 +25,10 @@ def recipe_using(task, family: str, name: str) -> Recipe:
     layers = prunable_layers(task.teacher, task.example_input)
     criterion = name if family.startswith("prune.criteria") else "l1"
     granularity = "weight" if family == "prune.criteria.weight" else "channel"
+    named = layers if granularity == "weight" else {layer.group for layer in layers.values()}  # a group once
     prune = Prune(granularity=granularity, regrow=0.1 if granularity == "weight" else 0.0,
-                  layers={n: LayerPrune(0.5, criterion if criterion in layer.criteria(granularity) else "l1")
-                          for n, layer in layers.items()})
+                  layers={n: LayerPrune(0.5, criterion if criterion in layers[n].criteria(granularity) else "l1")
+                          for n in named})
     quantize = Quantize(bits=8, activation_bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
     return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=2))

@@ -9,6 +9,7 @@ from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
 from autocomp.recipe import Recipe
 from autocomp.space import SearchSpace
+from autocomp.tasks.digits import DigitsCNN
 from tests.conftest import ROOT
 
 
@@ -34,7 +35,8 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         tag = "" if prune.granularity == "channel" else ".weight"
         assert ("prune.regrow" in trial.params) == (prune.granularity == "weight")
         if prune.scope == "local":
-            assert set(prune.layers) == set(prunable) and "prune.sparsity" not in trial.params
+            named = set(prunable) if prune.granularity == "weight" else {layer.group for layer in prunable.values()}
+            assert set(prune.layers) == named and "prune.sparsity" not in trial.params
             for name, layer in prune.layers.items():
                 assert (f"prune.{name}{tag}.criterion" in trial.params) == (layer.sparsity > 0)
         else:
@@ -115,3 +117,19 @@ def test_every_shipped_space_loads_and_samples_valid_recipes(small_cnn, path):
         recipe.check_layers(prunable)
         assert Recipe.from_dict(recipe.to_dict()) == recipe
         study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize(("granularity", "named"), [
+    ("channel", ["conv1", "conv2", "conv3", "conv4", "fc1"]),  # conv3 names its group with block.body.0
+    ("weight", ["conv1", "conv2", "conv3", "block.body.0", "conv4", "fc1"]),  # masks are per layer
+])
+def test_local_scope_samples_each_pruning_group_once(granularity, named):
+    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    space = SearchSpace.from_dict({"schema_version": 1, "prune": {"granularity": granularity, "sparsity": [0.25, 0.5],
+                                                                  "criteria": ["l1", "l2"]}})
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    recipe = space.sample(trial, "digits", prunable)
+    recipe.check_layers(prunable)
+    tag = "" if granularity == "channel" else ".weight"
+    assert list(recipe.prune.layers) == named
+    assert [k for k in trial.params if k.endswith(".sparsity")] == [f"prune.{n}{tag}.sparsity" for n in named]

@@ -1,7 +1,8 @@
 """Pruning criteria: how to score the output channels of a layer (lowest scores go first).
 
 A criterion builds a callable ``score(group) -> Tensor (C,)`` in torch-pruning's ``Importance``
-form, where ``group`` is the dependency group rooted at the layer. Weight- and gradient-based
+form, where ``group`` is the dependency group rooted at the first member of a pruning group
+(``groups.py``), so a group is ranked the same whichever member a recipe names. Weight- and gradient-based
 criteria are torch-pruning's importances; activation-based ones read the layer's
 pre-activations (the following BatchNorm's output where there is one) recorded on training data.
 """

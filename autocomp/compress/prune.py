@@ -1,8 +1,9 @@
 """Structured pruning that physically removes channels, on torch-pruning's dependency graph.
 
-Each layer's channels are scored by its criterion (``criteria.py``); the lowest-scored channels
-are removed together with everything that depends on them (BatchNorm entries, the next layer's
-input channels). Unstructured pruning instead masks single weights to zero (``WeightMask``).
+Channels go per pruning group (``groups.py``: the layers whose channels are tied, as by a residual add):
+each group's channels are scored by its criterion (``criteria.py``) and the lowest-scored ones are removed
+from every member together with everything that depends on them (BatchNorm entries, the next layers' input
+channels). Unstructured pruning instead masks single weights of each layer to zero (``WeightMask``).
 """
 
 from __future__ import annotations
@@ -15,30 +16,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from autocomp.compress.criteria import (
-    CRITERIA,
-    accumulate_gradients,
-    applicable,
-    preactivation_module,
-    record_preactivations,
-)
-from autocomp.features import head_layer, layer_names
+from autocomp.compress.criteria import CRITERIA, accumulate_gradients, applicable, record_preactivations
+from autocomp.compress.groups import check_metadata, dependency_graph, dependency_group, pruning_groups
+from autocomp.features import layer_names
 from autocomp.train import Split, seed_everything
 
 if TYPE_CHECKING:
     from autocomp.recipe import Prune
 
 
-def _tp():
-    import torch_pruning
-
-    return torch_pruning
-
-
 @dataclass(frozen=True)
 class PrunableLayer:
-    channels: int  # output channels (Conv) or features (Linear)
+    channels: int  # output channels (Conv) or features (Linear), as every layer of its group
     batchnorm: bool  # a BatchNorm normalises these channels
+    group: str  # the name of its pruning group (``groups.py``): the group's first member
 
     def criteria(self, granularity: str = "channel") -> list[str]:
         """The registered criteria that can score this layer's channels (or single weights)."""
@@ -46,83 +37,83 @@ class PrunableLayer:
 
 
 def prunable_layers(model: nn.Module, example_input: Tensor) -> dict[str, PrunableLayer]:
-    """Conv/Linear layers whose output channels can be removed, in model order.
+    """The members of the model's pruning groups, in model order, each with its group's channels and name.
 
-    The layer that produces the model's output is excluded: its channels are the classes.
+    The group of the layer that produces the model's output is excluded: its channels are the classes.
     """
-    head = head_layer(model, example_input)
-    modules = dict(model.named_modules())
-    graph = _tp().DependencyGraph().build_dependency(model, example_inputs=example_input)
-    return {n: PrunableLayer(graph.get_out_channels(modules[n]), _has_batchnorm(graph, modules[n]))
-            for n in layer_names(model) if n != head}
+    layers = {member: PrunableLayer(g.channels, g.batchnorm, g.name)
+              for g in pruning_groups(model, example_input) for member in g.members}
+    return {name: layers[name] for name in layer_names(model) if name in layers}
 
 
-def _has_batchnorm(graph, layer: nn.Module) -> bool:
-    return preactivation_module(graph, layer) is not layer
-
-
-def channels_to_remove(channels: int, sparsity: float) -> int:
-    """How many of ``channels`` a sparsity removes; at least one channel always stays."""
-    return min(int(round(channels * sparsity)), channels - 1)
+def channels_to_remove(channels: int, sparsity: float, divisor: int = 1) -> int:
+    """How many of ``channels`` a sparsity removes: the nearest multiple of ``divisor`` (a grouped convolution
+    loses as many channels in each of its groups); at least ``divisor`` channels always stay."""
+    blocks = channels // divisor
+    return divisor * min(int(round(blocks * sparsity)), blocks - 1)
 
 
 def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[str, PrunableLayer],
           data: Split, seed: int = 0, progress: float = 1.0) -> nn.Module:
     """Remove channels in place until ``progress`` (0-1] of ``spec``'s removal is done.
 
-    ``original`` holds the prunable layers of the unpruned model, against which the targets
-    are counted; an iterative schedule calls this once per round with a growing ``progress``.
+    ``original`` holds the prunable layers of the unpruned model, against which the targets are counted
+    (each group's share of its original channels); an iterative schedule calls this once per round with a
+    growing ``progress``. Channels go per pruning group: one target, one ranking, one removal per group.
+    Layers of ``original`` the model no longer has (dropped blocks) are skipped, but an entry naming one
+    still prunes the rest of its group.
     """
     seed_everything(seed)
     if spec.granularity == "weight":
         return _prune_weights(model, spec, original, data, progress)
-    modules = dict(model.named_modules())
-    graph = _tp().DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
-    channels = {name: graph.get_out_channels(modules[name]) for name in original}
+    graph = dependency_graph(model, example_input)
+    groups = {g.name: g for g in pruning_groups(model, example_input, graph) if g.name in original}
+    size = {name: original[name].channels for name in groups}  # against which targets count
+    removed = {name: size[name] - g.channels for name, g in groups.items()}  # by earlier rounds
     if spec.scope == "local":
-        criteria = {name: layer.criterion for name, layer in spec.layers.items()
-                    if layer.sparsity > 0 and name in original}  # not in original: in a dropped block
-        need = {name: round(channels_to_remove(original[name].channels, spec.layers[name].sparsity) * progress)
-                - (original[name].channels - channels[name]) for name in criteria}
+        # a group's entry names any one member; after dropped blocks a group may have a new first member
+        targets = {original[n].group: entry for n, entry in spec.layers.items() if n in original and entry.sparsity > 0}
+        plan = {name: targets[original[name].group] for name in groups if original[name].group in targets}
+        criteria = {name: entry.criterion for name, entry in plan.items()}
+        need = {name: channels_to_remove(size[name], entry.sparsity * progress, groups[name].divisor) - removed[name]
+                for name, entry in plan.items()}
     else:
-        criteria = {name: spec.criterion for name, layer in original.items() if spec.criterion in layer.criteria()}
+        criteria = {name: spec.criterion for name, g in groups.items() if spec.criterion in g.criteria()}
         need = {}
     scores = _scores(model, graph, {n: c for n, c in criteria.items() if need.get(n, 1) > 0}, data)
     if spec.scope == "global":
-        total = round(spec.sparsity * sum(original[n].channels for n in criteria) * progress)
-        floor = {n: max(1, math.ceil(spec.min_keep * original[n].channels)) for n in criteria}
-        need = _global_counts(scores, total - sum(original[n].channels - channels[n] for n in criteria),
-                              {n: channels[n] - floor[n] for n in criteria})
+        total = round(spec.sparsity * sum(size[n] for n in criteria) * progress)
+        floor = {n: max(1, math.ceil(spec.min_keep * size[n])) for n in criteria}
+        need = _global_counts(scores, total - sum(removed[n] for n in criteria),
+                              {n: groups[n].channels - floor[n] for n in criteria})
+    modules = dict(model.named_modules())
     for name, s in scores.items():
-        prune_fn = graph.get_pruner_of_module(modules[name]).prune_out_channels
-        idxs = _lowest(s, need[name], _channel_groups(graph, modules[name]))
+        idxs = _lowest(s, need[name], groups[name].divisor)
         if idxs:
-            graph.get_pruning_group(modules[name], prune_fn, idxs=idxs).prune()
+            dependency_group(graph, modules[name], idxs).prune()
     model.zero_grad(set_to_none=True)
+    check_metadata(model)
     return model
 
 
 def _scores(model: nn.Module, graph, criteria: dict[str, str], data: Split) -> dict[str, Tensor]:
-    """(C,) scores of each layer's current channels, all taken before any is removed."""
+    """(C,) scores of each group's current channels (the group rooted at the named layer), all taken before any
+    channel is removed."""
     found = {name: CRITERIA.get(criterion) for name, criterion in criteria.items()}
     if any(c.needs_gradients for c in found.values()):
         accumulate_gradients(model, data)
     activations = record_preactivations(model, graph, [n for n, c in found.items() if c.needs_activations], data)
-    modules, scores = dict(model.named_modules()), {}
-    for name, criterion in found.items():
-        layer = modules[name]
-        prune_fn = graph.get_pruner_of_module(layer).prune_out_channels
-        group = graph.get_pruning_group(layer, prune_fn, idxs=list(range(graph.get_out_channels(layer))))
-        scores[name] = criterion.make(activations.get(name))(group).detach().float()
-    return scores
+    modules = dict(model.named_modules())
+    return {name: criterion.make(activations.get(name))(dependency_group(graph, modules[name])).detach().float()
+            for name, criterion in found.items()}
 
 
 def _global_counts(scores: dict[str, Tensor], count: int, removable: dict[str, int],
                    normalise: bool = True) -> dict[str, int]:
-    """How many channels (weights) each layer gives when the ``count`` lowest go across layers,
-    scores divided by their layer's mean if ``normalise``; no layer gives more than ``removable``.
+    """How many channels (weights) each group (layer) gives when the ``count`` lowest go across them, scores
+    divided by their group's mean if ``normalise``; none gives more than its ``removable``.
 
-    A layer that would give more than its share is capped, and the rest is ranked again without it.
+    One that would give more than its share is capped, and the rest is ranked again without it.
     """
     flat = {n: s.flatten() / (s.mean().clamp_min(1e-12) if normalise else 1.0) for n, s in scores.items()}
     counts, open_layers = dict.fromkeys(scores, 0), list(scores)
@@ -141,25 +132,16 @@ def _global_counts(scores: dict[str, Tensor], count: int, removable: dict[str, i
     return counts
 
 
-def _channel_groups(graph, layer: nn.Module) -> int:
-    """The number of groups of a grouped (not depthwise) convolution coupled to ``layer``'s channels:
-    such a convolution stays valid only if every group loses as many channels."""
-    prune_fn = graph.get_pruner_of_module(layer).prune_out_channels
-    convs = [dep.target.module for dep, _ in graph.get_pruning_group(layer, prune_fn, idxs=[0])
-             if isinstance(dep.target.module, nn.modules.conv._ConvNd)]
-    return max([c.groups for c in convs if 1 < c.groups < c.in_channels], default=1)
-
-
-def _lowest(scores: Tensor, count: int, groups: int) -> list[int]:
-    """The ``count`` lowest-scored channels, as many from each of ``groups`` equal blocks."""
-    if count <= 0:
+def _lowest(scores: Tensor, count: int, divisor: int) -> list[int]:
+    """The ``count`` lowest-scored channels, rounded down to a multiple of ``divisor``: with ``divisor`` > 1 the
+    same positions in each of ``divisor`` equal blocks, the lowest by their summed scores (a grouped convolution
+    reading these channels keeps one slice of its weight for every group)."""
+    per_block = count // divisor
+    if per_block <= 0:
         return []
-    if groups == 1:
-        return scores.argsort(stable=True)[:count].tolist()
-    per_group = count // groups
-    blocks = scores.view(groups, -1)  # (G, C / G)
-    offsets = torch.arange(groups).unsqueeze(1) * blocks.shape[1]
-    return sorted((blocks.argsort(dim=1, stable=True)[:, :per_group] + offsets).flatten().tolist())
+    block = len(scores) // divisor
+    positions = scores.view(divisor, block).sum(0).argsort(stable=True)[:per_block]
+    return sorted((torch.arange(divisor).unsqueeze(1) * block + positions).flatten().tolist())
 
 
 class WeightMask(nn.Module):
@@ -196,9 +178,10 @@ def _prune_weights(model: nn.Module, spec: Prune, original: dict[str, PrunableLa
     makes them permanent. A weight already masked counts first towards the target.
     """
     modules = dict(model.named_modules())
+    present = [n for n in original if n in modules]  # not the layers of dropped blocks
     plan = ({n: (layer.sparsity, layer.criterion) for n, layer in spec.layers.items()
-             if layer.sparsity > 0 and n in original}
-            if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in original})
+             if layer.sparsity > 0 and n in present}
+            if spec.scope == "local" else {n: (spec.sparsity, spec.criterion) for n in present})
     found = {n: CRITERIA.get(criterion) for n, (_, criterion) in plan.items()}
     if any(c.needs_gradients for c in found.values()):
         accumulate_gradients(model, data)
