@@ -51,13 +51,13 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     student = copy.deepcopy(task.teacher)
     if recipe.prune.drop_blocks:
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
-        present = set(layer_names(student))
-        prunable = {name: layer for name, layer in prunable.items() if name in present}
+    present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
     for r, epochs in enumerate(schedule, start=1):
+        # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
               progress=r / len(schedule))
-        _fine_tune(student, task, recipe, list(prunable), epochs, seed=recipe.seed + r - 1,
+        _fine_tune(student, task, recipe, [n for n in prunable if n in present], epochs, seed=recipe.seed + r - 1,
                    qat=recipe.quantize.qat and r == len(schedule), progress=progress)  # QAT in the last fine-tune
     finalize_masks(student)
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),

@@ -30,7 +30,27 @@ def test_digits_teacher_is_trained_and_cached(digits_task, teacher_cache):
 @pytest.mark.slow
 def test_mnist1d_teacher_reaches_the_papers_cnn_baseline(mnist1d_task):
     check_teacher(mnist1d_task, 0.94)
-    assert mnist1d_task.example_input.shape == (1, 1, 40) and len(mnist1d_task.test) == 1000
+    assert mnist1d_task.example_input.shape == (1, 1, 40)
+    assert (len(mnist1d_task.train), len(mnist1d_task.val), len(mnist1d_task.test)) == (4000, 2000, 2000)
+
+
+def test_training_gives_the_same_weights_whatever_the_thread_count_before():
+    import torch
+
+    from autocomp.train import Split, cross_entropy, fit
+    from tests.conftest import SmallCNN
+
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(256, 1, 8, 8, generator=g), torch.randint(0, 10, (256,), generator=g))
+    trained = []
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # what the machine (or another library) left set
+        torch.manual_seed(0)
+        trained.append(fit(SmallCNN(), data, cross_entropy, epochs=2, lr=1e-2, progress=False).state_dict())
+        assert torch.get_num_threads() == threads  # restored
+    torch.set_num_threads(before)
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
 def test_task_references_resolve_or_explain():
