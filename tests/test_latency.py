@@ -46,7 +46,7 @@ class Wide(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, width, 3, padding=1)
-        self.fc = nn.Linear(width * 64, 10)
+        self.fc = nn.Linear(width * 256, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).flatten(1))
@@ -54,10 +54,10 @@ class Wide(nn.Module):
 
 def test_the_same_artifact_measured_twice_agrees_within_five_percent(tmp_path):
     torch.manual_seed(0)
-    x = torch.zeros(1, 1, 8, 8)
-    candidate = runtime.export_onnx(Wide(128).eval(), x, tmp_path / "c.onnx")
-    reference = runtime.export_onnx(Wide(16).eval(), x, tmp_path / "r.onnx")
+    x = torch.zeros(1, 1, 16, 16)  # about 0.07 ms, the scale of the shipped tasks' artifacts; below 0.04 ms
+    candidate = runtime.export_onnx(Wide(128).eval(), x, tmp_path / "c.onnx")  # two fresh sessions of one model
+    reference = runtime.export_onnx(Wide(32).eval(), x, tmp_path / "r.onnx")  # can differ by 5-10%
     spec = Measure(warmup_seconds=0.5, max_seconds=5.0)
     first, second = (time_artifact(candidate, reference, x.numpy(), spec) for _ in range(2))  # new sessions each
-    assert first.ratio > 1.2  # eight times the width really is slower (about 1.5-2x here)
+    assert first.ratio > 1.2  # four times the width really is slower (about 2.4x here)
     assert abs(second.ratio / first.ratio - 1) < 0.05
