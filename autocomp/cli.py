@@ -1,4 +1,4 @@
-"""The ``autocomp`` command: search | pareto | export | apply | methods | dashboard."""
+"""The ``autocomp`` command: search | sensitivity | pareto | export | apply | methods | dashboard."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, help="sampler and training seed (default: the YAML's)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(run=_search)
+
+    sensitivity = commands.add_parser("sensitivity", help="the teacher's sensitivity map, stored with the study")
+    sensitivity.add_argument("study", help="study YAML, e.g. studies/digits.yaml")
+    _storage_args(sensitivity)
+    sensitivity.add_argument("--png", type=Path, help="heat map to write (default: <study>_sensitivity.png beside "
+                                                      "the study's artifacts)")
+    sensitivity.add_argument("--recompute", action="store_true", help="analyse again even if the study has a map")
+    sensitivity.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    sensitivity.set_defaults(run=_sensitivity)
 
     pareto = commands.add_parser("pareto", help="print a study's Pareto-optimal trials")
     _study_source(pareto)
@@ -118,6 +127,17 @@ def _search(args: argparse.Namespace) -> int:
     if trials and all(t.state.name == "FAIL" for t in trials):
         print("autocomp: error: every trial of this run failed (reasons above).", file=sys.stderr)
         return EXIT_FAILED
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from autocomp.search.optuna_runner import sensitivity_of
+
+    spec = _spec(args)
+    result = sensitivity_of(spec, recompute=args.recompute, progress=not args.no_progress)
+    print(result.table())
+    png = result.heat_map(args.png or Path(spec.artifacts).parent / f"{spec.study_name}_sensitivity.png")
+    print(f"\nstored with study {spec.study_name!r} in {spec.storage}; wrote {png}")
     return 0
 
 

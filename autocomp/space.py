@@ -1,13 +1,30 @@
-"""SearchSpace: which parts of a Recipe may vary and how; a define-by-run sampler of Recipes.
+"""SearchSpace: which parts of a Recipe may vary and how: a fixed set of dimensions, and the Recipe they decode to.
 
 In the YAML each searchable value is one of: a scalar (fixed), a list (categorical choice), or
 a mapping ``{low, high, step?, log?}`` (an int range when low and high are ints, else a float
 range). Every candidate value is checked against the Recipe's own rules when the space loads.
+
+The encoding (README, "How the search space is encoded"), built so every sampler can learn from every trial:
+
+- **Fixed dimensions.** ``dimensions`` lists the study's parameters once, for the model at hand; every trial
+  samples all of them, under the same names and choices. A value that does not apply to a trial (the
+  calibration of an fp32 trial, ``min_keep`` in local scope) is sampled and ignored, never left out: Optuna's
+  NSGA-II and TPE evolve only the parameters present in every trial and draw the others at random.
+- **One level, a per-layer allocation.** ``prune.sparsity`` is the trial's pruning level: in global scope the
+  share of all channels removed; in local scope each group's sparsity is the level times the group's
+  ``prune.<layer>.share`` (the space's ``allocation`` choices; without them every group gets the level),
+  capped at the top of the sparsity range. One criterion per trial (``prune.criterion``): a layer it cannot
+  score (``bn_scale`` without a BatchNorm; channel-only criteria on single weights) uses the first criterion
+  of the space that can.
+- **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
+  and one per pruning round and for QAT); weights of 4 bits or fewer train with QAT where the space allows
+  QAT (not with k-means sharing).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +32,7 @@ from typing import Any
 
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.config import check_schema_version, from_dict, read_yaml
-from autocomp.errors import ConfigError, did_you_mean
+from autocomp.errors import ConfigError, check_range, did_you_mean
 from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
 
 SCHEMA_VERSION = 1
@@ -23,7 +40,7 @@ SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
-# section -> {key: when}: the key is searched only where ``when(values)`` holds, given the values
+# section -> {key: when}: the key's value is used only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
@@ -81,6 +98,16 @@ class Param:
     def fixed(self) -> bool:
         return self.choices is not None and len(self.choices) == 1
 
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (a choice, or a point of the range's grid)."""
+        if self.choices is not None:
+            return any(c == value and isinstance(c, bool) == isinstance(value, bool) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.step:
+            return abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-6
+        return not (isinstance(self.low, int) and isinstance(self.high, int)) or float(value).is_integer()
+
     def candidates(self) -> list[Any]:
         """The values to validate: every choice, or both range ends."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
@@ -95,15 +122,32 @@ class Param:
 
 
 @dataclass
+class WarmStart:
+    """The policies enqueued before anything is sampled (``autocomp.search.warm_start``): a hand-made
+    pipeline's uniform recipes, every group pruned to one of ``levels`` (fp32 and static int8, L1, logits
+    distillation, the longest fine-tune), and with ``sensitivity`` the same levels allocated by the
+    teacher's sensitivity map (``autocomp sensitivity``)."""
+
+    levels: list[float] = field(default_factory=list)
+    sensitivity: bool = False
+
+    def __post_init__(self) -> None:
+        for level in self.levels:
+            check_range("levels", level, 0.0, 1.0, high_open=True)
+
+
+@dataclass
 class SearchSpace:
-    """Per-group (per-layer for single weights) sparsity and criterion, plus the quantize/distill/finetune
-    sections of a Recipe."""
+    """A level and per-group allocation of pruning, plus the quantize/distill/finetune sections of a Recipe,
+    and the uniform policies (``warm_start``) that open a study."""
 
     sparsity: Param = field(default_factory=lambda: Param(choices=(0.0,)))
     criteria: Param = field(default_factory=lambda: Param(choices=("l1",)))
+    allocation: Param | None = None  # each layer's share of the level (local scope); None: all at the level
     layers: list[str] | None = None  # None: every prunable layer of the teacher (a pruning group by any member)
     pruning: dict[str, Param] = field(default_factory=dict)  # the PRUNE_KEYS the space names
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
+    warm_start: WarmStart = field(default_factory=lambda: WarmStart())
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
@@ -112,18 +156,23 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: dict) -> SearchSpace:
         check_schema_version(data, SCHEMA_VERSION, "space")
-        _check_keys(data, ["schema_version", "prune", *SECTIONS], "space")
+        _check_keys(data, ["schema_version", "prune", "warm_start", *SECTIONS], "space")
         space = cls(sections={name: _section(data.get(name, {}), SECTIONS[name], f"space.{name}")
-                              for name in SECTIONS})
+                              for name in SECTIONS},
+                    warm_start=from_dict(WarmStart, data.get("warm_start", {}), "space.warm_start"))
         space._parse_prune(data.get("prune", {}))
         return space
 
     def _parse_prune(self, prune: dict) -> None:
-        _check_keys(prune, ["layers", "sparsity", "criteria", *PRUNE_KEYS], "space.prune")
+        _check_keys(prune, ["layers", "sparsity", "criteria", "allocation", *PRUNE_KEYS], "space.prune")
         if "sparsity" in prune:
             self.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
         if "criteria" in prune:
             self.criteria = Param.parse(prune["criteria"], "space.prune.criteria")
+        if "allocation" in prune:
+            self.allocation = Param.parse(prune["allocation"], "space.prune.allocation")
+            for value in self.allocation.candidates():
+                check_range("space.prune.allocation", value, 0.0, 10.0)
         layers = prune.get("layers", "all")
         if layers != "all" and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
             raise ConfigError(f"must be 'all' or a list of layer names, but got {layers!r}.", "space.prune.layers")
@@ -140,58 +189,78 @@ class SearchSpace:
                               f"granularity may be 'weight', but got {self.criteria.candidates()}.",
                               "space.prune.criteria")
 
-    def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None,
-               quantizable: list[str] | None = None) -> Recipe:
-        """Define-by-run: ask ``trial`` for every free value and return the Recipe they make.
+    def dimensions(self, prunable: dict, task: str, quantizable: list[str] | None = None) -> dict[str, Param]:
+        """Every parameter of this space for a model, fixed ones included: the same names in every trial.
 
         ``quantizable`` names the Conv/Linear layers that may get their own weight bits (weight-only)
-        or activation bits (static int8: int8 kernels or fp32), default: the prunable ones. A trial
-        whose sampled epochs are fewer than its pruning rounds (or 0 with QAT) gets one per round
-        (one for QAT), the Recipe's rule that every round fine-tunes.
+        or activation bits (static int8: int8 kernels or fp32), default: the prunable ones.
         """
-        prune = self._sample_prune(trial, prunable, task)
-        values = {section: _sample_section(trial, section, {k: p for k, p in params.items()
-                                                            if (SECTIONS[section].__name__, k) not in PER_LAYER})
-                  for section, params in self.sections.items()}
-        params, q = self.sections["quantize"], values["quantize"]
+        dims = {f"prune.{key}": self.pruning[key] for key in PRUNE_KEYS if key in self.pruning}
+        dims |= {"prune.sparsity": self.sparsity, "prune.criterion": self.criteria}
+        if self.allocation is not None:
+            dims |= {f"prune.{name}.share": self.allocation for name in self.layer_names(prunable, task)}
+        for section, params in self.sections.items():
+            for key, param in params.items():
+                rule = PER_LAYER.get((SECTIONS[section].__name__, key))
+                names = [f"{section}.{layer}.{rule}" for layer in quantizable or prunable] if rule else [
+                    f"{section}.{key}"]
+                dims |= {name: param for name in names}
+        return dims
+
+    def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None,
+               quantizable: list[str] | None = None) -> Recipe:
+        """Ask ``trial`` for every free dimension (``dimensions``) and return the Recipe they decode to."""
+        values = {name: param.suggest(trial, name)
+                  for name, param in self.dimensions(prunable, task, quantizable).items()}
+        return self.decode(values, task, prunable, seed, measure, quantizable)
+
+    def decode(self, values: dict[str, Any], task: str, prunable: dict, seed: int = 0,
+               measure: Measure | None = None, quantizable: list[str] | None = None) -> Recipe:
+        """The Recipe that one value per dimension stands for (values that do not apply are ignored)."""
+        prune = self._decode_prune(values, prunable, task)
+        sections = {section: _decode_section(section, params, values) for section, params in self.sections.items()}
+        q = sections["quantize"]
         static_int8 = q.get("activation_bits", 32) == 8
-        for key, rule, searched in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
-                                    ("activation_layers", "activation_bits", static_int8)]:
-            if key in params and searched:
-                names = quantizable or prunable
-                q[key] = {name: params[key].suggest(trial, f"quantize.{name}.{rule}") for name in names}
-        finetune = values["finetune"]  # every round, and the QAT round, fine-tunes for at least one epoch
-        least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0)
+        for key, rule, used in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
+                                ("activation_layers", "activation_bits", static_int8)]:
+            if key in self.sections["quantize"] and used:
+                q[key] = {name: values[f"quantize.{name}.{rule}"] for name in quantizable or prunable}
+        lowest = min([q.get("bits", 32), *q.get("layers", {}).values()])
+        qat = self.sections["quantize"].get("qat")
+        if lowest <= 4 and q.get("bits", 32) <= 8 and not q.get("kmeans") and qat and True in qat.candidates():
+            q["qat"] = True  # low bit widths recover only with quantization-aware training
+        finetune = sections["finetune"]
+        epochs = self.sections["finetune"].get("epochs")  # enough to recover the level asked, where searched
+        enough = math.ceil(values["prune.sparsity"] * max(epochs.candidates()) - 1e-9) if epochs else 0
+        least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0, enough)
         finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
         return Recipe(task=task, prune=prune, seed=seed,
-                      measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in values.items()})
+                      measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in sections.items()})
 
-    def _sample_prune(self, trial, prunable: dict, task: str) -> Prune:
-        """Local scope: a sparsity and a criterion per pruning group (channels), named by the group's name, or
-        per layer (single weights); global: one of each for all layers.
-
-        Parameter names carry the granularity where the criteria to choose from depend on it (an
-        Optuna parameter keeps one set of choices for the whole study).
-        """
-        chosen = {key: self.pruning[key].suggest(trial, f"prune.{key}")
-                  for key in ("scope", "granularity", "rounds", "bn_penalty", "drop_blocks") if key in self.pruning}
+    def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str) -> Prune:
+        chosen = {key: values[f"prune.{key}"] for key in ("scope", "granularity", "rounds", "bn_penalty",
+                                                          "drop_blocks") if key in self.pruning}
         granularity = chosen.get("granularity", "channel")
         if granularity == "weight" and "regrow" in self.pruning:
-            chosen["regrow"] = self.pruning["regrow"].suggest(trial, "prune.regrow")
-        tag = "" if granularity == "channel" else f".{granularity}"
-        if chosen.get("scope", "local") == "local":
-            names = self.layer_names(prunable, task)
-            if granularity == "channel":  # the channels of a group go together: a group is named once
-                names = list(dict.fromkeys(prunable[name].group for name in names))
-            layers = {name: self._sample_layer(trial, f"{name}{tag}", prunable[name].criteria(granularity))
-                      for name in names}
-            return Prune(layers=layers, **chosen)
-        if "min_keep" in self.pruning:
-            chosen["min_keep"] = self.pruning["min_keep"].suggest(trial, "prune.min_keep")
-        sparsity = self.sparsity.suggest(trial, "prune.sparsity")
-        allowed = [c for c in self.criteria.candidates() if c in applicable(granularity)]
-        criterion = Param(choices=tuple(allowed)).suggest(trial, f"prune{tag}.criterion") if sparsity > 0 else "l1"
-        return Prune(sparsity=sparsity, criterion=criterion, **chosen)
+            chosen["regrow"] = values["prune.regrow"]
+        level, criterion = values["prune.sparsity"], values["prune.criterion"]
+        if chosen.get("scope", "local") == "global":
+            if "min_keep" in self.pruning:
+                chosen["min_keep"] = values["prune.min_keep"]
+            return Prune(sparsity=level, criterion=self._criterion(criterion, applicable(granularity)), **chosen)
+        cap = max(self.sparsity.candidates())
+        layers: dict[str, LayerPrune] = {}
+        for name in self.layer_names(prunable, task):
+            key = name if granularity == "weight" else prunable[name].group  # a group is named once
+            if key not in layers:
+                share = values[f"prune.{name}.share"] if self.allocation is not None else 1.0
+                sparsity = round(min(level * share, cap), 6)
+                layers[key] = LayerPrune(sparsity, self._criterion(criterion, prunable[name].criteria(granularity)))
+        return Prune(layers=layers, **chosen)
+
+    def _criterion(self, chosen: str, allowed: list[str]) -> str:
+        """``chosen`` where it can score the layer, else the space's first criterion that can (else ``allowed[0]``)."""
+        return next((c for c in [chosen, *self.criteria.candidates()] if c in allowed), allowed[0])
 
     def check_blocks(self, blocks: list[str], task: str) -> None:
         """Reject a space that may drop more residual blocks than the model has."""
@@ -208,27 +277,20 @@ class SearchSpace:
                                   f"got {name!r}.{did_you_mean(name, prunable)}", "space.prune.layers")
         return list(prunable) if self.layers is None else self.layers
 
-    def _sample_layer(self, trial, name: str, allowed: list[str]) -> LayerPrune:
-        criteria = [c for c in self.criteria.candidates() if c in allowed]
-        if not criteria:  # no criterion of the space can score this layer: it stays whole
-            return LayerPrune(0.0, allowed[0])
-        sparsity = self.sparsity.suggest(trial, f"prune.{name}.sparsity")
-        if sparsity == 0.0:
-            return LayerPrune(0.0, allowed[0])
-        return LayerPrune(sparsity, Param(choices=tuple(criteria)).suggest(trial, f"prune.{name}.criterion"))
 
-
-def _sample_section(trial, section: str, params: dict[str, Param]) -> dict[str, Any]:
-    """Sample a section's values in field order, each only where its condition holds."""
+def _decode_section(section: str, params: dict[str, Param], values: dict[str, Any]) -> dict[str, Any]:
+    """A section's values in field order, each used only where its condition holds (per-layer fields apart)."""
     conditions, derived = CONDITIONS.get(section, {}), DERIVED.get(section, {})
     fields = dataclasses.asdict(SECTIONS[section]())
-    values = dict(fields)
+    current = dict(fields)
     chosen: dict[str, Any] = {}
     for key in fields:
-        if key in derived and derived[key](values) is not None:
-            values[key] = chosen[key] = derived[key](values)
-        elif key in params and conditions.get(key, lambda _v: True)(values):
-            values[key] = chosen[key] = params[key].suggest(trial, f"{section}.{key}")
+        if (SECTIONS[section].__name__, key) in PER_LAYER:
+            continue
+        if key in derived and derived[key](current) is not None:
+            current[key] = chosen[key] = derived[key](current)
+        elif key in params and conditions.get(key, lambda _v: True)(current):
+            current[key] = chosen[key] = values[f"{section}.{key}"]
     return chosen
 
 

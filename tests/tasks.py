@@ -39,3 +39,37 @@ def fixed_view() -> Task:
     torch.manual_seed(0)
     data = Split(_inputs(64, 0), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
     return Task("fixed_view", FixedView().eval(), data, data, data, example_input=data.x[:1])
+
+
+class Bottleneck(nn.Module):
+    """An MLP with a deliberately fragile layer: ``narrow`` carries everything through 6 units, between
+    two layers of 128."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide1, self.narrow = nn.Linear(64, 128), nn.Linear(128, 6)
+        self.wide2, self.head = nn.Linear(6, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.narrow(torch.relu(self.wide1(x.flatten(1)))))
+        return self.head(torch.relu(self.wide2(x)))
+
+
+def fragile_bottleneck() -> Task:
+    """The ``Bottleneck`` MLP trained on scikit-learn's digits for a second or two."""
+    from sklearn.datasets import load_digits
+
+    from autocomp.train import deterministic
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    train, val = Split(x[:1200], y[:1200]), Split(x[1200:], y[1200:])
+    torch.manual_seed(0)
+    teacher = Bottleneck()
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=1e-2)
+    with deterministic(threads=1):  # full batch: 300 steps of a tiny MLP
+        for _ in range(300):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(teacher(train.x), train.y).backward()
+            optimizer.step()
+    return Task("fragile_bottleneck", teacher.eval(), train, val, val, example_input=x[:1])

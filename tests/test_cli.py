@@ -26,8 +26,10 @@ def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
 @pytest.fixture
 def study_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "e2e.yaml"
-    space = ROOT / "search_spaces" / "joint.yaml"
-    path.write_text(f"schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: {space}\n"
+    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
+    space["finetune"]["epochs"] = {"low": 1, "high": 2}  # the shipped space with short fine-tunes
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    path.write_text("schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: space.yaml\n"
                     "trials: 3\npopulation_size: 4\n")
     return path
 
@@ -38,8 +40,16 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
     assert "Pareto front on val_accuracy" in out and "teacher: val" in out and "3 complete, 0 fail" in out
     storage = f"sqlite:///{tmp_path / 'e2e.db'}"
     study = optuna.load_study(storage=storage, study_name="e2e")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    states = [t.state.name for t in study.trials]  # the rest of the warm start waits for the next run
+    assert states[:3] == ["COMPLETE"] * 3 and set(states[3:]) == {"WAITING"}
     assert study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
+    first = study.trials[0].user_attrs["recipe"]  # the warm start: uniform level 0.5, fp32, L1, logits KD
+    assert {(e["sparsity"], e["criterion"]) for e in first["prune"]["layers"].values()} == {(0.5, "l1")}
+    assert first["distill"]["kind"] == "logits" and first["quantize"]["activation_bits"] == 32
+    assert study.trials[1].user_attrs["recipe"]["quantize"]["activation_bits"] == 8
+    out = autocomp("sensitivity", str(study_yaml), "--png", str(tmp_path / "map.png"), "--no-progress").stdout
+    assert "group pruned alone" in out and (tmp_path / "map.png").stat().st_size > 5000
+    assert set(study.user_attrs["sensitivity"]["prune"]) == {"conv1", "conv2", "conv3", "conv4", "fc1"}
     assert len(list((tmp_path / "e2e_artifacts").rglob("*"))) >= 6  # artifact + recipe per trial
 
     autocomp("pareto", "--storage", storage, "--study-name", "e2e", "--csv", str(tmp_path / "front.csv"))
@@ -72,7 +82,8 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
     assert "warning: the recipe was made for another teacher" in out
 
     autocomp("search", str(study_yaml), "--trials", "4", "--no-progress")  # continues to 4, not 3 + 4
-    assert len(optuna.load_study(storage=storage, study_name="e2e").trials) == 4
+    states = [t.state.name for t in optuna.load_study(storage=storage, study_name="e2e").trials]
+    assert states[:4] == ["COMPLETE"] * 4 and set(states[4:]) == {"WAITING"}
 
 
 def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 import torch
@@ -7,15 +9,18 @@ import yaml
 
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
-from autocomp.recipe import Recipe
+from autocomp.recipe import Distill, Recipe
+from autocomp.search.optuna_runner import make_sampler
 from autocomp.space import SearchSpace
+from autocomp.study import StudySpec
 from autocomp.tasks.digits import DigitsCNN
 from tests.conftest import ROOT
 
 
-def test_joint_space_samples_valid_recipes(small_cnn):
+def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
     space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
     prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    free = {name for name, param in space.dimensions(prunable, "digits").items() if not param.fixed}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     recipes = []
     for _ in range(400):
@@ -23,25 +28,24 @@ def test_joint_space_samples_valid_recipes(small_cnn):
         recipe = space.sample(trial, "digits", prunable, seed=1)
         recipe.check_layers(prunable)
         assert Recipe.from_dict(recipe.to_dict()) == recipe  # valid by the Recipe's own rules
-        prune = recipe.prune
-        # conditional values: calibration only for int8, per-layer values only for local scope,
-        # criteria only where something is pruned
-        q = recipe.quantize
-        assert ("quantize.calibration" in trial.params) == (q.activation_bits == 8)
-        if q.activation_bits == 8:  # static int8 sets 8-bit weights instead of searching them
-            assert q.bits == 8 and "quantize.bits" not in trial.params
-        assert ("quantize.kmeans" in trial.params) == (q.bits <= 8 and q.activation_bits == 32 and not q.qat)
-        assert ("quantize.qat" in trial.params) == (q.bits <= 8)
-        tag = "" if prune.granularity == "channel" else ".weight"
-        assert ("prune.regrow" in trial.params) == (prune.granularity == "weight")
-        if prune.scope == "local":
-            named = set(prunable) if prune.granularity == "weight" else {layer.group for layer in prunable.values()}
-            assert set(prune.layers) == named and "prune.sparsity" not in trial.params
-            for name, layer in prune.layers.items():
-                assert (f"prune.{name}{tag}.criterion" in trial.params) == (layer.sparsity > 0)
+        assert set(trial.params) == free  # every trial samples every dimension, used or not
+        p, q, values = recipe.prune, recipe.quantize, trial.params
+        level = values["prune.sparsity"]
+        if p.scope == "local":  # one level, allocated by each group's share, capped at the range's top
+            named = set(prunable) if p.granularity == "weight" else {layer.group for layer in prunable.values()}
+            assert set(p.layers) == named and p.sparsity == 0.0
+            for name, layer in p.layers.items():
+                assert layer.sparsity == pytest.approx(min(level * values[f"prune.{name}.share"], 0.85))
+                assert layer.criterion == values["prune.criterion"] or values["prune.criterion"] not in \
+                    prunable[name].criteria(p.granularity)
         else:
-            assert not prune.layers and "prune.min_keep" in trial.params
-            assert (f"prune{tag}.criterion" in trial.params) == (prune.sparsity > 0)
+            assert not p.layers and p.sparsity == pytest.approx(level) and p.min_keep == values["prune.min_keep"]
+        if q.activation_bits == 8:  # static int8 sets 8-bit weights whatever `quantize.bits` drew
+            assert q.bits == 8 and q.calibration == values["quantize.calibration"]
+        lowest = min([q.bits, *q.layers.values()])
+        if lowest <= 4 and q.bits <= 8 and not q.kmeans:
+            assert q.qat  # low bit widths train with QAT
+        assert recipe.finetune.epochs >= max(values["finetune.epochs"], math.ceil(level * 12 - 1e-9), p.rounds)
         study.tell(trial, 0.0)
         recipes.append(recipe)
     local = [r.prune.layers for r in recipes if r.prune.scope == "local" and r.prune.granularity == "channel"]
@@ -49,7 +53,6 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     assert any(r.quantize.activation_bits == 8 for r in recipes) and any(r.quantize.kmeans for r in recipes)
     assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
     assert {r.prune.granularity for r in recipes} == {"channel", "weight"}
-    assert {r.prune.granularity for r in recipes if r.quantize.qat} == {"channel", "weight"}  # QAT of masked weights
     weight_criteria = {c for r in recipes if r.prune.granularity == "weight"
                        for c in [r.prune.criterion, *(layer.criterion for layer in r.prune.layers.values())]}
     assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}
@@ -63,7 +66,25 @@ def test_joint_space_samples_valid_recipes(small_cnn):
     assert all(not r.quantize.activation_layers for r in recipes if r.quantize.activation_bits == 32)
     assert all(layers["fc1"].criterion != "bn_scale" for layers in local)
     assert any(layers["conv1"].criterion == "bn_scale" for layers in local)
-    assert all(0.0 <= layers["conv2"].sparsity <= 0.8 for layers in local)
+    assert any(layers["conv1"].sparsity == 0.0 < layers["conv2"].sparsity for layers in local)  # share 0: kept
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_samplers_learn_every_dimension(small_cnn, path, sampler):
+    """NSGA-II and TPE (without ``group``) evolve only the intersection of the trials' parameters: it must
+    hold every free dimension of a shipped space after 20 trials."""
+    space = SearchSpace.load(path)
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    free = {name for name, param in space.dimensions(prunable, "digits").items() if not param.fixed}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(
+        StudySpec("s", "digits", str(path), sampler=sampler, population_size=4), seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        recipe = space.sample(trial, "digits", prunable)
+        study.tell(trial, [trial.params.get("prune.sparsity", 0.0), recipe.quantize.bits])
+    trial = study.ask()
+    assert set(study.sampler.infer_relative_search_space(study, trial)) == free
 
 
 @pytest.mark.parametrize(
@@ -96,14 +117,15 @@ def test_unknown_layer_in_space(small_cnn):
         space.layer_names(prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8)), "digits")
 
 
-def test_conditional_values_follow_fixed_parents(small_cnn):
+def test_values_that_do_not_apply_are_ignored(small_cnn):
     prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
     space = SearchSpace.from_dict({"schema_version": 1, "quantize": {"bits": 32, "calibration": ["minmax", "entropy"]},
                                    "distill": {"alpha": [0.0], "temperature": {"low": 1.0, "high": 4.0}}})
     trial = optuna.create_study().ask()
     recipe = space.sample(trial, "digits", prunable)
-    assert trial.params == {}  # fixed values are not searched, and neither are their inactive children
-    assert (recipe.quantize.bits, recipe.distill.alpha) == (32, 0.0)
+    assert set(trial.params) == {"quantize.calibration", "distill.temperature"}  # sampled in every trial
+    assert (recipe.quantize.bits, recipe.quantize.calibration, recipe.distill.alpha) == (32, "minmax", 0.0)
+    assert recipe.distill.temperature == Distill().temperature  # alpha 0: the temperature is not used
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
@@ -123,13 +145,15 @@ def test_every_shipped_space_loads_and_samples_valid_recipes(small_cnn, path):
     ("channel", ["conv1", "conv2", "conv3", "conv4", "fc1"]),  # conv3 names its group with block.body.0
     ("weight", ["conv1", "conv2", "conv3", "block.body.0", "conv4", "fc1"]),  # masks are per layer
 ])
-def test_local_scope_samples_each_pruning_group_once(granularity, named):
+def test_local_scope_prunes_each_pruning_group_once(granularity, named):
     prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
-    space = SearchSpace.from_dict({"schema_version": 1, "prune": {"granularity": granularity, "sparsity": [0.25, 0.5],
-                                                                  "criteria": ["l1", "l2"]}})
+    space = SearchSpace.from_dict({"schema_version": 1, "prune": {
+        "granularity": granularity, "sparsity": [0.4, 0.8], "allocation": [0.5, 1.0], "criteria": ["l1", "l2"]}})
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     recipe = space.sample(trial, "digits", prunable)
     recipe.check_layers(prunable)
-    tag = "" if granularity == "channel" else ".weight"
     assert list(recipe.prune.layers) == named
-    assert [k for k in trial.params if k.endswith(".sparsity")] == [f"prune.{n}{tag}.sparsity" for n in named]
+    assert [k for k in trial.params if k.endswith(".share")] == [f"prune.{n}.share" for n in prunable]
+    level = trial.params["prune.sparsity"]
+    assert [layer.sparsity for layer in recipe.prune.layers.values()] == [
+        pytest.approx(level * trial.params[f"prune.{n}.share"]) for n in named]

@@ -16,6 +16,8 @@ from autocomp.features import layer_names
 from autocomp.measure import with_ratios
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline
 from autocomp.recipe import Recipe
+from autocomp.search.warm_start import warm_start
+from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
 from autocomp.tasks import Task, load_task
@@ -93,6 +95,8 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     before = {t.number for t in study.trials}
     with tempfile.TemporaryDirectory() as tmp:
         baseline = _baseline(study, task, spec, tmp)
+        if not study.trials:  # a new study opens with the hand-made policies
+            _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
         if trials > done:
             objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
             study.optimize(objective, n_trials=trials - done, catch=(Exception,), show_progress_bar=progress)
@@ -132,6 +136,34 @@ def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, store: object, r
         for name in (ARTIFACT, RECIPE):
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
     return result
+
+
+def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task: Task, prunable: dict,
+                        quantizable: list[str], progress: bool) -> None:
+    sensitivity = study_sensitivity(study, task, progress) if space.warm_start.sensitivity else None
+    groups = {layer: p.group for layer, p in prunable.items()}
+    dims = space.dimensions(prunable, name, quantizable)
+    for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups):
+        study.enqueue_trial(policy, skip_if_exists=True)
+
+
+def sensitivity_of(spec: StudySpec, recompute: bool = False, progress: bool = True) -> Sensitivity:
+    """The sensitivity map of the study's teacher, from the study (created if new) or analysed and stored."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    task = load_task(spec.task)
+    study = open_study(spec, spec.seed)
+    check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
+    study.set_user_attr("fingerprint", task.fingerprint())
+    return study_sensitivity(study, task, progress, recompute)
+
+
+def study_sensitivity(study: optuna.Study, task: Task, progress: bool = True, recompute: bool = False) -> Sensitivity:
+    """The teacher's sensitivity map stored with ``study``, analysed and stored first where it has none."""
+    if recompute or "sensitivity" not in study.user_attrs:
+        study.set_user_attr("sensitivity", analyse(task, progress=progress).to_dict())
+    return Sensitivity.from_dict(study.user_attrs["sensitivity"])
 
 
 def _baseline(study: optuna.Study, task: Task, spec: StudySpec, out_dir: str) -> Baseline:

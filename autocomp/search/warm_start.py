@@ -1,0 +1,77 @@
+"""Warm start: the policies a new study runs first, before its sampler draws anything.
+
+A hand-made pipeline prunes every group to one level by L1, distils logits (alpha 0.7, T 4), fine-tunes
+for the longest the space allows and deploys fp32 or static int8 (min-max, per channel). A study's
+first trials are those recipes, at each of the space's ``warm_start.levels``, so its front starts where
+such a pipeline ends. With ``warm_start.sensitivity`` it also runs the same levels allocated by the
+teacher's sensitivity map: the most robust third of the groups gets the space's largest share of the
+level, the most fragile third its smallest, and static int8 keeps fp32 the layers whose int8 alone
+costs more than ``INT8_TOLERANCE`` of validation accuracy.
+
+A policy names only values the space can take; any dimension it cannot set is sampled as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autocomp.sensitivity import Sensitivity
+from autocomp.space import Param
+
+UNIFORM: dict[str, Any] = {
+    "prune.scope": "local", "prune.granularity": "channel", "prune.criterion": "l1", "prune.rounds": 1,
+    "prune.regrow": 0.0, "prune.bn_penalty": 0.0, "prune.drop_blocks": 0, "quantize.symmetric": True,
+    "quantize.per_channel": True, "quantize.calibration": "minmax", "quantize.qat": False, "quantize.kmeans": False,
+    "distill.kind": "logits", "distill.alpha": 0.7, "distill.temperature": 4.0, "finetune.lr": 1e-3,
+}
+INT8_TOLERANCE = 0.01
+
+
+def uniform_policy(dims: dict[str, Param], level: float, int8: bool) -> dict[str, Any]:
+    """The values of one hand-made recipe: every group at ``level``, fp32 or static int8."""
+    bits = 8 if int8 else 32
+    wanted = dict(UNIFORM, **{"prune.sparsity": level, "quantize.activation_bits": bits, "quantize.bits": bits})
+    for name, param in dims.items():
+        if name.endswith(".share"):
+            wanted[name] = 1.0
+        elif name.startswith("quantize.") and name.rsplit(".", 1)[1] in ("bits", "activation_bits"):  # per layer
+            wanted.setdefault(name, bits)
+        elif name == "finetune.epochs":
+            wanted[name] = max(param.candidates())
+    return {name: value for name, value in wanted.items()
+            if name in dims and not dims[name].fixed and dims[name].admits(value)}
+
+
+def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensitivity: Sensitivity,
+                       groups: dict[str, str]) -> dict[str, Any]:
+    """``uniform_policy`` with the level allocated by ``sensitivity``; ``groups`` maps each layer to its group."""
+    policy = uniform_policy(dims, level, int8)
+    shares = sorted(p for name, param in dims.items() if name.endswith(".share") for p in param.candidates())
+    if shares:
+        ranked = sorted(sensitivity.prune, key=lambda g: sensitivity.prune_drop(g, level))  # most robust first
+        third = len(ranked) / 3
+        middle = min(shares, key=lambda s: abs(s - 1.0))
+        share = {g: shares[-1] if i < third else shares[0] if i >= len(ranked) - third else middle
+                 for i, g in enumerate(ranked)}
+        policy |= {name: share[groups[name[len("prune."):-len(".share")]]]
+                   for name in dims if name.endswith(".share") and name.startswith("prune.")}
+    if int8:
+        for layer in sensitivity.quantize:
+            name = f"quantize.{layer}.activation_bits"
+            if name in dims and dims[name].admits(32) and sensitivity.quantize_drop(layer, 8) > INT8_TOLERANCE:
+                policy[name] = 32
+    return policy
+
+
+def warm_start(dims: dict[str, Param], levels: list[float], sensitivity: Sensitivity | None = None,
+               groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The distinct policies of a warm start: uniform at each level (fp32 and int8), then allocated by sensitivity."""
+    policies = [uniform_policy(dims, level, int8) for level in levels for int8 in (False, True)]
+    if sensitivity is not None and groups is not None:
+        policies += [sensitivity_policy(dims, level, int8, sensitivity, groups) for level in levels
+                     for int8 in (False, True)]
+    distinct: list[dict[str, Any]] = []
+    for policy in policies:
+        if policy not in distinct:
+            distinct.append(policy)
+    return distinct
