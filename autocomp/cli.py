@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("study", help="study YAML, e.g. studies/digits.yaml")
     _storage_args(search)
     search.add_argument("--trials", type=_positive, help="total finished trials wanted (default: the YAML's)")
+    search.add_argument("--timeout", type=_positive, help="seconds after which no new trial starts (default: the "
+                                                          "YAML's `timeout`, else none)")
     search.add_argument("--seed", type=int, help="sampler and training seed (default: the YAML's)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(run=_search)
@@ -118,7 +120,8 @@ def _search(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import failure, run_search, summary
 
     spec = _spec(args)
-    study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress)
+    study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress,
+                                timeout=args.timeout)
     for trial in trials:
         if trial.state.name == "FAIL":
             print(f"trial {trial.number} failed: {failure(trial)}")

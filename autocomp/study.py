@@ -33,6 +33,7 @@ class StudySpec:
     task: str
     space: str
     trials: int = 20
+    timeout: float | None = None  # seconds: also stop starting trials after this long (a wall-clock budget)
     seed: int = 0
     sampler: str = "nsga2"
     population_size: int = 8
@@ -43,6 +44,8 @@ class StudySpec:
 
     def __post_init__(self) -> None:
         check_range("trials", self.trials, 1, 10**6)
+        if self.timeout is not None:
+            check_range("timeout", self.timeout, 1, 10**7)
         check_range("population_size", self.population_size, 2, 10**5)
         check_choice("sampler", self.sampler, SAMPLERS)
         if not self.objectives:

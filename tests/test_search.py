@@ -51,3 +51,9 @@ def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path
     stored = optuna.load_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
     assert [t.state.name for t in stored.trials] == ["FAIL"] * 3  # each recorded with its reason
     assert all(t.user_attrs["error"] for t in stored.trials)
+
+
+def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
+    spec = StudySpec.load(study(tmp_path, "tests.tasks:val_test_disagree", "0.0"))
+    study_obj, trials = run_search(spec, trials=50, progress=False, timeout=1)
+    assert 1 <= len(trials) < 50 and all(t.state.name == "COMPLETE" for t in trials)

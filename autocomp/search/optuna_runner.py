@@ -68,9 +68,10 @@ def finished_trials(study) -> int:
     return sum(t.state.name in FINISHED for t in study.trials)
 
 
-def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True):
-    """Run trials until the study holds ``trials`` finished ones; return the study and the numbers of
-    the trials this run finished.
+def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True,
+               timeout: float | None = None):
+    """Run trials until the study holds ``trials`` finished ones, or until ``timeout`` seconds (default: the
+    study's) have passed (the trial running then finishes); return the study and the trials of this run.
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
@@ -99,7 +100,8 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
             _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
         if trials > done:
             objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
-            study.optimize(objective, n_trials=trials - done, catch=(Exception,), show_progress_bar=progress)
+            study.optimize(objective, n_trials=trials - done, timeout=timeout or spec.timeout, catch=(Exception,),
+                           show_progress_bar=progress)
     return study, [t for t in study.trials if t.number not in before]
 
 
