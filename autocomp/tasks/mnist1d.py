@@ -38,9 +38,8 @@ class MNIST1DCNN(nn.Module):
 TRAIN, VAL, TEST = 4000, 2000, 2000  # 2,000 held-out examples resolve a 1-point accuracy difference
 
 
-@TASKS.register("mnist1d", "MNIST-1D (8000 sequences of length 40, generated locally: 4000 train, 2000 val, "
-                           "2000 test), 1-D CNN teacher, accuracy")
-def mnist1d(seed: int = 0) -> Task:
+def mnist1d_splits() -> tuple[Split, Split, Split]:
+    """MNIST-1D with the paper's generator settings and data seed, split 4000 / 2000 / 2000 (train, val, test)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()  # the paper's generator settings and data seed (42)
@@ -49,5 +48,13 @@ def mnist1d(seed: int = 0) -> Task:
     x = torch.tensor(np.concatenate([data["x"], data["x_test"]]), dtype=torch.float32).unsqueeze(1)  # (N, 1, 40)
     y = torch.tensor(np.concatenate([data["y"], data["y_test"]]), dtype=torch.long)
     train, val, test = (Split(x[a:b], y[a:b]) for a, b in [(0, TRAIN), (TRAIN, TRAIN + VAL), (TRAIN + VAL, None)])
+    return train, val, test
+
+
+@TASKS.register("mnist1d", "MNIST-1D (8000 sequences of length 40, generated locally: 4000 train, 2000 val, "
+                           "2000 test), 1-D CNN teacher, accuracy")
+def mnist1d(seed: int = 0) -> Task:
+    train, val, test = mnist1d_splits()
     teacher = cached_teacher("mnist1d", MNIST1DCNN, train, epochs=15, lr=2e-3, weight_decay=5e-2, seed=seed)
-    return Task("mnist1d", teacher, train, val, test, example_input=x[:1])
+    return Task("mnist1d", teacher, train, val, test, example_input=train.x[:1])
+
