@@ -32,6 +32,13 @@ def mnist1d_task(teacher_cache: Path):
     return load_task("mnist1d")
 
 
+@pytest.fixture(scope="session")
+def mnist1d_lean_task(teacher_cache: Path):
+    from autocomp.tasks import load_task
+
+    return load_task("mnist1d_lean")
+
+
 class SmallCNN(nn.Module):
     """A fast model for unit tests: conv-BN-ReLU x2, a hidden Linear and a head."""
 

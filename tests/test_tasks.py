@@ -7,6 +7,7 @@ from torch import nn
 
 from autocomp.errors import ConfigError
 from autocomp.tasks import TASKS, load_task
+from autocomp.tasks.base import digest
 
 
 def check_teacher(task, min_accuracy: float) -> None:
@@ -34,6 +35,23 @@ def test_mnist1d_teacher_reaches_the_papers_cnn_baseline(mnist1d_task):
     assert (len(mnist1d_task.train), len(mnist1d_task.val), len(mnist1d_task.test)) == (4000, 2000, 2000)
 
 
+def test_mnist1d_lean_teacher_is_small_and_accurate_on_mnist1ds_splits(mnist1d_lean_task, teacher_cache, monkeypatch):
+    import autocomp.tasks.mnist1d
+
+    task = mnist1d_lean_task
+    assert sum(p.numel() for p in task.teacher.parameters()) < 10_000
+    assert task.score(task.teacher, task.val) > 0.8
+    assert task.score(task.teacher, task.test) > 0.8
+    assert task.teacher(task.example_input).shape == (1, 10)
+    assert len(list((teacher_cache / "teachers").glob("mnist1d_lean-*.pt"))) == 1
+    # mnist1d's own factory with its teacher left untrained: the data are the same tensors
+    monkeypatch.setattr(autocomp.tasks.mnist1d, "cached_teacher", lambda key, build, train, **settings: build())
+    mnist1d = load_task("mnist1d")
+    for lean, big in zip((task.train, task.val, task.test), (mnist1d.train, mnist1d.val, mnist1d.test), strict=True):
+        assert digest([lean.x, lean.y]) == digest([big.x, big.y])
+    assert task.fingerprint()["data_sha256"] == mnist1d.fingerprint()["data_sha256"]
+
+
 def test_training_gives_the_same_weights_whatever_the_thread_count_before():
     import torch
 
@@ -54,7 +72,7 @@ def test_training_gives_the_same_weights_whatever_the_thread_count_before():
 
 
 def test_task_references_resolve_or_explain():
-    assert {"digits", "mnist1d"} <= set(TASKS.names())
+    assert {"digits", "mnist1d", "mnist1d_lean"} <= set(TASKS.names())
     with pytest.raises(ConfigError, match="Did you mean 'digits'"):
         load_task("digit")
     with pytest.raises(ConfigError, match="cannot be loaded"):
