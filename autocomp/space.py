@@ -262,12 +262,23 @@ class SearchSpace:
         """``chosen`` where it can score the layer, else the space's first criterion that can (else ``allowed[0]``)."""
         return next((c for c in [chosen, *self.criteria.candidates()] if c in allowed), allowed[0])
 
-    def check_blocks(self, blocks: list[str], task: str) -> None:
-        """Reject a space that may drop more residual blocks than the model has."""
-        most = max(self.pruning["drop_blocks"].candidates()) if "drop_blocks" in self.pruning else 0
-        if most > len(blocks):
+    def narrow_blocks(self, blocks: list[str], task: str) -> str | None:
+        """Keep the ``drop_blocks`` values the model can hold (it has ``blocks``); say what was narrowed.
+
+        A space whose every value drops more blocks than the model has is refused."""
+        param = self.pruning.get("drop_blocks")
+        if param is None or max(param.candidates()) <= len(blocks):
+            return None
+        kept = [c for c in param.candidates() if c <= len(blocks)] if param.choices is not None else (
+            [] if param.low > len(blocks) else [param.low, len(blocks)])
+        if not kept:
             raise ConfigError(f"may drop at most the {len(blocks)} residual blocks of the {task!r} model {blocks}, "
-                              f"but allows {most}.", "space.prune.drop_blocks")
+                              f"but allows only {param.candidates()}.", "space.prune.drop_blocks")
+        narrow = (Param(choices=tuple(kept)) if param.choices is not None
+                  else dataclasses.replace(param, high=len(blocks)))
+        self.pruning["drop_blocks"] = narrow
+        return (f"space.prune.drop_blocks narrowed from {param.candidates()} to {narrow.candidates()}: the {task!r} "
+                f"model has {len(blocks)} residual block(s)")
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""

@@ -85,8 +85,12 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     prunable = prunable_layers(task.teacher, task.example_input)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
-    space.check_blocks(residual_blocks(task.teacher, task.example_input), spec.task)
+    narrowed = space.narrow_blocks(residual_blocks(task.teacher, task.example_input), spec.task)
+    if narrowed:
+        print(f"autocomp: {narrowed}")
     study = open_study(spec, seed)
+    if narrowed:
+        study.set_user_attr("narrowed", [narrowed])
     check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
     done = finished_trials(study)
     study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws

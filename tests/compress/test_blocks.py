@@ -7,6 +7,8 @@ from torch import nn
 from autocomp.compress.blocks import Residual, block_scores, drop_blocks, residual_blocks
 from autocomp.errors import ConfigError
 from autocomp.recipe import Prune, Recipe
+from autocomp.space import SearchSpace
+from tests.conftest import ROOT
 
 
 def body() -> nn.Module:
@@ -117,3 +119,15 @@ def test_dropping_more_blocks_than_the_model_has_is_rejected():
     with pytest.raises(ConfigError, match="at most the 1 residual blocks") as err:
         recipe.check_layers({}, [], ["block"])
     assert err.value.field == "recipe.prune.drop_blocks"
+
+
+def test_a_space_is_narrowed_to_the_blocks_a_model_has():
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")  # drop_blocks: [0, 1]
+    assert space.narrow_blocks(["block"], "t") is None
+    assert space.narrow_blocks([], "t") == ("space.prune.drop_blocks narrowed from [0, 1] to [0]: the 't' model has 0 "
+                                            "residual block(s)")
+    assert space.pruning["drop_blocks"].fixed
+    fixed = SearchSpace.from_dict({"schema_version": 1, "prune": {"drop_blocks": 2}})  # written: nothing to narrow to
+    with pytest.raises(ConfigError, match="at most the 1 residual blocks") as err:
+        fixed.narrow_blocks(["block"], "t")
+    assert err.value.field == "space.prune.drop_blocks"
