@@ -106,7 +106,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
             objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
             study.optimize(objective, n_trials=trials - done, timeout=timeout or spec.timeout, catch=(Exception,),
                            show_progress_bar=progress)
-    return study, [t for t in study.trials if t.number not in before]
+    return study, [t for t in study.trials if t.number not in before and t.state.name in FINISHED]
 
 
 def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
