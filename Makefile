@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-search bench-search-quick clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/storage.py
+
+bench-search: setup  # about 60 minutes: 3 tasks x 5 methods x 3 seeds
+	$(BIN)/python benchmarks/search_quality.py
+
+bench-search-quick: setup  # about 10 minutes: mnist1d_lean, one seed
+	$(BIN)/python benchmarks/search_quality.py --quick
 
 lint: setup
 	$(BIN)/ruff check autocomp tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class CompressedModel:
     metrics: dict[str, float]  # measured on the artifact
     kernels: dict[str, int]  # the ONNX Runtime kernels one inference executes, with counts
     layer_kernels: dict[str, str]  # Conv/Linear layer -> the ONNX Runtime kernel that computes it
+    seconds: dict[str, float]  # wall-clock time of each stage: compress (prune + fine-tune), deploy, measure
 
 
 def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True,
@@ -46,6 +48,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clock = [time.perf_counter()]
     prunable = prunable_layers(task.teacher, task.example_input)
     recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher, task.example_input))
     student = copy.deepcopy(task.teacher)
@@ -60,12 +63,17 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         _fine_tune(student, task, recipe, [n for n in prunable if n in present], epochs, seed=recipe.seed + r - 1,
                    qat=recipe.quantize.qat and r == len(schedule), progress=progress)  # QAT in the last fine-tune
     finalize_masks(student)
+    clock.append(time.perf_counter())
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
                       out_dir / ARTIFACT, sparse=recipe.prune.granularity == "weight")
+    clock.append(time.perf_counter())
     metrics = measure(artifact, student, task, recipe.measure, reference)
     kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)
-    return CompressedModel(student, artifact, metrics, kernels, runtime.layer_kernels(artifact))
+    clock.append(time.perf_counter())
+    stages = ("compress", "deploy", "measure")
+    seconds = {stage: round(b - a, 3) for stage, a, b in zip(stages, clock[:-1], clock[1:], strict=True)}
+    return CompressedModel(student, artifact, metrics, kernels, runtime.layer_kernels(artifact), seconds)
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,

@@ -9,6 +9,7 @@ from pathlib import Path
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, check_choice, check_range
 from autocomp.recipe import Measure
+from autocomp.search.fidelity import Screening
 
 SCHEMA_VERSION = 1
 # what a search may optimise; test_accuracy is reported only (selecting on it is the winner's curse)
@@ -41,6 +42,7 @@ class StudySpec:
     storage: str | None = None  # default: sqlite:///<study folder>/<study_name>.db
     artifacts: str | None = None  # default: <study folder>/<study_name>_artifacts
     measure: Measure = field(default_factory=Measure)
+    screening: Screening | None = None  # multi-fidelity (``autocomp.search.fidelity``); None: every trial full
 
     def __post_init__(self) -> None:
         check_range("trials", self.trials, 1, 10**6)

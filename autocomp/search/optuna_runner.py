@@ -119,9 +119,14 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
     def objective(trial: optuna.Trial) -> list[float]:
         recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
         trial.set_user_attr("recipe", recipe.to_dict())
-        result = _run_trial(trial, recipe, task, store, baseline.artifact)
+        screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
+        if screen is not None:
+            _screen(trial, screen, task, baseline, spec)
+        trial.set_user_attr("fidelity", "full")
+        result = _run_trial(trial, recipe, task, baseline.artifact, store)
         metrics = with_ratios(result.metrics, baseline.metrics)
         trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("kernels", result.kernels)
         trial.set_user_attr("layer_kernels", result.layer_kernels)
         return [metrics[name] for name in spec.objectives]
@@ -129,8 +134,25 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
     return objective
 
 
-def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, store: object, reference: Path) -> CompressedModel:
-    """``apply`` one recipe; store its artifact and recipe, or its error as the failure reason."""
+def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec) -> None:
+    """Run and store the trial's screen; raise ``TrialPruned`` unless it is promoted (``autocomp.search.fidelity``)."""
+    import optuna
+
+    result = _run_trial(trial, screen, task, baseline.artifact)
+    metrics = with_ratios(result.metrics, baseline.metrics)
+    values = [metrics[name] for name in spec.objectives]
+    trial.set_user_attr("screen", {"epochs": screen.finetune.epochs, "values": values, "metrics": metrics,
+                                   "seconds": result.seconds})
+    screens = [t.user_attrs["screen"]["values"] for t in trial.study.get_trials(deepcopy=False)
+               if "screen" in t.user_attrs and t.number != trial.number] + [values]
+    if not spec.screening.promoted(values, screens, list(spec.objectives.values())):
+        trial.set_user_attr("fidelity", "screen")
+        raise optuna.TrialPruned(f"screened out after {screen.finetune.epochs} epochs of fine-tune")
+
+
+def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
+               store: object | None = None) -> CompressedModel:
+    """``apply`` one recipe; store its artifact and recipe in ``store`` (if any), or its error as the failure reason."""
     from optuna.artifacts import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +161,7 @@ def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, store: object, r
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             raise
-        for name in (ARTIFACT, RECIPE):
+        for name in (ARTIFACT, RECIPE) if store is not None else ():
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
     return result
 
@@ -150,7 +172,7 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task
     groups = {layer: p.group for layer, p in prunable.items()}
     dims = space.dimensions(prunable, name, quantizable)
     for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups):
-        study.enqueue_trial(policy, skip_if_exists=True)
+        study.enqueue_trial(policy, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
 def sensitivity_of(spec: StudySpec, recompute: bool = False, progress: bool = True) -> Sensitivity:
