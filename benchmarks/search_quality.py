@@ -259,6 +259,10 @@ def main() -> None:
         for task in args.tasks:
             runs[task] = {m: [run(task, m, seed, budgets[task], Path(tmp)) for seed in args.seeds]
                           for m in args.methods}
+            write(runs, args, budgets, begun)  # after every task: an interrupted suite keeps what it measured
+
+
+def write(runs: dict, args: argparse.Namespace, budgets: dict, begun: float) -> None:
     name = "search_quality_quick" if args.quick else "search_quality"
     settings = {"mode": "quick" if args.quick else "full", "seeds": args.seeds, "budgets": budgets,
                 "measure": dataclasses.asdict(MEASURE), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
@@ -270,8 +274,7 @@ def main() -> None:
     (args.out / f"{name}.md").write_text(markdown(table, settings))
     for task, methods in runs.items():
         plot(task, methods, args.out / f"{name}_{task}.png")
-    print("\n" + markdown(table, settings))
-
+    print("\n" + markdown(table, settings), flush=True)
 
 if __name__ == "__main__":
     main()
