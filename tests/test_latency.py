@@ -58,6 +58,12 @@ def test_the_same_artifact_measured_twice_agrees_within_five_percent(tmp_path):
     candidate = runtime.export_onnx(Wide(128).eval(), x, tmp_path / "c.onnx")  # two fresh sessions of one model
     reference = runtime.export_onnx(Wide(32).eval(), x, tmp_path / "r.onnx")  # can differ by 5-10%
     spec = Measure(warmup_seconds=0.5, max_seconds=5.0)
-    first, second = (time_artifact(candidate, reference, x.numpy(), spec) for _ in range(2))  # new sessions each
+    trusted = []  # new sessions each; a measurement the protocol flags noisy (the machine was busy) is not one
+    for _ in range(4):
+        result = time_artifact(candidate, reference, x.numpy(), spec)
+        trusted += [result] if not result.noisy else []
+        if len(trusted) == 2:
+            break
+    first, second = trusted  # two of four measurements settled
     assert first.ratio > 1.2  # four times the width really is slower (about 2.4x here)
     assert abs(second.ratio / first.ratio - 1) < 0.05

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import optuna
 
@@ -55,5 +56,8 @@ def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path
 
 def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
     spec = StudySpec.load(study(tmp_path, "tests.tasks:val_test_disagree", "0.0"))
-    study_obj, trials = run_search(spec, trials=50, progress=False, timeout=1)
+    started = time.monotonic()
+    study_obj, trials = run_search(spec, trials=50, progress=False, timeout=20)
     assert 1 <= len(trials) < 50 and all(t.state.name == "COMPLETE" for t in trials)
+    last = max(t.datetime_start for t in trials).timestamp()  # counted from the call, the teacher's baseline too
+    assert last - (time.time() - (time.monotonic() - started)) <= 20

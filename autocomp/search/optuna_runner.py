@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -71,12 +72,14 @@ def finished_trials(study) -> int:
 def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True,
                timeout: float | None = None):
     """Run trials until the study holds ``trials`` finished ones, or until ``timeout`` seconds (default: the
-    study's) have passed (the trial running then finishes); return the study and the trials of this run.
+    study's) have passed since the call (the trial running then finishes; the teacher's baseline and
+    sensitivity map count too); return the study and the trials of this run.
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
     import optuna
 
+    started = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or spec.trials
     seed = spec.seed if seed is None else seed
@@ -102,9 +105,11 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         baseline = _baseline(study, task, spec, tmp)
         if not study.trials:  # a new study opens with the hand-made policies
             _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
-        if trials > done:
+        budget = timeout or spec.timeout
+        left = None if budget is None else budget - (time.monotonic() - started)
+        if trials > done and (left is None or left > 0):
             objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
-            study.optimize(objective, n_trials=trials - done, timeout=timeout or spec.timeout, catch=(Exception,),
+            study.optimize(objective, n_trials=trials - done, timeout=left, catch=(Exception,),
                            show_progress_bar=progress)
     return study, [t for t in study.trials if t.number not in before and t.state.name in FINISHED]
 
