@@ -73,14 +73,17 @@ def mnist1d_splits() -> tuple[Split, Split, Split]:
 @TASKS.register("mnist1d", "MNIST-1D (8000 sequences of length 40, generated locally: 4000 train, 2000 val, "
                            "2000 test), 1-D CNN teacher, accuracy")
 def mnist1d(seed: int = 0) -> Task:
-    train, val, test = mnist1d_splits()
-    teacher = cached_teacher("mnist1d", MNIST1DCNN, train, epochs=15, lr=2e-3, weight_decay=5e-2, seed=seed)
-    return Task("mnist1d", teacher, train, val, test, example_input=train.x[:1])
+    return _task("mnist1d", MNIST1DCNN, seed, epochs=15, lr=2e-3)
 
 
 @TASKS.register("mnist1d_lean", "MNIST-1D (the same data and splits as mnist1d), the paper's 5K-parameter "
                                 "3-conv CNN teacher, accuracy")
 def mnist1d_lean(seed: int = 0) -> Task:
+    return _task("mnist1d_lean", MNIST1DLean, seed, epochs=40, lr=2e-2)
+
+
+def _task(name: str, model: type[nn.Module], seed: int, epochs: int, lr: float) -> Task:
+    """A task on the MNIST-1D splits whose teacher ``model`` is trained (weight decay 0.05) and cached as ``name``."""
     train, val, test = mnist1d_splits()
-    teacher = cached_teacher("mnist1d_lean", MNIST1DLean, train, epochs=40, lr=2e-2, weight_decay=5e-2, seed=seed)
-    return Task("mnist1d_lean", teacher, train, val, test, example_input=train.x[:1])
+    teacher = cached_teacher(name, model, train, epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed)
+    return Task(name, teacher, train, val, test, example_input=train.x[:1])
