@@ -46,6 +46,7 @@ import numpy as np
 
 from autocomp.config import read_yaml, write_yaml
 from autocomp.recipe import Measure
+from autocomp.search.fidelity import as_losses, non_domination_ranks
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
 
@@ -87,11 +88,8 @@ def points(trials, teacher: dict) -> np.ndarray:
 
 def val_front(trials, directions: list[str]) -> list:
     """The trials no other trial beats on every objective (validation values, as the study ranks them)."""
-    from autocomp.search.fidelity import dominates
-
-    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
-    losses = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials]
-    return [t for t, a in zip(trials, losses, strict=True) if not any(dominates(b, a) for b in losses)]
+    ranks = non_domination_ranks(as_losses([t.values for t in trials], directions))
+    return [t for t, rank in zip(trials, ranks, strict=True) if rank == 0]
 
 
 def hypervolume(trials, teacher: dict, directions: list[str]) -> float:

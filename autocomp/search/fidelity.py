@@ -53,13 +53,17 @@ class Screening:
         """Whether a trial whose screen scored ``values`` is promoted, given every screen so far (its own included)."""
         if len(screens) < self.grace:
             return True
-        signs = [1.0 if d == "minimize" else -1.0 for d in directions]
-        losses = [[s * v for s, v in zip(signs, point, strict=True)] for point in screens]
-        own = [s * v for s, v in zip(signs, values, strict=True)]
+        losses, own = as_losses(screens, directions), as_losses([values], directions)[0]
         ranks = non_domination_ranks(losses)
         order = sorted(range(len(losses)), key=lambda i: (ranks[i], losses[i][0]))
         best = order[: math.ceil(self.promote * len(losses))]
         return any(losses[i] == own for i in best)
+
+
+def as_losses(points: list[list[float]], directions: list[str]) -> list[list[float]]:
+    """Objective values as losses to minimise (maximised objectives negated)."""
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    return [[s * v for s, v in zip(signs, point, strict=True)] for point in points]
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
