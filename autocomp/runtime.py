@@ -14,15 +14,25 @@ INPUT, OUTPUT = "input", "logits"
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> Path:
-    """Export ``model`` (eval mode, dynamic batch) as one self-contained ONNX file."""
+    """Export ``model`` (eval mode, dynamic batch) as one self-contained ONNX file.
+
+    The TorchScript exporter first: on this machine it takes 0.02-0.07 s where the ``torch.export``-based one
+    takes 1.6-3.3 s (README "Where a trial's time goes"), a third of a small trial. A model it cannot trace
+    (or a torch without it) goes through the ``torch.export``-based exporter.
+    """
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" etc.
+    model = model.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), (example_input,), str(path), dynamo=True, external_data=False,
-            input_names=[INPUT], output_names=[OUTPUT], verbose=False,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        try:
+            torch.onnx.export(model, (example_input,), str(path), dynamo=False, opset_version=18,
+                              training=torch.onnx.TrainingMode.PRESERVE,  # no BatchNorm folding: names kept
+                              input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        except Exception:  # noqa: BLE001 - any tracing failure: the other exporter decides
+            torch.onnx.export(model, (example_input,), str(path), dynamo=True, external_data=False,
+                              input_names=[INPUT], output_names=[OUTPUT], verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
     return path
 
 

@@ -60,4 +60,5 @@ def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
     study_obj, trials = run_search(spec, trials=50, progress=False, timeout=20)
     assert 1 <= len(trials) < 50 and all(t.state.name == "COMPLETE" for t in trials)
     last = max(t.datetime_start for t in trials).timestamp()  # counted from the call, the teacher's baseline too
-    assert last - (time.time() - (time.monotonic() - started)) <= 20
+    # Optuna checks the clock, then creates the trial in storage: a start may trail the check by a write
+    assert last - (time.time() - (time.monotonic() - started)) <= 20 + 1

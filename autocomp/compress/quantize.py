@@ -131,6 +131,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
             prepared = fp32  # nothing quantized: the plain export (weights may still be stored sparsely)
         else:
             quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
+            _restore_weight_names(prepared)
         layers = {name: name.removesuffix(".weight") for name in weight_names(onnx.load(str(prepared)))}
         int8_layers = [name for name, layer in layers.items() if spec.activation_bits_of(layer) == 8]
         if int8_layers:
@@ -138,3 +139,24 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
                                      spec.symmetric, keep_fp32=tuple(set(layers) - set(int8_layers)))
         bits = {name: spec.bits_of(layer) for name, layer in layers.items() if name not in int8_layers}
         return pack_weights(prepared, path, bits, spec.symmetric, spec.per_channel, spec.kmeans, sparse=sparse)
+
+
+FUSED = "ConvBnFusion_W_"  # ONNX Runtime's name for a Conv weight with its BatchNorm folded in
+
+
+def _restore_weight_names(path: Path) -> None:
+    """Give each Conv weight that ONNX Runtime folded a BatchNorm into its layer's name back (``conv1.weight``,
+    not ``ConvBnFusion_W_conv1.weight``): recipes name layers, and the weights are found by those names."""
+    import onnx
+
+    model = onnx.load(str(path))
+    names = {i.name for i in model.graph.initializer}
+    renamed = {n: n.removeprefix(FUSED) for n in names if n.startswith(FUSED) and n.removeprefix(FUSED) not in names}
+    if not renamed:
+        return
+    for init in model.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    onnx.save(model, str(path))
+
