@@ -27,7 +27,7 @@ def val_test_disagree() -> Task:
 
 
 class FixedView(SmallCNN):
-    """A model whose forward hard-codes its width (``view(-1, 256)``): it breaks once channels go."""
+    """A model whose forward hard-codes its width (``view(-1, 256)``): it breaks once conv2's channels go."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
@@ -35,10 +35,20 @@ class FixedView(SmallCNN):
         return self.fc2(torch.relu(self.fc1(x.reshape(-1, 256))))
 
 
+class TrainFixedView(FixedView):
+    """``FixedView`` whose hard-coded width only shows in training mode: the probe of prunable groups runs the
+    model in eval mode and cannot see it, so every trial that prunes conv1 fails in its fine-tune."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.conv1.out_channels != 8:
+            raise ValueError(f"this model trains with 8 channels after conv1, not {self.conv1.out_channels}")
+        return super().forward(x)
+
+
 def fixed_view() -> Task:
     torch.manual_seed(0)
     data = Split(_inputs(64, 0), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
-    return Task("fixed_view", FixedView().eval(), data, data, data, example_input=data.x[:1])
+    return Task("fixed_view", TrainFixedView().eval(), data, data, data, example_input=data.x[:1])
 
 
 class Bottleneck(nn.Module):
@@ -73,3 +83,19 @@ def fragile_bottleneck() -> Task:
             nn.functional.cross_entropy(teacher(train.x), train.y).backward()
             optimizer.step()
     return Task("fragile_bottleneck", teacher.eval(), train, val, val, example_input=x[:1])
+
+
+class DictOutput(nn.Module):
+    """A model that returns a dict (as Hugging Face models do), not a tensor of logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(x.flatten(1))}
+
+
+def dict_output() -> Task:
+    data = Split(_inputs(8, 0), torch.zeros(8, dtype=torch.long))
+    return Task("dict_output", DictOutput().eval(), data, data, data, example_input=data.x[:1])

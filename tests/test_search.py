@@ -42,12 +42,13 @@ def test_trials_are_ranked_on_validation_and_test_is_only_reported(tmp_path):
 
 def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path):
     path = study(tmp_path, "tests.tasks:fixed_view", "0.5")
+    (tmp_path / "space.yaml").write_text(SPACE.replace("epochs: 0", "epochs: 1") % "0.5")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([AUTOCOMP, "search", str(path), "--no-progress"], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "this run: 3 trial(s): 0 complete, 3 fail, 0 pruned" in result.stdout
-    assert "3 x TorchExportError: Failed to export" in result.stdout
+    assert "3 x ValueError: this model trains with 8 channels after conv1, not 4" in result.stdout
     assert "every trial of this run failed" in result.stderr
     stored = optuna.load_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
     assert [t.state.name for t in stored.trials] == ["FAIL"] * 3  # each recorded with its reason

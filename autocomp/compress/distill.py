@@ -132,6 +132,8 @@ class Distiller(nn.Module):
         if self.transfer is not None:
             inputs = self.transfer.source == "embedding"
             self._names = [head_layer(teacher, example_input)] if inputs else list(layers)
+            # a Linear layer's output has its channels last
+            self._last = [not inputs and isinstance(teacher.get_submodule(n), nn.Linear) for n in self._names]
             self._taps = [Tap(student, self._names, inputs), Tap(teacher, self._names, inputs)]
             with torch.no_grad():
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
@@ -139,7 +141,11 @@ class Distiller(nn.Module):
             self.transfer.build(*self._features())
 
     def _features(self) -> tuple[list[Tensor], list[Tensor]]:
-        student, teacher = ([tap.values[n] for n in self._names] for tap in self._taps)
+        """Each hint layer's features, channels first: (B, C, *positions), so a Linear layer's (B, tokens, C) reads
+        as (B, C, tokens), like a Conv1d's output (the embedding term takes the head's input as it is)."""
+        student, teacher = ([f.movedim(-1, 1) if last and f.dim() > 2 else f
+                             for f, last in zip((tap.values[n] for n in self._names), self._last, strict=True)]
+                            for tap in self._taps)
         return student, teacher
 
     def forward(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:

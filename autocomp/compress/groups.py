@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from autocomp.compress.criteria import applicable
@@ -60,7 +61,8 @@ def pruning_groups(model: nn.Module, example_input: Tensor, graph=None) -> list[
     """
     graph = dependency_graph(model, example_input) if graph is None else graph
     modules = dict(model.named_modules())
-    names = layer_names(model)
+    # a layer inside a module the graph keeps whole (nn.MultiheadAttention's out_proj) changes with that module
+    names = [n for n in layer_names(model) if modules[n] in graph.module2node]
     by_module = {modules[n]: n for n in names}
     root = {n: n for n in names}  # union-find over layer names; a root is its set's first member
 
@@ -83,8 +85,53 @@ def pruning_groups(model: nn.Module, example_input: Tensor, graph=None) -> list[
 def _group(graph, modules: dict[str, nn.Module], members: list[str]) -> PruningGroup:
     tied = [dep.target.module for dep, _ in dependency_group(graph, modules[members[0]], [0])]
     grouped = [m.groups for m in tied if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels]
+    heads = [m.num_heads for m in tied if isinstance(m, nn.MultiheadAttention)]  # every head loses as many
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in tied)
     return PruningGroup(members[0], tuple(members), graph.get_out_channels(modules[members[0]]),
-                        math.lcm(1, *grouped), any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in tied))
+                        math.lcm(1, *grouped, *heads), batchnorm)
+
+
+def balanced(channels: int, divisor: int, positions: list[int]) -> list[int]:
+    """The channel indices at ``positions`` of each of ``divisor`` equal blocks of ``channels``."""
+    block = channels // divisor
+    return sorted(b * block + p for b in range(divisor) for p in positions)
+
+
+def probe(model: nn.Module, example_input: Tensor, groups: list[PruningGroup]) -> dict[str, int | None]:
+    """Each group's divisor as the model's own forward accepts it, or None where no removal leaves it running.
+
+    The graph knows grouped convolutions and ``nn.MultiheadAttention``; a forward that reshapes by a count of its
+    own (hand-written attention's ``reshape(b, n, heads, -1)``) only shows when run. One copy of the model loses
+    one channel per block of every group; if it still runs and gives the same output shape, every divisor holds.
+    Otherwise each group is tried alone with 1, 2, 4, ... times its divisor blocks (a divisor of its channels).
+    """
+    if not groups or _runs_pruned(model, example_input, {g.name: g.divisor for g in groups}, groups):
+        return {g.name: g.divisor for g in groups}
+    found: dict[str, int | None] = {}
+    for g in groups:
+        candidates = [d for d in range(g.divisor, g.channels // 2 + 1, g.divisor) if g.channels % d == 0]
+        found[g.name] = next((d for d in candidates if _runs_pruned(model, example_input, {g.name: d}, groups)), None)
+    return found
+
+
+def _runs_pruned(model: nn.Module, example_input: Tensor, divisors: dict[str, int], groups: list[PruningGroup]) -> bool:
+    """Whether a copy of ``model`` that lost the first channel of each block (``divisors``) of those groups still
+    runs, keeps its metadata and gives an output of the same shape."""
+    import copy
+
+    with torch.no_grad():
+        expected = model.eval()(example_input).shape
+    trial = copy.deepcopy(model)
+    try:
+        graph = dependency_graph(trial, example_input)  # traced through autograd: not under no_grad
+        for g in (g for g in groups if g.name in divisors):
+            idxs = balanced(g.channels, divisors[g.name], [0])
+            dependency_group(graph, trial.get_submodule(g.name), idxs).prune()
+        check_metadata(trial)
+        with torch.no_grad():
+            return trial(example_input).shape == expected
+    except Exception:  # noqa: BLE001 - whatever the forward raises, this removal does not fit the model
+        return False
 
 
 def check_metadata(model: nn.Module) -> None:

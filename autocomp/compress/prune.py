@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from autocomp.compress.criteria import CRITERIA, accumulate_gradients, applicable, record_preactivations
-from autocomp.compress.groups import check_metadata, dependency_graph, dependency_group, pruning_groups
+from autocomp.compress.groups import balanced, check_metadata, dependency_graph, dependency_group, probe, pruning_groups
 from autocomp.features import layer_names
 from autocomp.train import Split, seed_everything
 
@@ -30,19 +30,28 @@ class PrunableLayer:
     channels: int  # output channels (Conv) or features (Linear), as every layer of its group
     batchnorm: bool  # a BatchNorm normalises these channels
     group: str  # the name of its pruning group (``groups.py``): the group's first member
+    divisor: int = 1  # its group loses channels in multiples of this, the same positions in each block
 
     def criteria(self, granularity: str = "channel") -> list[str]:
         """The registered criteria that can score this layer's channels (or single weights)."""
         return applicable(granularity, self.batchnorm)
 
 
-def prunable_layers(model: nn.Module, example_input: Tensor) -> dict[str, PrunableLayer]:
+def prunable_layers(model: nn.Module, example_input: Tensor, left_out: list[str] | None = None
+                    ) -> dict[str, PrunableLayer]:
     """The members of the model's pruning groups, in model order, each with its group's channels and name.
 
-    The group of the layer that produces the model's output is excluded: its channels are the classes.
+    The group of the layer that produces the model's output is excluded: its channels are the classes. So is a
+    group whose channels the model's forward cannot lose (``groups.probe``); ``left_out`` gets one line for each.
     """
-    layers = {member: PrunableLayer(g.channels, g.batchnorm, g.name)
-              for g in pruning_groups(model, example_input) for member in g.members}
+    groups = pruning_groups(model, example_input)
+    divisors = probe(model, example_input, groups)
+    for g in groups:
+        if divisors[g.name] is None and left_out is not None:
+            left_out.append(f"group {g.name!r} ({', '.join(g.members)}) is not pruned: the model's forward fails "
+                            f"or changes its output shape once any of its {g.channels} channels go")
+    layers = {member: PrunableLayer(g.channels, g.batchnorm, g.name, divisors[g.name])
+              for g in groups if divisors[g.name] is not None for member in g.members}
     return {name: layers[name] for name in layer_names(model) if name in layers}
 
 
@@ -70,12 +79,13 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
     groups = {g.name: g for g in pruning_groups(model, example_input, graph) if g.name in original}
     size = {name: original[name].channels for name in groups}  # against which targets count
     removed = {name: size[name] - g.channels for name, g in groups.items()}  # by earlier rounds
+    divisor = {name: math.lcm(g.divisor, original[name].divisor) for name, g in groups.items()}
     if spec.scope == "local":
         # a group's entry names any one member; after dropped blocks a group may have a new first member
         targets = {original[n].group: entry for n, entry in spec.layers.items() if n in original and entry.sparsity > 0}
         plan = {name: targets[original[name].group] for name in groups if original[name].group in targets}
         criteria = {name: entry.criterion for name, entry in plan.items()}
-        need = {name: channels_to_remove(size[name], entry.sparsity * progress, groups[name].divisor) - removed[name]
+        need = {name: channels_to_remove(size[name], entry.sparsity * progress, divisor[name]) - removed[name]
                 for name, entry in plan.items()}
     else:
         criteria = {name: spec.criterion for name, g in groups.items() if spec.criterion in g.criteria()}
@@ -88,7 +98,7 @@ def prune(model: nn.Module, example_input: Tensor, spec: Prune, original: dict[s
                               {n: groups[n].channels - floor[n] for n in criteria})
     modules = dict(model.named_modules())
     for name, s in scores.items():
-        idxs = _lowest(s, need[name], groups[name].divisor)
+        idxs = _lowest(s, need[name], divisor[name])
         if idxs:
             dependency_group(graph, modules[name], idxs).prune()
     model.zero_grad(set_to_none=True)
@@ -139,9 +149,8 @@ def _lowest(scores: Tensor, count: int, divisor: int) -> list[int]:
     per_block = count // divisor
     if per_block <= 0:
         return []
-    block = len(scores) // divisor
-    positions = scores.view(divisor, block).sum(0).argsort(stable=True)[:per_block]
-    return sorted((torch.arange(divisor).unsqueeze(1) * block + positions).flatten().tolist())
+    positions = scores.view(divisor, len(scores) // divisor).sum(0).argsort(stable=True)[:per_block]
+    return balanced(len(scores), divisor, positions.tolist())
 
 
 class WeightMask(nn.Module):

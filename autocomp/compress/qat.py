@@ -35,15 +35,16 @@ class WeightFakeQuant(nn.Module):
 
 
 def input_ranges(model: nn.Module, layers: list[str], x: Tensor, calibration: str) -> dict[str, tuple[float, float]]:
-    """The 8-bit range of each layer's input, chosen by ``calibration`` on batches of ``x``."""
+    """The 8-bit range of each layer's input, chosen by ``calibration`` on batches of ``x``. A layer its parent
+    never calls as a module (``nn.MultiheadAttention`` reads ``out_proj``'s weight directly) has none."""
     batches: dict[str, list[Tensor]] = {name: [] for name in layers}
     with Tap(model, layers, inputs=True) as tap, torch.no_grad():
         for i in range(0, len(x), 32):
             model.eval()(x[i : i + 32])
-            for name in layers:
+            for name in tap.values:
                 batches[name].append(tap.values[name])
     calibrator = CALIBRATORS.get(calibration)()
-    return {name: calibrator.range(batches[name], 8, symmetric=False) for name in layers}
+    return {name: calibrator.range(found, 8, symmetric=False) for name, found in batches.items() if found}
 
 
 def _input_quantizer(lo: float, hi: float):

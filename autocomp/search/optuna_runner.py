@@ -85,15 +85,16 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     seed = spec.seed if seed is None else seed
     space = SearchSpace.load(spec.space)
     task = load_task(spec.task)
-    prunable = prunable_layers(task.teacher, task.example_input)
+    narrowed: list[str] = []  # what the model cannot use, said once and stored with the study
+    prunable = prunable_layers(task.teacher, task.example_input, left_out=narrowed)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
-    narrowed = space.narrow_blocks(residual_blocks(task.teacher, task.example_input), spec.task)
-    if narrowed:
-        print(f"autocomp: {narrowed}")
+    narrowed += filter(None, [space.narrow_blocks(residual_blocks(task.teacher, task.example_input), spec.task)])
+    for line in narrowed:
+        print(f"autocomp: {line}")
     study = open_study(spec, seed)
     if narrowed:
-        study.set_user_attr("narrowed", [narrowed])
+        study.set_user_attr("narrowed", narrowed)
     check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
     done = finished_trials(study)
     study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws

@@ -14,6 +14,7 @@ TASKS: Registry[Callable[..., object]] = Registry("task")
 def load_task(ref: str):
     """Build the Task named ``ref``: a built-in name, or ``"package.module:function"``."""
     from autocomp.tasks.base import Task
+    from autocomp.tasks.check import check_task
 
     if ":" in ref:
         module_name, _, attr = ref.partition(":")
@@ -26,4 +27,5 @@ def load_task(ref: str):
     task = factory()
     if not isinstance(task, Task):
         raise ConfigError(f"`task` {ref!r} must return an autocomp Task, but returned {type(task).__name__}.")
+    check_task(task, ref)
     return task

@@ -1,0 +1,46 @@
+"""What autocomp needs of a task's teacher, checked once when the task loads: a classifier that returns one
+(batch, classes) tensor of logits for its example input, and that exports to ONNX (the artifact autocomp
+deploys). A teacher that breaks a rule is refused with one line naming the model, its type and the rule."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from autocomp.errors import ConfigError
+from autocomp.tasks.base import Task
+
+
+def check_task(task: Task, ref: str) -> None:
+    """Raise ``ConfigError`` if ``task``'s teacher is not one autocomp can compress (module docstring)."""
+    from autocomp import runtime
+
+    what = f"task {ref!r}: the teacher ({type(task.teacher).__name__})"
+    x = task.example_input
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] != 1:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"task {ref!r}: `example_input` must be one tensor of one sample, shaped (1, ...), but "
+                          f"got {got}.")
+    try:
+        with torch.no_grad():
+            out = task.teacher.eval()(x)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as one line
+        raise ConfigError(f"{what} fails on its example input {tuple(x.shape)}: {type(err).__name__}: "
+                          f"{_first_line(err)}") from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1 or out.shape[1] < 2:
+        got = f"a tensor {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what} returns {got}; autocomp compresses classifiers that return one "
+                          f"(batch, classes) tensor of logits.")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            runtime.export_onnx(task.teacher, x, Path(tmp) / "teacher.onnx")
+        except Exception as err:  # noqa: BLE001 - both exporters failed; their reason is the user's to read
+            raise ConfigError(f"{what} cannot be exported to ONNX, the artifact autocomp deploys: "
+                              f"{type(err).__name__}: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else ""

@@ -1,0 +1,81 @@
+"""Attention is pruned by whole positions of every head: ``nn.MultiheadAttention`` on the residual stream's group,
+hand-written attention (q, k, v Linear layers reshaped into heads) on its own group, whose head count is found by
+running the model. Afterwards every attention layer is consistent (heads x head_dim = width), the model runs and
+exports to ONNX Runtime with torch's numbers. A group the forward cannot lose channels of is left out, said once."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autocomp.compress.prune import prunable_layers, prune
+from autocomp.recipe import LayerPrune, Prune
+from autocomp.runtime import export_onnx
+from autocomp.train import Split
+from tests.tasks import FixedView
+from tests.zoo import Encoder, LinearTransformer
+
+X = torch.randn(1, 8, 8)
+
+
+def data() -> Split:
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randn(16, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+
+
+def pruned(model: nn.Module, sparsity: float, groups: set[str] | None = None) -> nn.Module:
+    """``model`` with each of ``groups`` (default: all) pruned to ``sparsity`` by L1."""
+    layers = prunable_layers(model, X)
+    groups = {layer.group for layer in layers.values()} if groups is None else groups
+    return prune(model, X, Prune(layers={name: LayerPrune(sparsity, "l1") for name in groups}), layers, data())
+
+
+def assert_runs_as_exported(model: nn.Module, tmp_path) -> None:
+    x = torch.randn(3, 8, 8)
+    sess = ort.InferenceSession(str(export_onnx(model, X, tmp_path / "model.onnx")))
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+def test_multihead_attention_loses_the_same_positions_of_every_head(norm_first, tmp_path):
+    torch.manual_seed(0)
+    model = Encoder(norm_first=norm_first).eval()
+    layers = prunable_layers(model, X)
+    assert {(layer.group, layer.channels, layer.divisor) for layer in layers.values()} == {
+        ("embed", 32, 4), ("encoder.layers.0.linear1", 64, 1), ("encoder.layers.1.linear1", 64, 1)}
+    pruned(model, 0.5)
+    for block in model.encoder.layers:
+        attn = block.self_attn
+        assert attn.embed_dim == 16 and attn.num_heads == 4 and attn.head_dim * attn.num_heads == attn.embed_dim
+        assert attn.in_proj_weight.shape == (48, 16) and attn.out_proj.weight.shape == (16, 16)
+        assert block.linear1.out_features == 32 and block.norm1.normalized_shape == (16,)
+    assert model.embed.out_features == 16 and model.position.shape == (1, 8, 16)
+    assert_runs_as_exported(model, tmp_path)
+
+
+def test_hand_written_attention_finds_its_heads_by_running_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = LinearTransformer().eval()
+    layers = prunable_layers(model, X)
+    assert layers["attn.q"].group == layers["attn.v"].group == "attn.q" and layers["attn.q"].divisor == 4
+    weights = {name: model.get_submodule(name).weight.detach().clone() for name in ("attn.q", "attn.out")}
+    pruned(model, 0.5, {"attn.q"})
+    assert [model.get_submodule(f"attn.{p}").out_features for p in "qkv"] == [16] * 3
+    assert model.attn.out.in_features == 16 and model.attn.out.out_features == 32
+    kept = [next(i for i, row in enumerate(weights["attn.q"]) if torch.equal(row, new)) for new in model.attn.q.weight]
+    assert [k % 8 for k in kept[:4]] == [k % 8 for k in kept[4:8]] == [k % 8 for k in kept[12:]]  # every head alike
+    assert [k // 8 for k in kept] == [h for h in range(4) for _ in range(4)]
+    torch.testing.assert_close(model.attn.out.weight, weights["attn.out"][:, kept])
+    assert_runs_as_exported(model, tmp_path)
+
+
+def test_a_group_the_forward_cannot_lose_is_left_out_and_said():
+    torch.manual_seed(0)
+    said: list[str] = []
+    layers = prunable_layers(FixedView().eval(), torch.zeros(1, 1, 8, 8), left_out=said)
+    assert "conv2" not in layers and "fc1" in layers  # reshape(-1, 256) fixes conv2's 16 channels
+    assert said == ["group 'conv2' (conv2) is not pruned: the model's forward fails or changes its output shape "
+                    "once any of its 16 channels go"]

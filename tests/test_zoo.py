@@ -1,0 +1,65 @@
+"""Bring your own model: each shape of the zoo (``tests/zoo.py``) searched with the shipped ``joint.yaml``, as a user
+would, completes its trials, and every artifact reloads in ONNX Runtime and scores what its trial recorded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autocomp import runtime
+from autocomp.pipeline import ARTIFACT
+from autocomp.search.optuna_runner import run_search
+from autocomp.study import StudySpec
+from tests import zoo
+from tests.conftest import ROOT
+from tests.test_cli import AUTOCOMP
+
+
+def zoo_study(tmp_path: Path, name: str) -> StudySpec:
+    path = tmp_path / "zoo.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: {name}\ntask: 'tests.zoo:{name}'\n"
+                    f"space: {ROOT / 'search_spaces' / 'joint.yaml'}\ntrials: 3\n"
+                    "measure: {warmup_seconds: 0.1, max_seconds: 1.0}\n")
+    return StudySpec.load(path)
+
+
+def artifact_score(study: optuna.Study, trial: optuna.trial.FrozenTrial, spec: StudySpec, task) -> float:
+    """The test score of the trial's stored artifact, run again in a fresh ONNX Runtime session."""
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+    meta = next(m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == ARTIFACT)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ARTIFACT
+        download_artifact(artifact_store=FileSystemArtifactStore(spec.artifacts), file_path=str(path),
+                          artifact_id=meta.artifact_id)
+        logits = runtime.run(runtime.session(path), task.test.x.numpy())
+    return task.metric(logits, task.test.y.numpy())
+
+
+@pytest.mark.parametrize("name", zoo.ZOO)
+def test_a_search_of_the_shipped_joint_space_completes_on_every_shape(name, tmp_path):
+    spec = zoo_study(tmp_path, name)
+    study, trials = run_search(spec, progress=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) >= 2, [t.user_attrs.get("error") for t in trials]
+    task = getattr(zoo, name)()
+    for trial in complete:
+        assert artifact_score(study, trial, spec, task) == pytest.approx(trial.user_attrs["metrics"]["test_accuracy"])
+
+
+def test_a_model_autocomp_cannot_compress_is_refused_in_one_line_before_the_study_exists(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"schema_version: 1\nstudy_name: s\ntask: 'tests.tasks:dict_output'\n"
+                    f"space: {ROOT / 'search_spaces' / 'joint.yaml'}\ntrials: 3\n")
+    result = subprocess.run([AUTOCOMP, "search", str(path)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "autocomp: error: task 'tests.tasks:dict_output': the teacher (DictOutput) returns dict; autocomp compresses "
+        "classifiers that return one (batch, classes) tensor of logits.")
+    assert not (tmp_path / "s.db").exists()
