@@ -22,8 +22,7 @@ from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.qat import quantization_aware
 from autocomp.features import layer_names
 from autocomp.recipe import LayerPrune, Prune
-from autocomp.tasks.base import Task, accuracy
-from autocomp.train import predict
+from autocomp.tasks.base import Task
 
 LEVELS = (0.25, 0.5, 0.75)
 BITS = (8, 4, 2)
@@ -99,10 +98,10 @@ class Sensitivity:
 def analyse(task: Task, levels: tuple[float, ...] = LEVELS, bits: tuple[int, ...] = BITS,
             progress: bool = True) -> Sensitivity:
     """Prune each group alone at ``levels`` and quantize each layer alone at ``bits``; validation accuracy of each."""
-    teacher, val = task.teacher.eval(), task.val
+    teacher = task.teacher.eval()
 
     def score(model: torch.nn.Module) -> float:
-        return accuracy(predict(model, val.x).numpy(), val.y.numpy())
+        return task.score(model, task.val)  # the task's own metric
 
     prunable = prunable_layers(teacher, task.example_input)
     groups = list(dict.fromkeys(layer.group for layer in prunable.values()))

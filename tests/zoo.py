@@ -35,10 +35,10 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 16))
-        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2), BasicBlock(32, 32))
-        self.fc = nn.Linear(32, 10)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, stride=2), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 10)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
@@ -75,10 +75,10 @@ class InvertedResidual(nn.Module):
 class MobileNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
-        self.features = nn.Sequential(DepthwiseSeparable(16, 32), DepthwiseSeparable(32, 48, stride=2),
-                                      InvertedResidual(48))
-        self.classifier = nn.Linear(48, 10)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.features = nn.Sequential(DepthwiseSeparable(8, 16), DepthwiseSeparable(16, 24, stride=2),
+                                      InvertedResidual(24))
+        self.classifier = nn.Linear(24, 10)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(self.stem(x)).mean((2, 3)))
@@ -181,14 +181,14 @@ class TabularMLP(nn.Module):
 
 @functools.cache
 def _digits(layout: str) -> tuple[Split, Split, Split]:
-    """scikit-learn's digits, 1000 / 400 / 397, as images (1, 8, 8), ``rows`` (8, 8) or a ``signal`` (1, 64)."""
+    """scikit-learn's digits, 500 / 400 / 397, as images (1, 8, 8), ``rows`` (8, 8) or a ``signal`` (1, 64)."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     x = {"image": x.reshape(-1, 1, 8, 8), "rows": x.reshape(-1, 8, 8), "signal": x.reshape(-1, 1, 64)}[layout]
     y = torch.tensor(y)
-    return Split(x[:1000], y[:1000]), Split(x[1000:1400], y[1000:1400]), Split(x[1400:], y[1400:])
+    return Split(x[:500], y[:500]), Split(x[1000:1400], y[1000:1400]), Split(x[1400:], y[1400:])
 
 
 @functools.cache

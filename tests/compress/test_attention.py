@@ -79,3 +79,23 @@ def test_a_group_the_forward_cannot_lose_is_left_out_and_said():
     assert "conv2" not in layers and "fc1" in layers  # reshape(-1, 256) fixes conv2's 16 channels
     assert said == ["group 'conv2' (conv2) is not pruned: the model's forward fails or changes its output shape "
                     "once any of its 16 channels go"]
+
+
+@pytest.mark.parametrize("kind", ["fitnet", "attention", "sp", "rkd"])
+def test_every_feature_kind_distils_a_transformers_token_features(kind):
+    """Linear layers' (batch, tokens, channels) outputs as hints: a copy of the teacher has no transfer loss, a
+    student whose MLP lost half its hidden units (32 of 64 channels) is compared channel to channel."""
+    import copy
+
+    from autocomp.compress.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher = Encoder(norm_first=True).eval()
+    x, y = torch.randn(4, 8, 8), torch.tensor([0, 1, 2, 3])
+    hints = ["encoder.layers.0.linear1", "encoder.layers.1.linear2"]
+    for student, zero in [(copy.deepcopy(teacher), True),
+                          (pruned(copy.deepcopy(teacher), 0.5, {"encoder.layers.0.linear1"}), False)]:
+        with Distiller(teacher, student, X, kind=kind, alpha=0.0, weight=1.0, layers=hints) as loss, torch.no_grad():
+            logits = student.eval()(x)
+            transfer = float(loss(logits, x, y) - nn.functional.cross_entropy(logits, y))
+        assert transfer == pytest.approx(0.0, abs=1e-5) if zero else (0.0 < transfer < float("inf"))
