@@ -2,7 +2,7 @@
 
 The student is the pruned teacher, so the two share layer names: a feature term compares the
 outputs of the same named layers (their widths may differ), a relational term compares the
-embeddings that enter the classifier head.
+embeddings that enter the classifier head, an attention term the attention maps of the transformer layers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ class Transfer(nn.Module, ABC):
     """A knowledge-transfer term between student and teacher features of one batch.
 
     ``source`` says what it compares: ``"layers"`` (the outputs of the hint layers, one tensor per
-    layer) or ``"embedding"`` (the (B, D) input of the head, as a one-element list).
+    layer), ``"embedding"`` (the (B, D) input of the head, as a one-element list) or ``"attention"`` (the
+    attention maps of the ``nn.MultiheadAttention`` layers, student and teacher paired by depth).
     """
 
     source: ClassVar[str] = "layers"
@@ -113,6 +114,59 @@ class SimilarityPreserving(Transfer):
         return torch.stack(terms).mean()
 
 
+class AttentionMaps:
+    """Records the attention probabilities (batch, heads, queries, keys) of each ``nn.MultiheadAttention`` of
+    ``model`` on every forward pass: the module runs once more on its own inputs and masks with ``need_weights``,
+    per head (in training mode with attention dropout, the weights after dropout)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        self.values: dict[str, Tensor] = {}
+        self._busy = False
+        self._hooks = [model.get_submodule(n).register_forward_hook(self._recorder(n), with_kwargs=True)
+                       for n in self.names]
+
+    def _recorder(self, name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict, _output) -> None:
+            if self._busy:  # the call below
+                return
+            self._busy = True
+            try:
+                kwargs = {**kwargs, "need_weights": True, "average_attn_weights": False}
+                self.values[name] = module(*args, **kwargs)[1]
+            finally:
+                self._busy = False
+
+        return record
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@TRANSFERS.register("attention_matrix", "transformers: the squared difference of every nn.MultiheadAttention's "
+                                        "attention maps, mean over heads (TinyBERT, Jiao et al., 2020); nothing "
+                                        "on a model without one")
+class AttentionMatrix(Transfer):
+    """Per layer pair, sum over keys of (A_student - A_teacher)^2, mean over batch, heads and queries; layers are
+    paired by relative depth, and maps with other head counts are compared averaged over heads."""
+
+    source = "attention"
+
+    def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        terms = [(s - t if s.shape == t.shape else s.mean(1) - t.mean(1)).pow(2).sum(-1).mean()
+                 for s, t in zip(student, teacher, strict=True)]
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def by_depth(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
+    """Pairs of student and teacher layers at the same relative depth (each student layer once)."""
+    if not student or not teacher:
+        return []
+    last = max(len(student) - 1, 1)
+    return [(s, teacher[round(i * (len(teacher) - 1) / last)]) for i, s in enumerate(student)]
+
+
 class Distiller(nn.Module):
     """The fine-tune loss: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * transfer.
 
@@ -128,19 +182,26 @@ class Distiller(nn.Module):
         self.temperature, self.alpha, self.weight = temperature, (0.0 if kind == "none" else alpha), weight
         cls = TRANSFERS.get(kind, field="distill.kind")
         self.transfer = cls() if cls is not None else None
-        self._taps: list[Tap] = []
-        if self.transfer is not None:
+        self._taps: list[Tap | AttentionMaps] = []
+        if self.transfer is not None and self.transfer.source == "attention":
+            self._taps = [AttentionMaps(student), AttentionMaps(teacher)]
+            self._pairs = by_depth(self._taps[0].names, self._taps[1].names)
+        elif self.transfer is not None:
             inputs = self.transfer.source == "embedding"
             self._names = [head_layer(teacher, example_input)] if inputs else list(layers)
             # a Linear layer's output has its channels last
             self._last = [not inputs and isinstance(teacher.get_submodule(n), nn.Linear) for n in self._names]
             self._taps = [Tap(student, self._names, inputs), Tap(teacher, self._names, inputs)]
+        if self.transfer is not None:
             with torch.no_grad():
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
                 teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
             self.transfer.build(*self._features())
 
     def _features(self) -> tuple[list[Tensor], list[Tensor]]:
+        if self.transfer.source == "attention":
+            maps = [self._taps[0].values, self._taps[1].values]
+            return [maps[0][s] for s, _ in self._pairs], [maps[1][t] for _, t in self._pairs]
         """Each hint layer's features, channels first: (B, C, *positions), so a Linear layer's (B, tokens, C) reads
         as (B, C, tokens), like a Conv1d's output (the embedding term takes the head's input as it is)."""
         student, teacher = ([f.movedim(-1, 1) if last and f.dim() > 2 else f

@@ -99,3 +99,55 @@ def test_every_feature_kind_distils_a_transformers_token_features(kind):
             logits = student.eval()(x)
             transfer = float(loss(logits, x, y) - nn.functional.cross_entropy(logits, y))
         assert transfer == pytest.approx(0.0, abs=1e-5) if zero else (0.0 < transfer < float("inf"))
+
+
+def attention_matrix_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> float:
+    from autocomp.compress.distill import Distiller
+
+    with Distiller(teacher, student, X, kind="attention_matrix", alpha=0.0, weight=1.0) as loss, torch.no_grad():
+        logits = student.eval()(x)
+        return float(loss(logits, x, torch.zeros(len(x), dtype=torch.long))
+                     - nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long)))
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+def test_the_attention_matrix_loss_is_the_mean_squared_difference_of_the_maps(norm_first):
+    """Zero for a copy of the teacher; unchanged by what does not enter the maps (the values, the output
+    projection, a bias added to every key); the definition's value for a student with other query weights."""
+    import copy
+
+    torch.manual_seed(0)
+    teacher, x = Encoder(norm_first=norm_first).eval(), torch.randn(5, 8, 8)
+    assert attention_matrix_loss(teacher, copy.deepcopy(teacher), x) == pytest.approx(0.0, abs=1e-7)
+    one_layer = Encoder(norm_first=norm_first, layers=1).eval()  # one layer: a change reaches no later layer's input
+    invariant, other = copy.deepcopy(one_layer), copy.deepcopy(one_layer)
+    with torch.no_grad():
+        attn, e = invariant.encoder.layers[0].self_attn, 32
+        attn.in_proj_weight[2 * e:] *= 3.0  # values
+        attn.in_proj_bias[e : 2 * e] += 5.0  # the same shift of every key: softmax does not see it
+        attn.out_proj.weight.mul_(-2.0)
+        other.encoder.layers[0].self_attn.in_proj_weight[:8] *= 4.0  # head 0's queries only
+    assert attention_matrix_loss(one_layer, invariant, x) == pytest.approx(0.0, abs=1e-6)
+    maps = []
+    for model in (other, one_layer):
+        with torch.no_grad():
+            h = model.embed(x) + model.position
+            block = model.encoder.layers[0]
+            h = block.norm1(h) if norm_first else h
+            maps.append(block.self_attn(h, h, h, need_weights=True, average_attn_weights=False)[1])
+    expected = float((maps[0] - maps[1]).pow(2).sum(-1).mean())  # (batch, heads, queries, keys)
+    assert expected > 0 and attention_matrix_loss(one_layer, other, x) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_attention_matrix_loss_trains_only_what_enters_the_maps():
+    from autocomp.compress.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher, student = Encoder(norm_first=True).eval(), Encoder(norm_first=True)
+    x, y = torch.randn(5, 8, 8), torch.zeros(5, dtype=torch.long)
+    with Distiller(teacher, student, X, kind="attention_matrix", alpha=0.0, weight=1.0) as loss:
+        logits = student.train()(x)
+        (loss(logits, x, y) - nn.functional.cross_entropy(logits, y)).backward()  # the attention term alone
+    last = student.encoder.layers[1]
+    assert last.self_attn.in_proj_weight.grad[:64].abs().sum() > 0  # its queries and keys
+    assert not last.linear2.weight.grad.abs().sum() and not student.head.weight.grad.abs().sum()  # after every map
