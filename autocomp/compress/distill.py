@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from autocomp.compress.blocks import residual_blocks
 from autocomp.features import Tap, head_layer
 from autocomp.registry import Registry
 
@@ -21,8 +22,9 @@ class Transfer(nn.Module, ABC):
     """A knowledge-transfer term between student and teacher features of one batch.
 
     ``source`` says what it compares: ``"layers"`` (the outputs of the hint layers, one tensor per
-    layer), ``"embedding"`` (the (B, D) input of the head, as a one-element list) or ``"attention"`` (the
-    attention maps of the ``nn.MultiheadAttention`` layers, student and teacher paired by depth).
+    layer), ``"embedding"`` (the (B, D) input of the head, as a one-element list), ``"hidden"`` (the outputs of
+    the transformer layers or residual blocks) or ``"attention"`` (the attention maps of the
+    ``nn.MultiheadAttention`` layers); hidden states and attention maps pair student and teacher by depth.
     """
 
     source: ClassVar[str] = "layers"
@@ -47,7 +49,7 @@ class FitNet(Transfer):
 
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         terms = [nn.functional.mse_loss(p(s), t) for p, s, t in zip(self.projections, student, teacher, strict=True)]
-        return torch.stack(terms).mean()
+        return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def _projection(student: Tensor, teacher: Tensor) -> nn.Module:
@@ -159,6 +161,22 @@ class AttentionMatrix(Transfer):
         return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+@TRANSFERS.register("hidden", "hidden states: MSE to the teacher's transformer layer (else residual block) "
+                             "outputs through a learned projection where widths differ (TinyBERT, Jiao et al., 2020)")
+class HiddenStates(FitNet):
+    source = "hidden"
+
+
+CHANNELS_LAST = (nn.Linear, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # outputs (..., C)
+
+
+def hidden_layers(model: nn.Module, example_input: Tensor) -> list[str]:
+    """The modules whose outputs are the model's hidden states: its transformer layers, else its residual blocks."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.TransformerEncoderLayer,
+                                                                    nn.TransformerDecoderLayer))]
+    return layers or residual_blocks(model, example_input)
+
+
 def by_depth(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
     """Pairs of student and teacher layers at the same relative depth (each student layer once)."""
     if not student or not teacher:
@@ -183,31 +201,35 @@ class Distiller(nn.Module):
         cls = TRANSFERS.get(kind, field="distill.kind")
         self.transfer = cls() if cls is not None else None
         self._taps: list[Tap | AttentionMaps] = []
-        if self.transfer is not None and self.transfer.source == "attention":
-            self._taps = [AttentionMaps(student), AttentionMaps(teacher)]
-            self._pairs = by_depth(self._taps[0].names, self._taps[1].names)
-        elif self.transfer is not None:
-            inputs = self.transfer.source == "embedding"
-            self._names = [head_layer(teacher, example_input)] if inputs else list(layers)
-            # a Linear layer's output has its channels last
-            self._last = [not inputs and isinstance(teacher.get_submodule(n), nn.Linear) for n in self._names]
-            self._taps = [Tap(student, self._names, inputs), Tap(teacher, self._names, inputs)]
         if self.transfer is not None:
+            source = self.transfer.source
+            if source == "attention":
+                self._taps = [AttentionMaps(student), AttentionMaps(teacher)]
+                self._pairs = by_depth(self._taps[0].names, self._taps[1].names)
+            else:
+                head = [head_layer(teacher, example_input)] if source == "embedding" else []
+                self._pairs = (by_depth(hidden_layers(student, example_input), hidden_layers(teacher, example_input))
+                               if source == "hidden" else [(n, n) for n in head or layers])
+                inputs = source == "embedding"
+                self._taps = [Tap(student, [s for s, _ in self._pairs], inputs),
+                              Tap(teacher, [t for _, t in self._pairs], inputs)]
+            self._last = [source in ("layers", "hidden") and isinstance(teacher.get_submodule(t), CHANNELS_LAST)
+                          for _, t in self._pairs]
             with torch.no_grad():
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
                 teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
             self.transfer.build(*self._features())
 
     def _features(self) -> tuple[list[Tensor], list[Tensor]]:
-        if self.transfer.source == "attention":
-            maps = [self._taps[0].values, self._taps[1].values]
-            return [maps[0][s] for s, _ in self._pairs], [maps[1][t] for _, t in self._pairs]
-        """Each hint layer's features, channels first: (B, C, *positions), so a Linear layer's (B, tokens, C) reads
-        as (B, C, tokens), like a Conv1d's output (the embedding term takes the head's input as it is)."""
-        student, teacher = ([f.movedim(-1, 1) if last and f.dim() > 2 else f
-                             for f, last in zip((tap.values[n] for n in self._names), self._last, strict=True)]
-                            for tap in self._taps)
-        return student, teacher
+        """Each pair's student and teacher features, channels first: (B, C, *positions), so the (B, tokens, C)
+        output of a Linear or transformer layer reads as (B, C, tokens), like a Conv1d's."""
+        (student, teacher), last = (tap.values for tap in self._taps), self._last
+
+        def first(f: Tensor, channels_last: bool) -> Tensor:
+            return f.movedim(-1, 1) if channels_last and f.dim() > 2 else f
+
+        return ([first(student[s], c) for (s, _), c in zip(self._pairs, last, strict=True)],
+                [first(teacher[t], c) for (_, t), c in zip(self._pairs, last, strict=True)])
 
     def forward(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
         loss = nn.functional.cross_entropy(student_logits, y)

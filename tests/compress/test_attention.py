@@ -151,3 +151,32 @@ def test_the_attention_matrix_loss_trains_only_what_enters_the_maps():
     last = student.encoder.layers[1]
     assert last.self_attn.in_proj_weight.grad[:64].abs().sum() > 0  # its queries and keys
     assert not last.linear2.weight.grad.abs().sum() and not student.head.weight.grad.abs().sum()  # after every map
+
+
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-LN", "post-LN"])
+def test_the_hidden_state_loss_projects_the_students_layer_outputs_onto_the_teachers(norm_first):
+    """Zero for a copy (no projection where widths agree); for a student whose residual stream lost half its width,
+    the mean over layers of MSE(W h_student, h_teacher) with the learned 16 -> 32 projections."""
+    import copy
+
+    from autocomp.compress.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher, x, y = Encoder(norm_first=norm_first).eval(), torch.randn(5, 8, 8), torch.zeros(5, dtype=torch.long)
+
+    def hidden(model: nn.Module) -> list[torch.Tensor]:
+        h, out = model.embed(x) + model.position, []
+        for layer in model.encoder.layers:
+            h = layer(h)
+            out.append(h)
+        return out
+
+    for student in (copy.deepcopy(teacher), pruned(copy.deepcopy(teacher), 0.5, {"embed"})):
+        with Distiller(teacher, student, X, kind="hidden", alpha=0.0, weight=1.0) as loss, torch.no_grad():
+            logits = student.eval()(x)
+            found = float(loss(logits, x, y) - nn.functional.cross_entropy(logits, y))
+            expected = torch.stack([nn.functional.mse_loss(p(s.movedim(-1, 1)), t.movedim(-1, 1)) for p, s, t in
+                                    zip(loss.transfer.projections, hidden(student), hidden(teacher), strict=True)])
+        width = student.embed.out_features
+        assert [type(p).__name__ for p in loss.transfer.projections] == ["Identity" if width == 32 else "Conv1d"] * 2
+        assert found == pytest.approx(float(expected.mean()), abs=1e-6) and (found == 0) == (width == 32)
