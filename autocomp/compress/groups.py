@@ -103,7 +103,8 @@ def probe(model: nn.Module, example_input: Tensor, groups: list[PruningGroup]) -
     The graph knows grouped convolutions and ``nn.MultiheadAttention``; a forward that reshapes by a count of its
     own (hand-written attention's ``reshape(b, n, heads, -1)``) only shows when run. One copy of the model loses
     one channel per block of every group; if it still runs and gives the same output shape, every divisor holds.
-    Otherwise each group is tried alone with 1, 2, 4, ... times its divisor blocks (a divisor of its channels).
+    Otherwise each group is tried alone with every multiple of its divisor that divides its channels, fewest
+    blocks first: a hand-written attention of 4 heads over 32 channels fails with 1 and 2 blocks and runs with 4.
     """
     if not groups or _runs_pruned(model, example_input, {g.name: g.divisor for g in groups}, groups):
         return {g.name: g.divisor for g in groups}

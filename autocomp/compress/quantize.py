@@ -159,4 +159,3 @@ def _restore_weight_names(path: Path) -> None:
     for node in model.graph.node:
         node.input[:] = [renamed.get(i, i) for i in node.input]
     onnx.save(model, str(path))
-
