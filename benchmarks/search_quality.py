@@ -25,8 +25,8 @@ running then finishes. Trials are chosen on validation and reported on test:
 - **overhead**: the share of the run's wall-clock time spent outside ``apply`` (sampling, storage, the
   teacher's baseline, the sensitivity map), and measurement's share (accuracy and latency of artifacts).
 
-    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 60 minutes
-    .venv/bin/python benchmarks/search_quality.py --quick    # one task, one seed, about 10 minutes
+    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 75 minutes here
+    .venv/bin/python benchmarks/search_quality.py --quick    # mnist1d_lean, one seed, about 4 minutes
 """
 
 from __future__ import annotations

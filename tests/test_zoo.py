@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -63,3 +64,13 @@ def test_a_model_autocomp_cannot_compress_is_refused_in_one_line_before_the_stud
         "autocomp: error: task 'tests.tasks:dict_output': the teacher (DictOutput) returns dict; autocomp compresses "
         "classifiers that return one (batch, classes) tensor of logits.")
     assert not (tmp_path / "s.db").exists()
+
+
+def test_the_readme_example_task_loads_and_scores_with_its_own_metric():
+    from autocomp.tasks import load_task
+    from examples.byo_model import balanced_accuracy
+
+    task = load_task("examples.byo_model:task")
+    assert task.metric is balanced_accuracy and task.score(task.teacher, task.val) > 0.9
+    assert balanced_accuracy(np.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]]), np.array([0, 0, 0, 1])) == 1.0
+    assert balanced_accuracy(np.array([[1.0, 0.0]] * 4), np.array([0, 0, 0, 1])) == 0.5  # accuracy would say 0.75

@@ -64,7 +64,7 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()
         }), cache)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
             quantize_static(
                 str(prepared), str(out_path), None, calibration_cache_path=str(cache),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -75,6 +75,21 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
             )
     _float_inputs(out_path, keep_fp32)
     return out_path
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizer warns on the root logger ("Axis 1 is out-of-range for weight 'norm.weight' with
+    rank 1" for a LayerNorm's weight, which it then quantizes per tensor): keep that off the user's terminal."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _float_inputs(path: Path, keep_fp32: tuple[str, ...]) -> None:
