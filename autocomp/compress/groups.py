@@ -106,28 +106,28 @@ def probe(model: nn.Module, example_input: Tensor, groups: list[PruningGroup]) -
     Otherwise each group is tried alone with every multiple of its divisor that divides its channels, fewest
     blocks first: a hand-written attention of 4 heads over 32 channels fails with 1 and 2 blocks and runs with 4.
     """
-    if not groups or _runs_pruned(model, example_input, {g.name: g.divisor for g in groups}, groups):
+    with torch.no_grad():
+        expected = model.eval()(example_input).shape
+    if not groups or _runs_pruned(model, example_input, expected, [(g, g.divisor) for g in groups]):
         return {g.name: g.divisor for g in groups}
     found: dict[str, int | None] = {}
     for g in groups:
         candidates = [d for d in range(g.divisor, g.channels // 2 + 1, g.divisor) if g.channels % d == 0]
-        found[g.name] = next((d for d in candidates if _runs_pruned(model, example_input, {g.name: d}, groups)), None)
+        found[g.name] = next((d for d in candidates if _runs_pruned(model, example_input, expected, [(g, d)])), None)
     return found
 
 
-def _runs_pruned(model: nn.Module, example_input: Tensor, divisors: dict[str, int], groups: list[PruningGroup]) -> bool:
-    """Whether a copy of ``model`` that lost the first channel of each block (``divisors``) of those groups still
-    runs, keeps its metadata and gives an output of the same shape."""
+def _runs_pruned(model: nn.Module, example_input: Tensor, expected: torch.Size,
+                 removals: list[tuple[PruningGroup, int]]) -> bool:
+    """Whether a copy of ``model`` in which each group of ``removals`` lost the first channel of each of its
+    ``divisor`` blocks still runs, keeps its metadata and gives an output of the ``expected`` shape."""
     import copy
 
-    with torch.no_grad():
-        expected = model.eval()(example_input).shape
     trial = copy.deepcopy(model)
     try:
         graph = dependency_graph(trial, example_input)  # traced through autograd: not under no_grad
-        for g in (g for g in groups if g.name in divisors):
-            idxs = balanced(g.channels, divisors[g.name], [0])
-            dependency_group(graph, trial.get_submodule(g.name), idxs).prune()
+        for g, divisor in removals:
+            dependency_group(graph, trial.get_submodule(g.name), balanced(g.channels, divisor, [0])).prune()
         check_metadata(trial)
         with torch.no_grad():
             return trial(example_input).shape == expected
