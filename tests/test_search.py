@@ -58,8 +58,9 @@ def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path
 def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
     spec = StudySpec.load(study(tmp_path, "tests.tasks:val_test_disagree", "0.0"))
     started = time.monotonic()
-    study_obj, trials = run_search(spec, trials=50, progress=False, timeout=20)
-    assert 1 <= len(trials) < 50 and all(t.state.name == "COMPLETE" for t in trials)
+    # a count no machine reaches in the budget: the clock, not the count, ends the run
+    study_obj, trials = run_search(spec, trials=100_000, progress=False, timeout=10)
+    assert 1 <= len(trials) < 100_000 and all(t.state.name == "COMPLETE" for t in trials)
     last = max(t.datetime_start for t in trials).timestamp()  # counted from the call, the teacher's baseline too
     # Optuna checks the clock, then creates the trial in storage: a start may trail the check by a write
-    assert last - (time.time() - (time.monotonic() - started)) <= 20 + 1
+    assert last - (time.time() - (time.monotonic() - started)) <= 10 + 1
