@@ -24,10 +24,10 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/storage.py
 
-bench-search: setup  # about 75 minutes here: 3 tasks x 5 methods x 3 seeds
+bench-search: setup  # about 50 minutes here: 3 tasks x 5 methods x 3 seeds
 	$(BIN)/python benchmarks/search_quality.py
 
-bench-search-quick: setup  # about 4 minutes here: mnist1d_lean, one seed
+bench-search-quick: setup  # about 5 minutes here: digits, one seed
 	$(BIN)/python benchmarks/search_quality.py --quick
 
 lint: setup

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     _storage_args(sensitivity)
     sensitivity.add_argument("--png", type=Path, help="heat map to write (default: <study>_sensitivity.png beside "
                                                       "the study's artifacts)")
-    sensitivity.add_argument("--recompute", action="store_true", help="analyse again even if the study has a map")
+    sensitivity.add_argument("--recompute", action="store_true", help="analyse again even if the study or the cache has a map")
     sensitivity.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sensitivity.set_defaults(run=_sensitivity)
 

@@ -17,6 +17,7 @@ from torch import nn
 from autocomp import runtime
 from autocomp.compress.blocks import drop_blocks, residual_blocks
 from autocomp.compress.distill import Distiller
+from autocomp.compress.heads import attention_layers, drop_heads, head_counts
 from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
@@ -50,10 +51,13 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
     prunable = prunable_layers(task.teacher, task.example_input)
-    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher, task.example_input))
+    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher, task.example_input),
+                        attention_layers(task.teacher))
     student = copy.deepcopy(task.teacher)
     if recipe.prune.drop_blocks:
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
+    if recipe.prune.heads:
+        drop_heads(student, recipe.prune.heads, head_counts(task.teacher))
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
     for r, epochs in enumerate(schedule, start=1):
@@ -88,7 +92,8 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
         quantize_inputs=[name for name in quantized if q.activation_bits_of(name) == 8],
     ) if qat else contextlib.nullcontext()
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
-                                   alpha=d.alpha, weight=d.weight, layers=layers) as loss:
+                                   alpha=d.alpha, weight=d.weight, layers=layers,
+                                   teacher_logits=task.teacher_logits() if d.kind != "none" else None) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
             on_epoch_end=(lambda g: regrow(student, recipe.prune.regrow, g)) if recipe.prune.regrow > 0 else None,

@@ -53,7 +53,9 @@ class Prune:
     magnitude is dropped and as many pruned ones regrow at random (SET, Mocanu et al., 2018).
     ``drop_blocks`` first removes that many whole residual blocks, those whose branch adds least:
     submodules whose forward adds their input to a computed branch, output shaped as input
-    (``Residual``, a BasicBlock without downsample; see ``autocomp.compress.blocks``).
+    (``Residual``, a BasicBlock without downsample; see ``autocomp.compress.blocks``). ``heads`` then removes
+    that share of every attention module's heads, whole heads, the lowest L1 norm first, at least one kept
+    (``nn.MultiheadAttention`` becomes its Linear-based equivalent; ``autocomp.compress.heads``).
     """
 
     scope: str = "local"
@@ -66,6 +68,7 @@ class Prune:
     regrow: float = 0.0
     bn_penalty: float = 0.0
     drop_blocks: int = 0
+    heads: float = 0.0
 
     def __post_init__(self) -> None:
         from autocomp.compress.criteria import CRITERIA
@@ -74,6 +77,7 @@ class Prune:
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_range("regrow", self.regrow, 0.0, 0.5)
         check_range("drop_blocks", self.drop_blocks, 0, 1000)
+        check_range("heads", self.heads, 0.0, 1.0, high_open=True)
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         CRITERIA.get(self.criterion, field="criterion")
         check_range("min_keep", self.min_keep, 0.0, 1.0)
@@ -230,11 +234,14 @@ class Recipe:
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 
     def check_layers(self, prunable: dict[str, PrunableLayer], quantizable: list[str] | None = None,
-                     blocks: list[str] | None = None) -> None:
+                     blocks: list[str] | None = None, attention: list[str] | None = None) -> None:
         """Reject layers that the model this recipe is applied to cannot prune (or quantize) as asked."""
         if blocks is not None and self.prune.drop_blocks > len(blocks):
             raise ConfigError(f"must be at most the {len(blocks)} residual blocks of the {self.task!r} model "
                               f"{blocks}, but got {self.prune.drop_blocks}.", "recipe.prune.drop_blocks")
+        if attention is not None and self.prune.heads > 0 and not attention:
+            raise ConfigError(f"must be 0: the {self.task!r} model has no attention module whose heads can leave "
+                              f"(nn.MultiheadAttention), but got {self.prune.heads}.", "recipe.prune.heads")
         for key in ("layers", "activation_layers"):
             for name in getattr(self.quantize, key):
                 if quantizable is not None and name not in quantizable:

@@ -5,12 +5,17 @@ untouched; for every Conv/Linear layer, its weights are fake-quantized (per chan
 width, at 8 bits with 8-bit inputs too (what static int8 runs). No fine-tuning: the map ranks parts by
 fragility, it does not predict the accuracy of a fine-tuned model. The same idea as the sensitivity
 analysis that NVIDIA Model Optimizer's FastNAS runs before its subnet search; here the map shapes the
-policies a search starts from (``autocomp.search.warm_start``) and is stored with the study.
+policies a search starts from (``autocomp.search.warm_start``) and is stored with the study. A teacher's map
+is analysed once: ``cached`` keeps it next to the trained teachers, keyed by the teacher's weights, the data,
+the metric and the levels and bits measured, so every later study of the same teacher reads it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +27,7 @@ from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.qat import quantization_aware
 from autocomp.features import layer_names
 from autocomp.recipe import LayerPrune, Prune
-from autocomp.tasks.base import Task
+from autocomp.tasks.base import Task, cache_dir
 
 LEVELS = (0.25, 0.5, 0.75)
 BITS = (8, 4, 2)
@@ -126,3 +131,19 @@ def analyse(task: Task, levels: tuple[float, ...] = LEVELS, bits: tuple[int, ...
             bar.update()
     bar.close()
     return Sensitivity(score(teacher), pruned, quantized)
+
+
+def cached(task: Task, progress: bool = True, recompute: bool = False) -> Sensitivity:
+    """The map of ``task``'s teacher from the cache (``autocomp.tasks.base.cache_dir``), analysed and cached
+    first where the cache has none for this teacher, data, metric, levels and bits (or ``recompute``)."""
+    metric = getattr(task.metric, "__module__", "") + "." + getattr(task.metric, "__qualname__", repr(task.metric))
+    key = hashlib.sha256(json.dumps([task.fingerprint(), metric, LEVELS, BITS, CALIBRATION_SAMPLES]).encode())
+    path = cache_dir() / "sensitivity" / f"{task.name.replace(':', '_')}-{key.hexdigest()[:12]}.json"
+    if path.exists() and not recompute:
+        return Sensitivity.from_dict(json.loads(path.read_text()))
+    result = analyse(task, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result.to_dict()))
+    tmp.replace(path)  # atomic: a concurrent study never reads half a file
+    return result

@@ -39,7 +39,7 @@ SCHEMA_VERSION = 1
 SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
-PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks"]
+PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks", "heads"]
 # section -> {key: when}: the key's value is used only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
@@ -239,7 +239,7 @@ class SearchSpace:
 
     def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str) -> Prune:
         chosen = {key: values[f"prune.{key}"] for key in ("scope", "granularity", "rounds", "bn_penalty",
-                                                          "drop_blocks") if key in self.pruning}
+                                                          "drop_blocks", "heads") if key in self.pruning}
         granularity = chosen.get("granularity", "channel")
         if granularity == "weight" and "regrow" in self.pruning:
             chosen["regrow"] = values["prune.regrow"]
@@ -262,23 +262,21 @@ class SearchSpace:
         """``chosen`` where it can score the layer, else the space's first criterion that can (else ``allowed[0]``)."""
         return next((c for c in [chosen, *self.criteria.candidates()] if c in allowed), allowed[0])
 
-    def narrow_blocks(self, blocks: list[str], task: str) -> str | None:
-        """Keep the ``drop_blocks`` values the model can hold (it has ``blocks``); say what was narrowed.
-
-        A space whose every value drops more blocks than the model has is refused."""
-        param = self.pruning.get("drop_blocks")
-        if param is None or max(param.candidates()) <= len(blocks):
+    def narrow(self, key: str, most: float, why: str, task: str) -> str | None:
+        """Keep the values of ``prune.<key>`` up to ``most``, what the model can hold (``why``: "has ..."); say
+        what was narrowed. A space whose every value exceeds it is refused."""
+        param = self.pruning.get(key)
+        if param is None or max(param.candidates()) <= most:
             return None
-        kept = [c for c in param.candidates() if c <= len(blocks)] if param.choices is not None else (
-            [] if param.low > len(blocks) else [param.low, len(blocks)])
+        kept = [c for c in param.candidates() if c <= most] if param.choices is not None else (
+            [] if param.low > most else [param.low, most])
         if not kept:
-            raise ConfigError(f"may drop at most the {len(blocks)} residual blocks of the {task!r} model {blocks}, "
-                              f"but allows only {param.candidates()}.", "space.prune.drop_blocks")
-        narrow = (Param(choices=tuple(kept)) if param.choices is not None
-                  else dataclasses.replace(param, high=len(blocks)))
-        self.pruning["drop_blocks"] = narrow
-        return (f"space.prune.drop_blocks narrowed from {param.candidates()} to {narrow.candidates()}: the {task!r} "
-                f"model has {len(blocks)} residual block(s)")
+            raise ConfigError(f"must allow at most {most} for the {task!r} model, which {why}, but allows only "
+                              f"{param.candidates()}.", f"space.prune.{key}")
+        narrow = Param(choices=tuple(kept)) if param.choices is not None else dataclasses.replace(param, high=most)
+        self.pruning[key] = narrow
+        return (f"space.prune.{key} narrowed from {param.candidates()} to {narrow.candidates()}: the {task!r} "
+                f"model {why}")
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""

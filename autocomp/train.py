@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-# loss(student_logits, inputs, labels) -> scalar
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# loss(student_logits, inputs, labels, indices of the batch in its split) -> scalar
+LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -25,12 +25,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
-        """Yield (x, y) minibatches; shuffled when a generator is given."""
+    def batch_indices(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield the indices of each minibatch; shuffled when a generator is given."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+            yield order[start : start + batch_size]
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (x, y) minibatches; shuffled when a generator is given."""
+        for idx in self.batch_indices(batch_size, generator):
             yield self.x[idx], self.y[idx]
 
 
@@ -59,7 +63,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def cross_entropy(logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+def cross_entropy(logits: Tensor, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, y)
 
 
@@ -100,10 +104,11 @@ def fit(
     model.train()
     with deterministic():
         for epoch in range(epochs):
-            for x, y in data.batches(batch_size, generator):
+            for idx in data.batch_indices(batch_size, generator):
+                x, y = data.x[idx], data.y[idx]
                 if augment is not None:
                     x = augment(x, generator)
-                loss = loss_fn(model(x), x, y)
+                loss = loss_fn(model(x), x, y, idx)
                 if regularizer is not None:
                     loss = loss + regularizer()
                 optimizer.zero_grad(set_to_none=True)

@@ -6,14 +6,14 @@ objectives and sampler settings) and one measurement protocol for all:
 
 - ``uniform``: the hand-made grid, every group pruned to one level by L1, logits
   distillation (alpha 0.7, T 4), the space's longest fine-tune, fp32 and static int8 (min-max, per
-  channel): the space's warm-start policies at three levels (0.5, 0.65, 0.8, where a hand-made pipeline's best
-  points lie), run to the end;
+  channel): the space's warm-start policies, level after level from coarse to fine (0.5, 0.8, 0.65, 0.35,
+  0.85, ...), as many as the budget holds;
 - ``random``, ``tpe`` (multivariate), ``nsga2``: the shipped space without its warm start or screening;
 - ``autocomp``: the shipped study as it is (NSGA-II, warm start, sensitivity, screening where it has them).
 
-Every other method gets the wall-clock time the grid took for the same seed (or ``--budget`` seconds),
-counted from the start of its run (sensitivity map included): it starts trials until then, and the trial
-running then finishes. Trials are chosen on validation and reported on test:
+Every method gets the same wall-clock budget per task (``BUDGETS``, or ``--budget`` seconds), counted from
+the start of its run (the teacher's baseline and the sensitivity map included): it starts trials until
+then, and the trial running then finishes. Trials are chosen on validation and reported on test:
 
 - **hypervolume** of the validation front's test points, in a space normalised to the teacher: accuracy as
   (test accuracy - teacher's + 5 pp) / 5 pp (the teacher at 1, five points worse at 0), log2 of the size
@@ -25,8 +25,8 @@ running then finishes. Trials are chosen on validation and reported on test:
 - **overhead**: the share of the run's wall-clock time spent outside ``apply`` (sampling, storage, the
   teacher's baseline, the sensitivity map), and measurement's share (accuracy and latency of artifacts).
 
-    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 75 minutes here
-    .venv/bin/python benchmarks/search_quality.py --quick    # mnist1d_lean, one seed, about 4 minutes
+    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 50 minutes here
+    .venv/bin/python benchmarks/search_quality.py --quick    # digits, one seed, about 5 minutes
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from autocomp.study import StudySpec
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("uniform", "random", "tpe", "nsga2", "autocomp")
-UNIFORM_LEVELS = [0.5, 0.65, 0.8]  # 6 trials, so that the suite's 45 runs fit in an hour here
+GRID_LEVELS = [0.5, 0.8, 0.65, 0.35, 0.85, 0.7, 0.6, 0.75, 0.2, 0.55, 0.45]  # coarse to fine: any budget is a grid
+BUDGETS = {"digits": 50.0, "mnist1d": 75.0, "mnist1d_lean": 40.0}  # seconds per run: the 45 runs fit in an hour
 MEASURE = Measure(warmup_seconds=0.5, tolerance=0.03, max_seconds=3.0)  # one protocol for every method
 ACCURACY_SPAN = 0.05  # hypervolume counts points within 5 pp of the teacher
 WITHIN_PP = 1.0
@@ -68,8 +69,8 @@ def method_spec(base: StudySpec, method: str, seed: int, folder: Path) -> StudyS
                                storage=f"sqlite:///{folder / 'studies.db'}",
                                artifacts=str(folder / f"{base.study_name}-{method}-{seed}"))
     if method == "uniform":
-        space["warm_start"] = {"levels": UNIFORM_LEVELS, "sensitivity": False}
-        spec = dataclasses.replace(spec, sampler="random", screening=None, trials=2 * len(UNIFORM_LEVELS))
+        space["warm_start"] = {"levels": GRID_LEVELS, "sensitivity": False}
+        spec = dataclasses.replace(spec, sampler="random", screening=None, trials=2 * len(GRID_LEVELS))
     elif method != "autocomp":
         space.pop("warm_start", None)
         spec = dataclasses.replace(spec, sampler=method, screening=None)
@@ -135,13 +136,11 @@ def evaluate(study, started: float, wall: float) -> dict:
     }
 
 
-def run(task: str, method: str, seed: int, budget: float | None, folder: Path) -> dict:
+def run(task: str, method: str, seed: int, budget: float, folder: Path) -> dict:
     spec = method_spec(StudySpec.load(ROOT / "studies" / f"{task}.yaml"), method, seed, folder)
-    print(f"\n== {task} / {method} / seed {seed}: "
-          + ("the uniform grid" if method == "uniform" else f"{budget:.0f} s"), flush=True)
+    print(f"\n== {task} / {method} / seed {seed}: {budget:.0f} s", flush=True)
     started = time.time()
-    study, _ = run_search(spec, trials=spec.trials if method == "uniform" else 10**6, seed=seed,
-                          timeout=None if method == "uniform" else budget)
+    study, _ = run_search(spec, trials=spec.trials if method == "uniform" else 10**6, seed=seed, timeout=budget)
     result = evaluate(study, started, time.time() - started)
     print(f"   {result['complete']} complete, {result['screened_out']} screened out, {result['failed']} failed; "
           f"hypervolume {result['hypervolume']:.3f}; best size {result['best_size']['value']:.1f}x, "
@@ -242,28 +241,25 @@ def plot(task: str, methods: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="mnist1d_lean, one seed")
+    parser.add_argument("--quick", action="store_true", help="digits, one seed")
     parser.add_argument("--tasks", nargs="+", default=["digits", "mnist1d", "mnist1d_lean"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, help="seconds per run (default: as long as the grid took)")
+    parser.add_argument("--budget", type=float, help="seconds per run (default: BUDGETS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.seeds = ["mnist1d_lean"], [0]
+        args.tasks, args.seeds = ["digits"], [0]
     budgets: dict = {}
     begun = time.time()
     runs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             runs[task] = {m: [] for m in args.methods}
+            budgets[task] = args.budget or BUDGETS[task]
             for seed in args.seeds:
-                grid = run(task, "uniform", seed, None, Path(tmp)) if "uniform" in args.methods else None
-                budget = args.budget or (grid["wall_s"] if grid else 120.0)
-                budgets[f"{task}/{seed}"] = round(budget, 1)
                 for method in args.methods:
-                    runs[task][method].append(grid if method == "uniform" else run(task, method, seed, budget,
-                                                                                   Path(tmp)))
+                    runs[task][method].append(run(task, method, seed, budgets[task], Path(tmp)))
             write(runs, args, budgets, begun)  # after every task: an interrupted suite keeps what it measured
 
 

@@ -91,8 +91,8 @@ def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path):
     bad.write_text(study_yaml.read_text().replace("task: digits", "task: digts"))
     result = autocomp("search", str(bad), expect=2)
     assert result.stderr.strip() == (
-        "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', 'mnist1d_lean'], but got 'digts'. "
-        "Did you mean 'digits'?")
+        "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', 'mnist1d_lean', "
+        "'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?")
     assert not (tmp_path / "e2e.db").exists()  # nothing was created for a study that never started
     result = autocomp("pareto", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study-name", "x", expect=2)
     assert "No study 'x'" in result.stderr and "Traceback" not in result.stderr

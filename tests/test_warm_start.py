@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 import pytest
 import torch
 
 from autocomp.compress.prune import prunable_layers
-from autocomp.search.warm_start import warm_start
+from autocomp.search.warm_start import group_sizes, warm_start
+from autocomp import sensitivity
 from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
 from autocomp.tasks.digits import DigitsCNN
@@ -34,9 +37,12 @@ def test_the_first_generation_is_the_uniform_policies(digits_space):
         recipes.append(space.sample(trial, "digits", prunable))
         study.tell(trial, [0.0, 0.0])
     groups = {layer.group for layer in prunable.values()}
-    for recipe, (level, int8) in zip(recipes, [(0.5, False), (0.5, True), (0.7, False), (0.7, True)], strict=True):
+    levels = space.warm_start.levels
+    assert levels == [0.5, 0.8]
+    for recipe, (level, int8) in zip(recipes, [(lv, int8) for lv in levels for int8 in (False, True)], strict=True):
         p, q, d = recipe.prune, recipe.quantize, recipe.distill
-        assert (p.scope, p.granularity, p.rounds, p.drop_blocks, p.bn_penalty) == ("local", "channel", 1, 0, 0.0)
+        assert (p.scope, p.granularity, p.rounds, p.drop_blocks, p.heads, p.bn_penalty) == ("local", "channel", 1, 0,
+                                                                                           0.0, 0.0)
         assert set(p.layers) == groups and {(e.sparsity, e.criterion) for e in p.layers.values()} == {(level, "l1")}
         assert (d.kind, d.alpha, d.temperature, recipe.finetune.epochs) == ("logits", 0.7, 4.0, 12)
         if int8:
@@ -53,10 +59,15 @@ def test_sensitivity_shapes_the_allocation_and_keeps_fragile_layers_fp32(digits_
     drop = {g: 0.3 if g == fragile else 0.0 if g == robust else 0.05 for g in groups}
     sensitivity = Sensitivity(0.9, {g: {"0.25": 0.9 - drop[g] / 2, "0.75": 0.9 - drop[g]} for g in groups},
                               {n: {"8": 0.7 if n == "fc1" else 0.9} for n in prunable})
-    shaped = warm_start(dims, [0.5], sensitivity, {n: p.group for n, p in prunable.items()})[2:]
+    layer_groups = {n: p.group for n, p in prunable.items()}
+    sizes = group_sizes(DigitsCNN(), layer_groups)
+    assert sizes["conv1"] == 32 * 9 + 32 and sizes["fc1"] == 1024 * 256 + 256
+    shaped = warm_start(dims, [0.5], sensitivity, layer_groups, sizes)[2:]
     assert len(shaped) == 2  # fp32 and int8 at level 0.5, after the two uniform ones
-    for policy in shaped:
-        assert policy[f"prune.{fragile}.share"] == 0.0 and policy[f"prune.{robust}.share"] == 1.5
+    for policy in shaped:  # the space's allocation: 0, 0.5, 1, 1.25, 1.5
+        assert policy[f"prune.{fragile}.share"] == 0.5 and policy[f"prune.{robust}.share"] == 1.25
+        # the same drop costs less per parameter in the large fc1 than in the small conv2
+        assert policy["prune.fc1.share"] == 1.25 and policy["prune.conv2.share"] == 1.0
     assert shaped[1]["quantize.fc1.activation_bits"] == 32 and shaped[1]["quantize.conv1.activation_bits"] == 8
 
 
@@ -73,3 +84,14 @@ def test_sensitivity_ranks_a_deliberately_fragile_layer_first(tmp_path):
     assert result.table().splitlines()[4].startswith("narrow")  # the table lists the most fragile first
     png = result.heat_map(tmp_path / "map.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_a_teachers_map_is_analysed_once_and_read_by_every_later_study(teacher_cache, monkeypatch):
+    task = fragile_bottleneck()
+    first = sensitivity.cached(task, progress=False)
+    monkeypatch.setattr(sensitivity, "analyse", lambda *a, **k: pytest.fail("analysed again"))
+    assert sensitivity.cached(task, progress=False) == first
+    monkeypatch.setattr(sensitivity, "analyse", lambda *a, **k: dataclasses.replace(first, baseline=0.0))
+    assert sensitivity.cached(task, progress=False, recompute=True).baseline == 0.0
+    other = dataclasses.replace(task, metric=lambda logits, labels: 0.5)  # another metric: another map
+    assert sensitivity.cached(other, progress=False).baseline == 0.0

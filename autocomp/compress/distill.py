@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from autocomp.compress.blocks import residual_blocks
+from autocomp.compress.heads import HeadAttention
 from autocomp.features import Tap, head_layer
 from autocomp.registry import Registry
 
@@ -117,12 +118,13 @@ class SimilarityPreserving(Transfer):
 
 
 class AttentionMaps:
-    """Records the attention probabilities (batch, heads, queries, keys) of each ``nn.MultiheadAttention`` of
-    ``model`` on every forward pass: the module runs once more on its own inputs and masks with ``need_weights``,
-    per head (in training mode with attention dropout, the weights after dropout)."""
+    """Records the attention probabilities (batch, heads, queries, keys) of each attention module of ``model``
+    (``nn.MultiheadAttention``, ``HeadAttention``) on every forward pass: the module runs once more on its own
+    inputs and masks with ``need_weights``, per head (in training mode with attention dropout, the weights
+    after dropout)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        self.names = [n for n, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, HeadAttention))]
         self.values: dict[str, Tensor] = {}
         self._busy = False
         self._hooks = [model.get_submodule(n).register_forward_hook(self._recorder(n), with_kwargs=True)
@@ -190,13 +192,18 @@ class Distiller(nn.Module):
 
     The T^2 factor keeps the soft term's gradient scale independent of the temperature (Hinton
     et al., 2015). ``kind`` "none" is cross-entropy alone. Hooks on the student record its
-    features during the training forward pass; the teacher runs here, without gradients.
+    features during the training forward pass; the teacher runs here, without gradients, unless
+    ``teacher_logits`` holds its logits on the training split (``Task.teacher_logits``) and no feature term
+    needs its forward pass: then a batch's soft targets are read by index (the fine-tune does not augment,
+    so a batch's inputs are the split's).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, example_input: Tensor, *, kind: str = "logits",
-                 temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0, layers: list[str] = ()) -> None:
+                 temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0, layers: list[str] = (),
+                 teacher_logits: Tensor | None = None) -> None:
         super().__init__()
         self.teacher = [teacher.eval()]  # a list: not a sub-module, so its weights are not trained
+        self.teacher_logits = teacher_logits
         self.temperature, self.alpha, self.weight = temperature, (0.0 if kind == "none" else alpha), weight
         cls = TRANSFERS.get(kind, field="distill.kind")
         self.transfer = cls() if cls is not None else None
@@ -231,12 +238,15 @@ class Distiller(nn.Module):
         return ([first(student[s], c) for (s, _), c in zip(self._pairs, last, strict=True)],
                 [first(teacher[t], c) for (_, t), c in zip(self._pairs, last, strict=True)])
 
-    def forward(self, student_logits: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def forward(self, student_logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
         loss = nn.functional.cross_entropy(student_logits, y)
         if self.alpha == 0.0 and self.transfer is None:
             return loss
-        with torch.no_grad():
-            teacher_logits = self.teacher[0](x)
+        if self.transfer is None and self.teacher_logits is not None and idx is not None:
+            teacher_logits = self.teacher_logits[idx]
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher[0](x)
         t = self.temperature
         soft = nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, dim=1),
                                     nn.functional.log_softmax(teacher_logits / t, dim=1),

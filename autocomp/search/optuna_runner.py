@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.compress.blocks import residual_blocks
+from autocomp.compress.heads import attention_layers
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import AutocompError
 from autocomp.features import layer_names
 from autocomp.measure import with_ratios
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline
 from autocomp.recipe import Recipe
-from autocomp.search.warm_start import warm_start
-from autocomp.sensitivity import Sensitivity, analyse
+from autocomp.search.warm_start import group_sizes, warm_start
+from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
 from autocomp.tasks import Task, load_task
@@ -89,7 +90,11 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     prunable = prunable_layers(task.teacher, task.example_input, left_out=narrowed)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
-    narrowed += filter(None, [space.narrow_blocks(residual_blocks(task.teacher, task.example_input), spec.task)])
+    blocks, heads = residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher)
+    narrowed += filter(None, [
+        space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", spec.task),
+        space.narrow("heads", 1.0 if heads else 0.0,
+                     f"has {len(heads)} attention module(s) whose heads can leave (nn.MultiheadAttention)", spec.task)])
     for line in narrowed:
         print(f"autocomp: {line}")
     study = open_study(spec, seed)
@@ -177,7 +182,8 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task
     sensitivity = study_sensitivity(study, task, progress) if space.warm_start.sensitivity else None
     groups = {layer: p.group for layer, p in prunable.items()}
     dims = space.dimensions(prunable, name, quantizable)
-    for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups):
+    for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups,
+                             group_sizes(task.teacher, groups)):
         study.enqueue_trial(policy, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
@@ -194,9 +200,10 @@ def sensitivity_of(spec: StudySpec, recompute: bool = False, progress: bool = Tr
 
 
 def study_sensitivity(study: optuna.Study, task: Task, progress: bool = True, recompute: bool = False) -> Sensitivity:
-    """The teacher's sensitivity map stored with ``study``, analysed and stored first where it has none."""
+    """The teacher's sensitivity map stored with ``study``, stored first where it has none: from the cache of
+    maps (``autocomp.sensitivity.cached``: one analysis per teacher), or analysed afresh with ``recompute``."""
     if recompute or "sensitivity" not in study.user_attrs:
-        study.set_user_attr("sensitivity", analyse(task, progress=progress).to_dict())
+        study.set_user_attr("sensitivity", cached(task, progress=progress, recompute=recompute).to_dict())
     return Sensitivity.from_dict(study.user_attrs["sensitivity"])
 
 

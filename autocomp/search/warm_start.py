@@ -4,9 +4,11 @@ A hand-made pipeline prunes every group to one level by L1, distils logits (alph
 for the longest the space allows and deploys fp32 or static int8 (min-max, per channel). A study's
 first trials are those recipes, at each of the space's ``warm_start.levels``, so its front starts where
 such a pipeline ends. With ``warm_start.sensitivity`` it also runs the same levels allocated by the
-teacher's sensitivity map: the most robust third of the groups gets the space's largest share of the
-level, the most fragile third its smallest, and static int8 keeps fp32 the layers whose int8 alone
-costs more than ``INT8_TOLERANCE`` of validation accuracy.
+teacher's sensitivity map. Groups are ranked by the accuracy their pruning alone costs at the level per
+parameter it holds (a large group that costs little is the best place to remove parameters; a small fragile
+one saves little and costs much): the first third gets the space's next share above 1, the last third the
+next share below 1, the rest the level itself. Static int8 keeps fp32 the layers whose int8 alone costs
+more than ``INT8_TOLERANCE`` of validation accuracy.
 
 A policy names only values the space can take; any dimension it cannot set is sampled as usual.
 """
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from autocomp.sensitivity import Sensitivity
 from autocomp.space import Param
 
 UNIFORM: dict[str, Any] = {
     "prune.scope": "local", "prune.granularity": "channel", "prune.criterion": "l1", "prune.rounds": 1,
-    "prune.regrow": 0.0, "prune.bn_penalty": 0.0, "prune.drop_blocks": 0, "quantize.symmetric": True,
-    "quantize.per_channel": True, "quantize.calibration": "minmax", "quantize.qat": False, "quantize.kmeans": False,
+    "prune.regrow": 0.0, "prune.bn_penalty": 0.0, "prune.drop_blocks": 0, "prune.heads": 0.0,
+    "quantize.symmetric": True, "quantize.per_channel": True, "quantize.calibration": "minmax", "quantize.qat": False,
+    "quantize.kmeans": False,
     "distill.kind": "logits", "distill.alpha": 0.7, "distill.temperature": 4.0, "finetune.lr": 1e-3,
 }
 INT8_TOLERANCE = 0.01
@@ -43,16 +48,19 @@ def uniform_policy(dims: dict[str, Param], level: float, int8: bool) -> dict[str
 
 
 def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensitivity: Sensitivity,
-                       groups: dict[str, str]) -> dict[str, Any]:
-    """``uniform_policy`` with the level allocated by ``sensitivity``; ``groups`` maps each layer to its group."""
+                       groups: dict[str, str], sizes: dict[str, int]) -> dict[str, Any]:
+    """``uniform_policy`` with the level allocated by ``sensitivity``; ``groups`` maps each layer to its group,
+    ``sizes`` each group to its parameter count."""
     policy = uniform_policy(dims, level, int8)
-    shares = sorted(p for name, param in dims.items() if name.endswith(".share") for p in param.candidates())
+    shares = sorted({p for name, param in dims.items() if name.endswith(".share") for p in param.candidates()})
     if shares:
-        ranked = sorted(sensitivity.prune, key=lambda g: sensitivity.prune_drop(g, level))  # most robust first
+        ranked = sorted(sensitivity.prune, key=lambda g: (sensitivity.prune_drop(g, level) / max(sizes.get(g, 1), 1),
+                                                          -sizes.get(g, 0)))  # the cheapest parameters first
         third = len(ranked) / 3
         middle = min(shares, key=lambda s: abs(s - 1.0))
-        share = {g: shares[-1] if i < third else shares[0] if i >= len(ranked) - third else middle
-                 for i, g in enumerate(ranked)}
+        above, below = [s for s in shares if s > middle], [s for s in shares if s < middle]
+        share = {g: (above[0] if above else middle) if i < third else (below[-1] if below else middle)
+                 if i >= len(ranked) - third else middle for i, g in enumerate(ranked)}
         policy |= {name: share[groups[name[len("prune."):-len(".share")]]]
                    for name in dims if name.endswith(".share") and name.startswith("prune.")}
     if int8:
@@ -63,12 +71,20 @@ def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensiti
     return policy
 
 
+def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
+    """Each group's parameter count: the parameters of its member layers (``groups`` maps a layer to its group)."""
+    sizes = dict.fromkeys(groups.values(), 0)
+    for layer, group in groups.items():
+        sizes[group] += sum(p.numel() for p in model.get_submodule(layer).parameters())
+    return sizes
+
+
 def warm_start(dims: dict[str, Param], levels: list[float], sensitivity: Sensitivity | None = None,
-               groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+               groups: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """The distinct policies of a warm start: uniform at each level (fp32 and int8), then allocated by sensitivity."""
     policies = [uniform_policy(dims, level, int8) for level in levels for int8 in (False, True)]
     if sensitivity is not None and groups is not None:
-        policies += [sensitivity_policy(dims, level, int8, sensitivity, groups) for level in levels
+        policies += [sensitivity_policy(dims, level, int8, sensitivity, groups, sizes or {}) for level in levels
                      for int8 in (False, True)]
     distinct: list[dict[str, Any]] = []
     for policy in policies:

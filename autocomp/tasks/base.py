@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocomp.train import Split, cross_entropy, fit, predict
+from autocomp.train import Split, cross_entropy, deterministic, fit, predict
 
 # metric(logits (N, C), labels (N,)) -> float, higher is better
 Metric = Callable[[np.ndarray, np.ndarray], float]
@@ -34,6 +34,15 @@ class Task:
     test: Split
     example_input: torch.Tensor
     metric: Metric = field(default=accuracy)
+    _train_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def teacher_logits(self) -> torch.Tensor:
+        """The teacher's logits on the training split, in order: predicted once, then shared by every fine-tune
+        of the process (distillation reads them by index instead of running the teacher on every step)."""
+        if self._train_logits is None:
+            with deterministic():
+                self._train_logits = predict(self.teacher, self.train.x)
+        return self._train_logits
 
     def score(self, model: nn.Module, split: Split) -> float:
         """The metric of a torch ``model`` on ``split`` (the artifact is scored in measure.py)."""

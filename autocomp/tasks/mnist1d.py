@@ -1,7 +1,10 @@
 """Built-in tasks on MNIST-1D (Greydanus & Kobak, 2020), generated locally: a 1-D CNN teacher
-(``mnist1d``) and the paper's ~5K-parameter CNN (``mnist1d_lean``) on the same splits."""
+(``mnist1d``), the paper's ~5K-parameter CNN (``mnist1d_lean``) and a transformer encoder
+(``mnist1d_transformer``) on the same splits."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,6 +57,25 @@ class MNIST1DLean(nn.Module):
         return self.fc(x.flatten(1))  # (B, 10)
 
 
+class MNIST1DTransformer(nn.Module):
+    """A pre-LN transformer encoder: a strided Conv1d patch embedding (patches of 5 samples, stride 2: 20 tokens
+    of ``width``), learned positions, ``layers`` ``nn.TransformerEncoderLayer`` (GELU MLP of 4 x width), a final
+    LayerNorm, mean pooling over tokens and a linear head: ~0.45M parameters."""
+
+    def __init__(self, num_classes: int = 10, width: int = 96, heads: int = 4, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv1d(1, width, 5, stride=2, padding=2)
+        self.position = nn.Parameter(torch.zeros(1, 20, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, 1, 40)
+        tokens = self.embed(x).transpose(1, 2) + self.position  # (B, 20, width)
+        return self.head(self.encoder(tokens).mean(1))  # (B, 10)
+
+
 TRAIN, VAL, TEST = 4000, 2000, 2000  # 2,000 held-out examples resolve a 1-point accuracy difference
 
 
@@ -82,8 +104,22 @@ def mnist1d_lean(seed: int = 0) -> Task:
     return _task("mnist1d_lean", MNIST1DLean, seed, epochs=40, lr=2e-2)
 
 
-def _task(name: str, model: type[nn.Module], seed: int, epochs: int, lr: float) -> Task:
+@TASKS.register("mnist1d_transformer", "MNIST-1D (the same data and splits as mnist1d), a 4-layer pre-LN "
+                                       "transformer encoder teacher (patch embedding, 4 heads), accuracy")
+def mnist1d_transformer(seed: int = 0) -> Task:
+    return _task("mnist1d_transformer", MNIST1DTransformer, seed, epochs=60, lr=1e-3, augment=shift)
+
+
+def shift(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each sequence moved by up to 3 samples to either side, with wrap-around: the translations MNIST-1D's
+    generator itself applies, so more of them at training time."""
+    offsets = torch.randint(-3, 4, (len(x),), generator=generator)
+    return torch.stack([torch.roll(row, int(o), dims=-1) for row, o in zip(x, offsets, strict=True)])
+
+
+def _task(name: str, model: type[nn.Module], seed: int, epochs: int, lr: float,
+          augment: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> Task:
     """A task on the MNIST-1D splits whose teacher ``model`` is trained (weight decay 0.05) and cached as ``name``."""
     train, val, test = mnist1d_splits()
-    teacher = cached_teacher(name, model, train, epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed)
+    teacher = cached_teacher(name, model, train, epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed, augment=augment)
     return Task(name, teacher, train, val, test, example_input=train.x[:1])

@@ -123,11 +123,11 @@ def test_dropping_more_blocks_than_the_model_has_is_rejected():
 
 def test_a_space_is_narrowed_to_the_blocks_a_model_has():
     space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")  # drop_blocks: [0, 1]
-    assert space.narrow_blocks(["block"], "t") is None
-    assert space.narrow_blocks([], "t") == ("space.prune.drop_blocks narrowed from [0, 1] to [0]: the 't' model has 0 "
-                                            "residual block(s)")
+    assert space.narrow("drop_blocks", 1, "has 1 residual block(s)", "t") is None
+    assert space.narrow("drop_blocks", 0, "has 0 residual block(s)", "t") == (
+        "space.prune.drop_blocks narrowed from [0, 1] to [0]: the 't' model has 0 residual block(s)")
     assert space.pruning["drop_blocks"].fixed
     fixed = SearchSpace.from_dict({"schema_version": 1, "prune": {"drop_blocks": 2}})  # written: nothing to narrow to
-    with pytest.raises(ConfigError, match="at most the 1 residual blocks") as err:
-        fixed.narrow_blocks(["block"], "t")
+    with pytest.raises(ConfigError, match="must allow at most 1 for the 't' model, which has 1 residual block") as err:
+        fixed.narrow("drop_blocks", 1, "has 1 residual block(s)", "t")
     assert err.value.field == "space.prune.drop_blocks"

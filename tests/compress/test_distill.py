@@ -14,7 +14,7 @@ from autocomp.compress.distill import (
     RelationalKD,
     SimilarityPreserving,
 )
-from autocomp.train import Split, fit
+from autocomp.train import Split, fit, predict
 from tests.conftest import prune_local
 
 X = torch.zeros(1, 1, 8, 8)
@@ -70,6 +70,25 @@ def test_logits_kinds_reduce_to_their_definitions(small_cnn):
         p_t = torch.softmax(small_cnn(x) / 2.0, 1)
         kl = (p_t * (p_t.log() - torch.log_softmax(logits / 2.0, 1))).sum(1).mean()
         assert torch.allclose(soft(logits, x, y), 4.0 * kl, atol=1e-6)
+
+
+def test_soft_targets_are_read_by_index_when_no_feature_term_needs_the_teacher(small_cnn):
+    student = copy.deepcopy(small_cnn)
+    data = Split(batch(32, 1, 8, 8), torch.arange(32) % 10)
+    idx = torch.tensor([5, 0, 17, 3])
+    x, y = data.x[idx], data.y[idx]
+    logits = student(x)
+    cached = predict(small_cnn, data.x)
+    with Distiller(small_cnn, student, X, kind="logits", teacher_logits=cached) as read, \
+            Distiller(small_cnn, student, X, kind="logits") as run:
+        assert torch.allclose(read(logits, x, y, idx), run(logits, x, y, idx), atol=1e-6)
+    with Distiller(small_cnn, student, X, kind="logits", teacher_logits=torch.zeros_like(cached)) as wrong:
+        assert not torch.allclose(wrong(logits, x, y, idx), run(logits, x, y, idx), atol=1e-3)  # the cache is read
+    with Distiller(small_cnn, student, X, kind="fitnet", teacher_logits=torch.zeros_like(cached),
+                   layers=["conv1"]) as hints, Distiller(small_cnn, student, X, kind="fitnet", layers=["conv1"]) as ran:
+        hints.load_state_dict(ran.state_dict())  # the same projection
+        student(x)
+        assert torch.allclose(hints(logits, x, y, idx), ran(logits, x, y, idx), atol=1e-6)  # a feature term runs it
 
 
 @pytest.mark.parametrize("kind", TRANSFERS.names())

@@ -40,7 +40,7 @@ def test_training_updates_the_float_weights_through_the_fake_quantizer(small_cnn
     before = small_cnn.fc1.weight.detach().clone()
     with quantization_aware(small_cnn, LAYERS, data().x, "entropy"):
         quantized = small_cnn(data().x)
-        fit(small_cnn, data(), lambda s, x, y: torch.nn.functional.cross_entropy(s, y), epochs=2, lr=1e-2,
+        fit(small_cnn, data(), lambda s, x, y, i: torch.nn.functional.cross_entropy(s, y), epochs=2, lr=1e-2,
             batch_size=16, progress=False)
     assert not torch.equal(small_cnn.fc1.weight, before)  # gradients reached the latent fp32 weights
     assert not torch.allclose(quantized, small_cnn(data().x))
@@ -110,7 +110,7 @@ def test_pruned_weights_get_no_gradient_and_stay_zero_through_quantization_aware
             grad, mask = latent_weight(layer).grad, weight_mask(layer)
             assert torch.all(layer.weight[mask == 0] == 0)  # 0 is a level of each channel's asymmetric grid
             assert torch.all(grad[mask == 0] == 0) and (grad[mask == 1] != 0).float().mean() > 0.5  # STE to the kept
-        fit(small_cnn, data(), lambda s, x, y: torch.nn.functional.cross_entropy(s, y), epochs=3, lr=1e-2,
+        fit(small_cnn, data(), lambda s, x, y, i: torch.nn.functional.cross_entropy(s, y), epochs=3, lr=1e-2,
             batch_size=16, on_epoch_end=lambda g: regrow(small_cnn, 0.2, g), progress=False)
     mask = weight_mask(small_cnn.conv2).clone()
     assert not torch.equal(mask, initial_mask) and float(mask.mean()) == 0.5  # regrown, at the same sparsity

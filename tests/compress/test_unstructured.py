@@ -39,7 +39,7 @@ def test_magnitude_masks_exactly_the_smallest_weights(small_cnn):
 
 def test_masks_hold_through_training_and_become_permanent(small_cnn):
     weight_prune(small_cnn, layers={"fc1": LayerPrune(0.5, "taylor")})
-    fit(small_cnn, data(), lambda s, x, y: torch.nn.functional.cross_entropy(s, y), epochs=2, lr=1e-2,
+    fit(small_cnn, data(), lambda s, x, y, i: torch.nn.functional.cross_entropy(s, y), epochs=2, lr=1e-2,
         batch_size=16, progress=False)
     assert float((small_cnn.fc1.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
     finalize_masks(small_cnn)
