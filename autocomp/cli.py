@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     _storage_args(sensitivity)
     sensitivity.add_argument("--png", type=Path, help="heat map to write (default: <study>_sensitivity.png beside "
                                                       "the study's artifacts)")
-    sensitivity.add_argument("--recompute", action="store_true", help="analyse again even if the study or the cache has a map")
+    sensitivity.add_argument("--recompute", action="store_true",
+                             help="analyse again even if the study or the cache has a map")
     sensitivity.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sensitivity.set_defaults(run=_sensitivity)
 
@@ -192,7 +193,8 @@ def _apply(args: argparse.Namespace) -> int:
         result = apply(recipe, task, args.output, reference=baseline.artifact)
     metrics = with_ratios(result.metrics, baseline.metrics)
     (args.output / "metrics.json").write_text(json.dumps({**metrics, "kernels": result.kernels,
-                                                          "layer_kernels": result.layer_kernels}, indent=2))
+                                                          "layer_kernels": result.layer_kernels,
+                                                          "fp32_layers": result.fp32_layers}, indent=2))
     trial = recipe.provenance.get("metrics", {})
     for key in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "compression_ratio", "speedup"):
         was = f"   (trial: {trial[key]:.6g})" if key in trial else ""
@@ -202,6 +204,8 @@ def _apply(args: argparse.Namespace) -> int:
           f"{' (noisy)' if metrics['latency_noisy'] else ''}")
     print(f"{'kernels':>18}: {', '.join(f'{op} x{n}' for op, n in result.kernels.items())}")
     print(f"{'layers':>18}: {', '.join(f'{layer} {op}' for layer, op in result.layer_kernels.items())}")
+    for layer, why in result.fp32_layers.items():
+        print(f"{'stays fp32':>18}: {layer}: {why}")
     print("the search ranked trials on val_accuracy; test_accuracy is reported only")
     print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from autocomp import runtime
 from autocomp.compress.blocks import drop_blocks, residual_blocks
 from autocomp.compress.distill import Distiller
 from autocomp.compress.heads import attention_layers, drop_heads, head_counts
-from autocomp.compress.prune import finalize_masks, prunable_layers, prune, regrow
+from autocomp.compress.prune import PrunableLayer, finalize_masks, prunable_layers, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.features import layer_names
@@ -31,6 +32,31 @@ ARTIFACT, RECIPE = "model.onnx", "recipe.yaml"
 CALIBRATION_SAMPLES = 256
 
 
+@dataclass(frozen=True)
+class TeacherFacts:
+    """What ``apply`` checks a recipe against: the teacher's prunable layers (``prunable_layers``), its
+    Conv/Linear layers, residual blocks and attention modules."""
+
+    prunable: dict[str, PrunableLayer]
+    layers: list[str]
+    blocks: list[str]
+    attention: list[str]
+
+
+_FACTS: weakref.WeakKeyDictionary[nn.Module, TeacherFacts] = weakref.WeakKeyDictionary()
+
+
+def teacher_facts(task: Task) -> TeacherFacts:
+    """The facts of ``task``'s teacher, found once per teacher object while it lives (tracing the dependency
+    graph and probing groups take up to a second; a search's trials share one teacher, never modified)."""
+    facts = _FACTS.get(task.teacher)
+    if facts is None:
+        facts = _FACTS[task.teacher] = TeacherFacts(
+            prunable_layers(task.teacher, task.example_input), layer_names(task.teacher),
+            residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher))
+    return facts
+
+
 @dataclass
 class CompressedModel:
     model: nn.Module  # the pruned, fine-tuned fp32 torch model the artifact was made from
@@ -38,6 +64,7 @@ class CompressedModel:
     metrics: dict[str, float]  # measured on the artifact
     kernels: dict[str, int]  # the ONNX Runtime kernels one inference executes, with counts
     layer_kernels: dict[str, str]  # Conv/Linear layer -> the ONNX Runtime kernel that computes it
+    fp32_layers: dict[str, str]  # layers the recipe puts on int8 kernels that stayed fp32 -> why
     seconds: dict[str, float]  # wall-clock time of each stage: compress (prune + fine-tune), deploy, measure
 
 
@@ -50,9 +77,9 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
-    prunable = prunable_layers(task.teacher, task.example_input)
-    recipe.check_layers(prunable, layer_names(task.teacher), residual_blocks(task.teacher, task.example_input),
-                        attention_layers(task.teacher))
+    facts = teacher_facts(task)
+    prunable = facts.prunable
+    recipe.check_layers(prunable, facts.layers, facts.blocks, facts.attention)
     student = copy.deepcopy(task.teacher)
     if recipe.prune.drop_blocks:
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
@@ -77,7 +104,10 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     clock.append(time.perf_counter())
     stages = ("compress", "deploy", "measure")
     seconds = {stage: round(b - a, 3) for stage, a, b in zip(stages, clock[:-1], clock[1:], strict=True)}
-    return CompressedModel(student, artifact, metrics, kernels, runtime.layer_kernels(artifact), seconds)
+    layer_kernels = runtime.layer_kernels(artifact)
+    int8 = [n for n in layer_names(student) if recipe.quantize.activation_bits_of(n) == 8]
+    return CompressedModel(student, artifact, metrics, kernels, layer_kernels,
+                           runtime.fp32_fallbacks(layer_kernels, int8), seconds)
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,

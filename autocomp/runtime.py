@@ -123,6 +123,16 @@ def layer_kernels(path: Path) -> dict[str, str]:
     return layers
 
 
+INT8_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger",
+                          "DynamicQuantizeMatMul"})  # ONNX Runtime's CPU kernels that compute in int8
+
+
+def fp32_fallbacks(layer_kernels: dict[str, str], asked: list[str]) -> dict[str, str]:
+    """Of the layers ``asked`` to run on int8 kernels, those ONNX Runtime computes otherwise, each with why."""
+    return {layer: f"ONNX Runtime computes it with {layer_kernels[layer]}, not an int8 kernel"
+            for layer in asked if layer in layer_kernels and layer_kernels[layer] not in INT8_KERNELS}
+
+
 def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Outputs of the artifact on ``x``, in batches."""
     name = sess.get_inputs()[0].name

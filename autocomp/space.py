@@ -278,6 +278,19 @@ class SearchSpace:
         return (f"space.prune.{key} narrowed from {param.candidates()} to {narrow.candidates()}: the {task!r} "
                 f"model {why}")
 
+    def narrow_choices(self, section: str, key: str, unusable: Any, why: str, task: str) -> str | None:
+        """Take the choice ``unusable`` out of ``<section>.<key>`` where the model cannot use it (``why``: "has
+        ..."); say what was narrowed. A space whose only choice it is, is refused."""
+        param = self.sections[section].get(key)
+        if param is None or param.choices is None or unusable not in param.choices:
+            return None
+        kept = tuple(c for c in param.choices if c != unusable)
+        if not kept:
+            raise ConfigError(f"cannot be {unusable!r} for the {task!r} model, which {why}.", f"space.{section}.{key}")
+        self.sections[section][key] = Param(choices=kept)
+        return (f"space.{section}.{key} narrowed from {list(param.choices)} to {list(kept)}: the {task!r} model "
+                f"{why}")
+
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""
         for name in self.layers or []:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,18 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @classmethod
+    def from_loader(cls, loader: Iterable) -> Split:
+        """Every (x, y) batch of a ``torch.utils.data.DataLoader`` (or any iterable of them), held in memory in
+        order: autocomp shuffles, batches and calibrates from tensors. Extra items of a batch are ignored."""
+        xs, ys = [], []
+        for x, y, *_ in loader:
+            xs.append(torch.as_tensor(x))
+            ys.append(torch.as_tensor(y))
+        if not xs:
+            raise ValueError("the loader gave no batches")
+        return cls(torch.cat(xs), torch.cat(ys).long())
 
     def batch_indices(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
         """Yield the indices of each minibatch; shuffled when a generator is given."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.prune import prunable_layers
-from autocomp.pipeline import apply, teacher_baseline
+from autocomp.pipeline import apply, teacher_baseline, teacher_facts
 from autocomp.recipe import FineTune, LayerPrune, Prune, Quantize, Recipe
 
 
@@ -151,3 +151,12 @@ def test_quantization_aware_training_changes_the_weights_of_every_recipe_that_as
     changed = [k for k in ptq if k.endswith("weight") and not torch.equal(ptq[k], qat[k])]
     trained = [k for k in ptq if k.endswith("weight") and ptq[k].dim() > 1]  # Conv/Linear weights
     assert set(trained) <= set(changed)  # QAT ran in the last fine-tune and moved every layer's weights
+
+
+def test_the_teachers_facts_are_found_once_per_teacher(digits_task):
+    facts = teacher_facts(digits_task)
+    assert teacher_facts(dataclasses.replace(digits_task, name="again")) is facts  # the same teacher object
+    assert facts.prunable == prunable_layers(digits_task.teacher, digits_task.example_input)
+    assert facts.blocks == ["block"] and facts.attention == [] and "fc1" in facts.layers
+    other = dataclasses.replace(digits_task, teacher=type(digits_task.teacher)().eval())
+    assert teacher_facts(other) is not facts

@@ -10,11 +10,14 @@ import yaml
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
 from autocomp.recipe import Distill, Recipe
-from autocomp.search.optuna_runner import make_sampler
+from autocomp.search.optuna_runner import make_sampler, narrow_to_model
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
+from autocomp.tasks import Task
 from autocomp.tasks.digits import DigitsCNN
+from autocomp.train import Split
 from tests.conftest import ROOT
+from tests.zoo import Encoder, TabularMLP
 
 
 def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
@@ -56,7 +59,8 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
     weight_criteria = {c for r in recipes if r.prune.granularity == "weight"
                        for c in [r.prune.criterion, *(layer.criterion for layer in r.prune.layers.values())]}
     assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}
-    assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp"}
+    assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp",
+                                                 "attention_matrix", "hidden"}
     mixed = [r.quantize.layers for r in recipes if r.quantize.layers]
     assert mixed and all(set(layers) == set(prunable) for layers in mixed)  # quantizable defaults to prunable
     assert all(r.quantize.activation_bits == 32 and r.quantize.bits <= 16 for r in recipes if r.quantize.layers)
@@ -157,3 +161,27 @@ def test_local_scope_prunes_each_pruning_group_once(granularity, named):
     level = trial.params["prune.sparsity"]
     assert [layer.sparsity for layer in recipe.prune.layers.values()] == [
         pytest.approx(level * trial.params[f"prune.{n}.share"]) for n in named]
+
+
+@pytest.mark.parametrize(("model", "x", "narrowed"), [
+    (DigitsCNN(), torch.zeros(1, 1, 8, 8), {"heads": [0.0], "kind": ["attention_matrix"]}),
+    (Encoder(norm_first=True), torch.zeros(1, 8, 8), {"drop_blocks": [0]}),
+    (TabularMLP(), torch.zeros(1, 30), {"drop_blocks": [0], "heads": [0.0], "kind": ["attention_matrix", "hidden"]}),
+], ids=["residual CNN", "transformer", "MLP"])
+def test_the_shipped_space_is_narrowed_to_what_each_model_can_use(model, x, narrowed):
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    kinds = space.sections["distill"]["kind"].candidates()
+    data = Split(x, torch.zeros(1, dtype=torch.long))
+    lines = narrow_to_model(space, Task("m", model.eval(), data, data, data, x), "m")
+    assert [line.split(" ")[0] for line in lines] == [  # one line per narrowing: per kind taken out
+        f"space.{'distill' if key == 'kind' else 'prune'}.{key}" for key, values in narrowed.items()
+        for _ in (values if key == "kind" else [key])]
+    assert space.sections["distill"]["kind"].candidates() == [k for k in kinds if k not in narrowed.get("kind", [])]
+    for key in ("drop_blocks", "heads"):
+        if key in narrowed:
+            assert space.pruning[key].candidates() == narrowed[key]
+    fixed = SearchSpace.from_dict({"schema_version": 1, "distill": {"kind": "attention_matrix"}})  # written: refused
+    if "kind" in narrowed:
+        with pytest.raises(ConfigError, match="cannot be 'attention_matrix'") as err:
+            narrow_to_model(fixed, Task("m", model.eval(), data, data, data, x), "m")
+        assert err.value.field == "space.distill.kind"

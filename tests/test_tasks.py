@@ -3,11 +3,13 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from torch import nn
 
 from autocomp.errors import ConfigError
 from autocomp.tasks import TASKS, load_task
 from autocomp.tasks.base import digest
+from autocomp.train import Split
 
 
 def check_teacher(task, min_accuracy: float) -> None:
@@ -53,9 +55,7 @@ def test_mnist1d_lean_teacher_is_small_and_accurate_on_mnist1ds_splits(mnist1d_l
 
 
 def test_training_gives_the_same_weights_whatever_the_thread_count_before():
-    import torch
-
-    from autocomp.train import Split, cross_entropy, fit
+    from autocomp.train import cross_entropy, fit
     from tests.conftest import SmallCNN
 
     g = torch.Generator().manual_seed(0)
@@ -77,3 +77,26 @@ def test_task_references_resolve_or_explain():
         load_task("digit")
     with pytest.raises(ConfigError, match="cannot be loaded"):
         load_task("no_such_module:make")
+
+
+def test_a_split_holds_every_batch_of_a_data_loader_in_order():
+    x, y = torch.randn(23, 1, 8, 8), torch.randint(0, 10, (23,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, torch.zeros(23)), batch_size=5)
+    split = Split.from_loader(loader)  # a third item per batch (e.g. sample weights) is ignored
+    assert torch.equal(split.x, x) and torch.equal(split.y, y) and split.y.dtype == torch.long
+
+
+def test_the_transformer_teacher_is_a_half_million_parameter_encoder_with_whole_heads_to_remove():
+    from autocomp.compress.heads import attention_layers, drop_heads, head_counts
+    from autocomp.tasks.mnist1d import MNIST1DTransformer, shift
+
+    model = MNIST1DTransformer().eval()
+    assert 0.4e6 < sum(p.numel() for p in model.parameters()) < 0.6e6
+    assert model(torch.randn(2, 1, 40)).shape == (2, 10)
+    assert len(attention_layers(model)) == 4 and set(head_counts(model).values()) == {4}
+    drop_heads(model, 0.5, head_counts(model))
+    assert set(head_counts(model).values()) == {2} and model(torch.randn(2, 1, 40)).shape == (2, 10)
+    x = torch.arange(80.0).reshape(2, 1, 40)
+    moved = shift(x, torch.Generator().manual_seed(0))
+    assert all(any(torch.equal(torch.roll(row, k, -1), m) for k in range(-3, 4))
+               for row, m in zip(x, moved, strict=True))

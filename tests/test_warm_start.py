@@ -8,9 +8,9 @@ import optuna
 import pytest
 import torch
 
+from autocomp import sensitivity
 from autocomp.compress.prune import prunable_layers
 from autocomp.search.warm_start import group_sizes, warm_start
-from autocomp import sensitivity
 from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
 from autocomp.tasks.digits import DigitsCNN

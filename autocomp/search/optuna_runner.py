@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.compress.blocks import residual_blocks
+from autocomp.compress.distill import hidden_layers
 from autocomp.compress.heads import attention_layers
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import AutocompError
@@ -90,11 +91,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     prunable = prunable_layers(task.teacher, task.example_input, left_out=narrowed)
     quantizable = layer_names(task.teacher)
     space.layer_names(prunable, spec.task)
-    blocks, heads = residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher)
-    narrowed += filter(None, [
-        space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", spec.task),
-        space.narrow("heads", 1.0 if heads else 0.0,
-                     f"has {len(heads)} attention module(s) whose heads can leave (nn.MultiheadAttention)", spec.task)])
+    narrowed += narrow_to_model(space, task, spec.task)
     for line in narrowed:
         print(f"autocomp: {line}")
     study = open_study(spec, seed)
@@ -140,6 +137,7 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
         trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("kernels", result.kernels)
         trial.set_user_attr("layer_kernels", result.layer_kernels)
+        trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
         return [metrics[name] for name in spec.objectives]
 
     return objective
@@ -175,6 +173,18 @@ def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
         for name in (ARTIFACT, RECIPE) if store is not None else ():
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
     return result
+
+
+def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
+    """Narrow ``space`` to what the task's model can use, in place; one line per narrowing."""
+    blocks, attention = residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher)
+    no_attention = "has no attention module (nn.MultiheadAttention)"
+    return list(filter(None, [
+        space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", name),
+        space.narrow("heads", 1.0 if attention else 0.0, no_attention, name),
+        space.narrow_choices("distill", "kind", "attention_matrix", no_attention, name) if not attention else None,
+        space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
+        if not hidden_layers(task.teacher, task.example_input) else None]))
 
 
 def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task: Task, prunable: dict,

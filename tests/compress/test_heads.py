@@ -13,10 +13,9 @@ from autocomp.compress.heads import HeadAttention, attention_layers, drop_heads,
 from autocomp.errors import ConfigError
 from autocomp.pipeline import apply
 from autocomp.recipe import FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
+from autocomp.runtime import INT8_KERNELS, fp32_fallbacks
 from tests import zoo
 from tests.zoo import post_ln_transformer, pre_ln_transformer
-
-INT8_KERNELS = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "QGemm", "QLinearConv"}
 
 
 def _inputs(batch_first: bool, b: int = 3, n: int = 5, m: int = 7, e: int = 16, kdim: int = 16):
@@ -107,6 +106,12 @@ def test_a_recipe_removes_heads_and_the_stream_width_and_deploys_on_int8_kernels
     linears = {n: k for n, k in result.layer_kernels.items() if ".self_attn." in n or ".linear" in n}
     assert set(linears) == {f"encoder.layers.{i}.{p}" for i in range(2) for p in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2")}
-    assert set(linears.values()) <= INT8_KERNELS, linears
+    assert set(linears.values()) <= INT8_KERNELS and result.fp32_layers == {}, linears
     with pytest.raises(ConfigError, match="has no attention module"):
         apply(dataclasses.replace(recipe, task="resnet"), zoo.resnet(), tmp_path / "r", progress=False)
+
+
+def test_a_layer_asked_for_int8_that_runs_in_fp32_is_recorded_with_why():
+    kernels = {"conv1": "QLinearConv", "fc1": "FusedGemm", "norm": "LayerNormalization"}
+    assert fp32_fallbacks(kernels, ["conv1", "fc1"]) == {
+        "fc1": "ONNX Runtime computes it with FusedGemm, not an int8 kernel"}
