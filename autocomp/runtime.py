@@ -54,13 +54,17 @@ def _name_matmul_weights(path: Path, linears: set[str]) -> None:
             readers.setdefault(node.input[1], set()).add(".".join(node.name.strip("/").split("/")[:-1]))
     renamed = {old: f"{layer}.weight" for old, (layer, *more) in ((o, sorted(r)) for o, r in readers.items())
                if not more and layer in linears and f"{layer}.weight" not in names}
-    if not renamed:
-        return
+    if renamed:
+        rename_initializers(model, renamed)
+        onnx.save(model, str(path))
+
+
+def rename_initializers(model, renamed: dict[str, str]) -> None:
+    """Rename the initializers of the ONNX ``model`` that ``renamed`` maps, and every node input reading them."""
     for init in model.graph.initializer:
         init.name = renamed.get(init.name, init.name)
     for node in model.graph.node:
         node.input[:] = [renamed.get(i, i) for i in node.input]
-    onnx.save(model, str(path))
 
 
 def session(path: Path, threads: int = 1):

@@ -145,7 +145,10 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
         if spec.bits == 32 and not spec.layers and spec.activation_bits == 32 and not spec.activation_layers:
             prepared = fp32  # nothing quantized: the plain export (weights may still be stored sparsely)
         else:
-            quant_pre_process(str(fp32), str(prepared))  # shape inference + graph optimisation (BN folding)
+            try:  # shape inference + graph optimisation (BN folding)
+                quant_pre_process(str(fp32), str(prepared))
+            except AssertionError:  # ORT's symbolic shapes fail on nn.MultiheadAttention's dynamic Reshape
+                quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # ONNX's own inference
             _restore_weight_names(prepared)
         layers = {name: name.removesuffix(".weight") for name in weight_names(onnx.load(str(prepared)))}
         int8_layers = [name for name, layer in layers.items() if spec.activation_bits_of(layer) == 8]
@@ -167,10 +170,6 @@ def _restore_weight_names(path: Path) -> None:
     model = onnx.load(str(path))
     names = {i.name for i in model.graph.initializer}
     renamed = {n: n.removeprefix(FUSED) for n in names if n.startswith(FUSED) and n.removeprefix(FUSED) not in names}
-    if not renamed:
-        return
-    for init in model.graph.initializer:
-        init.name = renamed.get(init.name, init.name)
-    for node in model.graph.node:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
-    onnx.save(model, str(path))
+    if renamed:
+        runtime.rename_initializers(model, renamed)
+        onnx.save(model, str(path))

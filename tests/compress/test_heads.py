@@ -115,3 +115,16 @@ def test_a_layer_asked_for_int8_that_runs_in_fp32_is_recorded_with_why():
     kernels = {"conv1": "QLinearConv", "fc1": "FusedGemm", "norm": "LayerNormalization"}
     assert fp32_fallbacks(kernels, ["conv1", "fc1"]) == {
         "fc1": "ONNX Runtime computes it with FusedGemm, not an int8 kernel"}
+
+
+def test_multihead_attention_itself_deploys_on_int8_kernels(tmp_path):
+    # ONNX Runtime's symbolic shape inference fails on the exported nn.MultiheadAttention's Reshape: ONNX's own
+    # shape inference takes over, and every projection still runs in int8
+    task = post_ln_transformer()
+    recipe = Recipe(task=task.name, quantize=Quantize(activation_bits=8, bits=8, per_channel=True),
+                    finetune=FineTune(epochs=0), measure=Measure(warmup_seconds=0.1, max_seconds=0.5))
+    result = apply(recipe, task, tmp_path, progress=False)
+    assert isinstance(result.model.encoder.layers[0].self_attn, nn.MultiheadAttention)
+    assert result.kernels["QLinearMatMul"] >= 2 * 4  # in_proj, the two attention products, linear1, linear2
+    assert result.layer_kernels["encoder.layers.0.self_attn.out_proj"] in INT8_KERNELS
+    assert result.fp32_layers == {} and result.metrics["val_accuracy"] > 0.8
