@@ -41,10 +41,12 @@ class PruningGroup:
 
 
 def dependency_graph(model: nn.Module, example_input: Tensor):
-    """torch-pruning's dependency graph of ``model`` (traced in eval mode on ``example_input``)."""
+    """torch-pruning's dependency graph of ``model`` (traced in eval mode on ``example_input``). A parameter outside
+    a layer (a position embedding, a class token) loses its last dimension longer than 1, torch-pruning's default,
+    without the warning torch-pruning prints about it on every build (every trial)."""
     import torch_pruning
 
-    return torch_pruning.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input)
+    return torch_pruning.DependencyGraph().build_dependency(model.eval(), example_inputs=example_input, verbose=False)
 
 
 def dependency_group(graph, layer: nn.Module, idxs: list[int] | None = None):
