@@ -100,6 +100,8 @@ def fit(
 
     ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming);
     ``on_epoch_end(generator)`` runs after every epoch but the last (e.g. sparse-training regrowth).
+    ``loss_fn`` gets each batch's indices into ``data`` too; with ``augment`` its inputs are no longer
+    ``data.x[indices]`` (so a loss that looks targets up by index, as ``Distiller`` does, needs no ``augment``).
     """
     from tqdm.auto import tqdm
 
