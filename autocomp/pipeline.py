@@ -35,12 +35,13 @@ CALIBRATION_SAMPLES = 256
 @dataclass(frozen=True)
 class TeacherFacts:
     """What ``apply`` checks a recipe against: the teacher's prunable layers (``prunable_layers``), its
-    Conv/Linear layers, residual blocks and attention modules."""
+    Conv/Linear layers, residual blocks and attention modules; ``left_out`` says which groups cannot be pruned."""
 
     prunable: dict[str, PrunableLayer]
     layers: list[str]
     blocks: list[str]
     attention: list[str]
+    left_out: list[str]
 
 
 _FACTS: weakref.WeakKeyDictionary[nn.Module, TeacherFacts] = weakref.WeakKeyDictionary()
@@ -51,9 +52,10 @@ def teacher_facts(task: Task) -> TeacherFacts:
     graph and probing groups take up to a second; a search's trials share one teacher, never modified)."""
     facts = _FACTS.get(task.teacher)
     if facts is None:
+        left_out: list[str] = []
         facts = _FACTS[task.teacher] = TeacherFacts(
-            prunable_layers(task.teacher, task.example_input), layer_names(task.teacher),
-            residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher))
+            prunable_layers(task.teacher, task.example_input, left_out=left_out), layer_names(task.teacher),
+            residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher), left_out)
     return facts
 
 

@@ -10,14 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autocomp.compress.blocks import residual_blocks
 from autocomp.compress.distill import hidden_layers
-from autocomp.compress.heads import attention_layers
-from autocomp.compress.prune import prunable_layers
 from autocomp.errors import AutocompError
-from autocomp.features import layer_names
 from autocomp.measure import with_ratios
-from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline
+from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline, teacher_facts
 from autocomp.recipe import Recipe
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, cached
@@ -87,11 +83,10 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     seed = spec.seed if seed is None else seed
     space = SearchSpace.load(spec.space)
     task = load_task(spec.task)
-    narrowed: list[str] = []  # what the model cannot use, said once and stored with the study
-    prunable = prunable_layers(task.teacher, task.example_input, left_out=narrowed)
-    quantizable = layer_names(task.teacher)
+    facts = teacher_facts(task)  # found once: every trial's apply reads the same
+    prunable, quantizable = facts.prunable, facts.layers
     space.layer_names(prunable, spec.task)
-    narrowed += narrow_to_model(space, task, spec.task)
+    narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]  # said once, stored with the study
     for line in narrowed:
         print(f"autocomp: {line}")
     study = open_study(spec, seed)
@@ -177,7 +172,8 @@ def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
 
 def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
     """Narrow ``space`` to what the task's model can use, in place; one line per narrowing."""
-    blocks, attention = residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher)
+    facts = teacher_facts(task)
+    blocks, attention = facts.blocks, facts.attention
     no_attention = "has no attention module (nn.MultiheadAttention)"
     return list(filter(None, [
         space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", name),
