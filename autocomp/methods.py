@@ -10,10 +10,11 @@ def families() -> dict[str, Registry]:
     from autocomp.compress.calibrate import CALIBRATORS
     from autocomp.compress.criteria import CRITERIA
     from autocomp.compress.distill import TRANSFERS
+    from autocomp.compress.student import STUDENTS
     from autocomp.tasks import TASKS
 
     return {"prune.criteria": CRITERIA, "quantize.calibration": CALIBRATORS, "distill.kind": TRANSFERS,
-            "task": TASKS}
+            "student.family": STUDENTS, "task": TASKS}
 
 
 def catalogue() -> dict[str, list[dict[str, str]]]:

@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from autocomp import runtime
 from autocomp.compress.blocks import drop_blocks, residual_blocks
-from autocomp.compress.distill import Distiller
+from autocomp.compress.distill import Distiller, by_depth
 from autocomp.compress.heads import attention_layers, drop_heads, head_counts
 from autocomp.compress.prune import PrunableLayer, finalize_masks, prunable_layers, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
+from autocomp.compress.student import build_student, family
 from autocomp.features import layer_names
-from autocomp.measure import measure
-from autocomp.recipe import FineTune, Measure, Recipe
+from autocomp.measure import macs_and_params, measure
+from autocomp.recipe import FineTune, Measure, Recipe, Student
 from autocomp.tasks.base import Task
 from autocomp.train import fit
 
@@ -33,9 +35,9 @@ CALIBRATION_SAMPLES = 256
 
 
 @dataclass(frozen=True)
-class TeacherFacts:
-    """What ``apply`` checks a recipe against: the teacher's prunable layers (``prunable_layers``), its
-    Conv/Linear layers, residual blocks and attention modules; ``left_out`` says which groups cannot be pruned."""
+class ModelFacts:
+    """What ``apply`` checks a recipe against: a model's prunable layers (``prunable_layers``), its Conv/Linear
+    layers, residual blocks and attention modules; ``left_out`` says which groups cannot be pruned."""
 
     prunable: dict[str, PrunableLayer]
     layers: list[str]
@@ -44,19 +46,47 @@ class TeacherFacts:
     left_out: list[str]
 
 
-_FACTS: weakref.WeakKeyDictionary[nn.Module, TeacherFacts] = weakref.WeakKeyDictionary()
+def model_facts(model: nn.Module, example_input: Tensor) -> ModelFacts:
+    """Trace and probe ``model`` (up to a second): the facts a recipe is checked and pruned against."""
+    left_out: list[str] = []
+    return ModelFacts(prunable_layers(model, example_input, left_out=left_out), layer_names(model),
+                      residual_blocks(model, example_input), attention_layers(model), left_out)
 
 
-def teacher_facts(task: Task) -> TeacherFacts:
-    """The facts of ``task``'s teacher, found once per teacher object while it lives (tracing the dependency
-    graph and probing groups take up to a second; a search's trials share one teacher, never modified)."""
+_FACTS: weakref.WeakKeyDictionary[nn.Module, ModelFacts] = weakref.WeakKeyDictionary()
+
+
+def teacher_facts(task: Task) -> ModelFacts:
+    """The facts of ``task``'s teacher, found once per teacher object while it lives (a search's trials share
+    one teacher, never modified)."""
     facts = _FACTS.get(task.teacher)
     if facts is None:
-        left_out: list[str] = []
-        facts = _FACTS[task.teacher] = TeacherFacts(
-            prunable_layers(task.teacher, task.example_input, left_out=left_out), layer_names(task.teacher),
-            residual_blocks(task.teacher, task.example_input), attention_layers(task.teacher), left_out)
+        facts = _FACTS[task.teacher] = model_facts(task.teacher, task.example_input)
     return facts
+
+
+def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts]:
+    """The recipe's student, untrained, and the facts its prune section is checked against and counts from.
+
+    The teacher itself (the default) reads the teacher's cached facts. A student of the teacher's graph keeps its
+    layer names, so its recipe may name the teacher's layers (one in a dropped block is skipped); it is pruned
+    against its own channels. Any other student is a new network: its recipe names its own layers.
+    """
+    if recipe.student == Student():
+        return copy.deepcopy(task.teacher), teacher_facts(task)
+    student = build_student(recipe.student, task, seed=recipe.seed)
+    facts = model_facts(student, task.example_input)
+    if family(recipe.student.family).derived:
+        teacher = teacher_facts(task)
+        facts = dataclasses.replace(facts, prunable={**teacher.prunable, **facts.prunable}, layers=teacher.layers)
+    return student, facts
+
+
+def student_counts(recipe: Recipe, task: Task) -> dict[str, int]:
+    """MACs and parameters of the recipe's student as built, before it is pruned or trained: what a study's caps
+    on parameters and MACs are checked against before a trial trains (pruning only lowers them)."""
+    model = copy.deepcopy(task.teacher) if recipe.student == Student() else build_student(recipe.student, task)
+    return macs_and_params(model, task.example_input)
 
 
 @dataclass
@@ -79,21 +109,23 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
-    facts = teacher_facts(task)
+    student, facts = student_and_facts(recipe, task)
     prunable = facts.prunable
     recipe.check_layers(prunable, facts.layers, facts.blocks, facts.attention)
-    student = copy.deepcopy(task.teacher)
     if recipe.prune.drop_blocks:
         drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
     if recipe.prune.heads:
-        drop_heads(student, recipe.prune.heads, head_counts(task.teacher))
+        drop_heads(student, recipe.prune.heads, head_counts(student))
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
+    hints = [n for n in prunable if n in present]  # a new network pairs its layers with the teacher's by depth
+    hint_pairs = [(n, n) for n in hints] if family(recipe.student.family).derived else by_depth(
+        hints, list(teacher_facts(task).prunable))
     for r, epochs in enumerate(schedule, start=1):
         # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
               progress=r / len(schedule))
-        _fine_tune(student, task, recipe, [n for n in prunable if n in present], epochs, seed=recipe.seed + r - 1,
+        _fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1,
                    qat=recipe.quantize.qat and r == len(schedule), progress=progress)  # QAT in the last fine-tune
     finalize_masks(student)
     clock.append(time.perf_counter())
@@ -112,8 +144,8 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
                            runtime.fp32_fallbacks(layer_kernels, int8), seconds)
 
 
-def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str], epochs: int, seed: int,
-               qat: bool, progress: bool) -> None:
+def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,
+               seed: int, qat: bool, progress: bool) -> None:
     d, q = recipe.distill, recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -124,7 +156,7 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, layers: list[str]
         quantize_inputs=[name for name in quantized if q.activation_bits_of(name) == 8],
     ) if qat else contextlib.nullcontext()
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
-                                   alpha=d.alpha, weight=d.weight, layers=layers,
+                                   alpha=d.alpha, weight=d.weight, pairs=pairs,
                                    teacher_logits=task.teacher_logits() if d.kind != "none" else None) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,

@@ -34,6 +34,26 @@ class LayerPrune:
 
 
 @dataclass
+class Student:
+    """The network the teacher is distilled into (``autocomp.compress.student``): a registered ``family`` built
+    from ``config`` (the family's typed config, as a mapping). ``init`` "teacher" starts from the teacher's kept
+    weights (families derived from the teacher's graph only), "scratch" from a fresh initialisation; empty: the
+    first the family allows. The default is the teacher itself, pruned and quantized as the other sections say."""
+
+    family: str = "teacher"
+    config: dict[str, Any] = field(default_factory=dict)
+    init: str = ""
+
+    def __post_init__(self) -> None:
+        from autocomp.compress.student import INITS, config_of, family
+
+        derived = family(self.family, "family").derived
+        self.init = self.init or ("teacher" if derived else "scratch")
+        check_choice("init", self.init, INITS if derived else ("scratch",))
+        self.config = to_dict(config_of(self))  # every field, checked by the family's config
+
+
+@dataclass
 class Prune:
     """Pruning: which channels (``granularity`` "channel") or single weights ("weight") go.
 
@@ -201,6 +221,7 @@ class Recipe:
     """Everything ``apply`` needs to rebuild one compressed model of ``task``."""
 
     task: str
+    student: Student = field(default_factory=Student)
     prune: Prune = field(default_factory=Prune)
     quantize: Quantize = field(default_factory=Quantize)
     distill: Distill = field(default_factory=Distill)

@@ -16,6 +16,10 @@ The encoding (README, "How the search space is encoded"), built so every sampler
   capped at the top of the sparsity range. One criterion per trial (``prune.criterion``): a layer it cannot
   score (``bn_scale`` without a BatchNorm; channel-only criteria on single weights) uses the first criterion
   of the space that can.
+- **Students.** ``student.family`` and ``student.init`` are choices; every knob of every offered family is a
+  dimension (``student.cnn.kernel``; per-stage knobs once per possible stage, ``student.cnn.width.3``), sampled in
+  every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch and
+  is pruned in global scope at the level: the per-layer shares name the teacher's layers.
 - **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
   and one per pruning round and for QAT); weights of 4 bits or fewer train with QAT where the space allows
   QAT (not with k-means sharing).
@@ -31,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from autocomp.compress.criteria import CRITERIA, applicable
+from autocomp.compress.student import STUDENTS
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, check_range, did_you_mean
-from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
+from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe, Student
 
 SCHEMA_VERSION = 1
-SECTIONS = {"quantize": Quantize, "distill": Distill, "finetune": FineTune}
+SECTIONS = {"student": Student, "quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks", "heads"]
@@ -59,6 +64,7 @@ CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
 }
 # section -> {key: rule}: a value that follows from the ones before it (rule returns None: searched)
 DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
+    "student": {"init": lambda v: None if STUDENTS.get(v["family"]).derived else "scratch"},  # a new network
     "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
 }
 
@@ -147,6 +153,7 @@ class SearchSpace:
     layers: list[str] | None = None  # None: every prunable layer of the teacher (a pruning group by any member)
     pruning: dict[str, Param] = field(default_factory=dict)  # the PRUNE_KEYS the space names
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
+    students: dict[str, dict[str, Param]] = field(default_factory=dict)  # family -> its knobs, where searched
     warm_start: WarmStart = field(default_factory=lambda: WarmStart())
 
     @classmethod
@@ -157,11 +164,40 @@ class SearchSpace:
     def from_dict(cls, data: dict) -> SearchSpace:
         check_schema_version(data, SCHEMA_VERSION, "space")
         _check_keys(data, ["schema_version", "prune", "warm_start", *SECTIONS], "space")
-        space = cls(sections={name: _section(data.get(name, {}), SECTIONS[name], f"space.{name}")
-                              for name in SECTIONS},
+        student = data.get("student", {})  # the family's and init's choices, and each family's knobs
+        knobs = {k: v for k, v in student.items() if k in STUDENTS} if isinstance(student, dict) else {}
+        student = {k: v for k, v in student.items() if k not in knobs} if isinstance(student, dict) else student
+        if isinstance(student, dict) and "config" in student:
+            raise ConfigError("is searched per family (space.student.<family>: its knobs), not as one mapping.",
+                              "space.student.config")
+        space = cls(sections={name: _section(student if name == "student" else data.get(name, {}), SECTIONS[name],
+                                             f"space.{name}") for name in SECTIONS},
                     warm_start=from_dict(WarmStart, data.get("warm_start", {}), "space.warm_start"))
+        space._parse_students(knobs)
         space._parse_prune(data.get("prune", {}))
         return space
+
+    def _parse_students(self, knobs: dict[str, Any]) -> None:
+        """Each searched family's knobs: its own space (``autocomp.compress.student``), knob by knob as the
+        study's space overrides it; every value checked by building the family's config with it."""
+        family = self.sections["student"].get("family")
+        searched = family.candidates() if family is not None else []
+        for name in knobs:
+            if name not in searched:
+                raise ConfigError(f"gives the knobs of a family that space.student.family does not offer "
+                                  f"({searched}).", f"space.student.{name}")
+        for name in searched:
+            chosen = STUDENTS.get(name)
+            given = knobs.get(name, {})
+            _check_keys(given, list(chosen.space), f"space.student.{name}")
+            params = {knob: Param.parse(given.get(knob, default), f"space.student.{name}.{knob}")
+                      for knob, default in chosen.space.items()}
+            dims = chosen.dimensions(params)
+            for knob, param in dims.items():
+                for value in param.candidates():  # the others at their first choice
+                    values = {k: value if k == knob else p.candidates()[0] for k, p in dims.items()}
+                    from_dict(chosen.config, chosen.decode(values), f"space.student.{name}")
+            self.students[name] = params
 
     def _parse_prune(self, prune: dict) -> None:
         _check_keys(prune, ["layers", "sparsity", "criteria", "allocation", *PRUNE_KEYS], "space.prune")
@@ -197,6 +233,8 @@ class SearchSpace:
         """
         dims = {f"prune.{key}": self.pruning[key] for key in PRUNE_KEYS if key in self.pruning}
         dims |= {"prune.sparsity": self.sparsity, "prune.criterion": self.criteria}
+        for name, params in self.students.items():
+            dims |= {f"student.{name}.{knob}": param for knob, param in STUDENTS.get(name).dimensions(params).items()}
         if self.allocation is not None:
             dims |= {f"prune.{name}.share": self.allocation for name in self.layer_names(prunable, task)}
         for section, params in self.sections.items():
@@ -217,8 +255,13 @@ class SearchSpace:
     def decode(self, values: dict[str, Any], task: str, prunable: dict, seed: int = 0,
                measure: Measure | None = None, quantizable: list[str] | None = None) -> Recipe:
         """The Recipe that one value per dimension stands for (values that do not apply are ignored)."""
-        prune = self._decode_prune(values, prunable, task)
         sections = {section: _decode_section(section, params, values) for section, params in self.sections.items()}
+        student = sections["student"]
+        chosen = STUDENTS.get(student.get("family", "teacher"))
+        if student.get("family") in self.students:
+            student["config"] = chosen.decode({knob: values[f"student.{student['family']}.{knob}"]
+                                               for knob in chosen.dimensions(self.students[student["family"]])})
+        prune = self._decode_prune(values, prunable, task, own_graph=chosen.derived)
         q = sections["quantize"]
         static_int8 = q.get("activation_bits", 32) == 8
         for key, rule, used in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
@@ -237,9 +280,13 @@ class SearchSpace:
         return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in sections.items()})
 
-    def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str) -> Prune:
+    def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str, own_graph: bool = True) -> Prune:
+        """The teacher's graph (``own_graph``) is pruned as sampled; a new student network has its own layers, so
+        is pruned in global scope at the level, its depth and heads being its family's choice."""
         chosen = {key: values[f"prune.{key}"] for key in ("scope", "granularity", "rounds", "bn_penalty",
                                                           "drop_blocks", "heads") if key in self.pruning}
+        if not own_graph:
+            chosen |= {"scope": "global", "drop_blocks": 0, "heads": 0.0}
         granularity = chosen.get("granularity", "channel")
         if granularity == "weight" and "regrow" in self.pruning:
             chosen["regrow"] = values["prune.regrow"]
@@ -288,8 +335,14 @@ class SearchSpace:
         if not kept:
             raise ConfigError(f"cannot be {unusable!r} for the {task!r} model, which {why}.", f"space.{section}.{key}")
         self.sections[section][key] = Param(choices=kept)
+        if (section, key) == ("student", "family"):
+            self.students.pop(unusable, None)  # its knobs are not sampled either
         return (f"space.{section}.{key} narrowed from {list(param.choices)} to {list(kept)}: the {task!r} model "
                 f"{why}")
+
+    def families(self) -> list[str]:
+        """The student families this space searches."""
+        return list(self.students)
 
     def layer_names(self, prunable: dict, task: str) -> list[str]:
         """The layers this space prunes, checked against the model's prunable layers."""
@@ -307,7 +360,7 @@ def _decode_section(section: str, params: dict[str, Param], values: dict[str, An
     current = dict(fields)
     chosen: dict[str, Any] = {}
     for key in fields:
-        if (SECTIONS[section].__name__, key) in PER_LAYER:
+        if (SECTIONS[section].__name__, key) in PER_LAYER or (section, key) == ("student", "config"):
             continue
         if key in derived and derived[key](current) is not None:
             current[key] = chosen[key] = derived[key](current)

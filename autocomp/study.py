@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 METRICS = ("val_accuracy", "size_bytes", "latency_ms", "macs", "params", "nonzero_params")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("nsga2", "tpe", "random")
+CAPS = ("params", "macs", "size_bytes")  # what a study may cap (params and MACs are checked before training)
 
 
 def _default_objectives() -> dict[str, str]:
@@ -43,6 +44,7 @@ class StudySpec:
     artifacts: str | None = None  # default: <study folder>/<study_name>_artifacts
     measure: Measure = field(default_factory=Measure)
     screening: Screening | None = None  # multi-fidelity (``autocomp.search.fidelity``); None: every trial full
+    constraints: dict[str, float] = field(default_factory=dict)  # metric -> the most a feasible trial may have
 
     def __post_init__(self) -> None:
         check_range("trials", self.trials, 1, 10**6)
@@ -58,6 +60,9 @@ class StudySpec:
                                   f"reported), but got {metric!r}.", "objectives")
             check_choice("objectives", metric, METRICS)
             check_choice(f"objectives.{metric}", direction, DIRECTIONS)
+        for metric, cap in self.constraints.items():
+            check_choice("constraints", metric, CAPS)
+            check_range(f"constraints.{metric}", cap, 1, 1e15)
 
     @classmethod
     def load(cls, path: str | Path) -> StudySpec:

@@ -9,7 +9,9 @@ objectives and sampler settings) and one measurement protocol for all:
   channel): the space's warm-start policies, level after level from coarse to fine (0.5, 0.8, 0.65, 0.35,
   0.85, ...), as many as the budget holds;
 - ``random``, ``tpe`` (multivariate), ``nsga2``: the shipped space without its warm start or screening;
-- ``autocomp``: the shipped study as it is (NSGA-II, warm start, sensitivity, screening where it has them).
+- ``autocomp``: the shipped study as it is (NSGA-II, warm start, sensitivity, screening where it has them);
+- ``students``: ``autocomp`` with student search added to its space (``STUDENTS``: every family, from the
+  teacher's weights or from scratch; README "Students"), the question being whether that helps at equal budget.
 
 Every method gets the same wall-clock budget per task (``BUDGETS``, or ``--budget`` seconds), counted from
 the start of its run (the teacher's baseline included): it starts trials until then, and the trial running
@@ -57,7 +59,8 @@ from autocomp.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("uniform", "random", "tpe", "nsga2", "autocomp")
+METHODS = ("uniform", "random", "tpe", "nsga2", "autocomp", "students")
+STUDENTS = {"family": ["teacher", "cnn", "mlp", "transformer"], "init": ["teacher", "scratch"]}
 GRID_LEVELS = [0.5, 0.8, 0.65, 0.35, 0.85, 0.7, 0.6, 0.75, 0.2, 0.55, 0.45]  # coarse to fine: any budget is a grid
 BUDGETS = {"digits": 50.0, "mnist1d": 75.0, "mnist1d_lean": 40.0}  # seconds per run: the 45 runs fit in an hour
 MEASURE = Measure(warmup_seconds=0.5, tolerance=0.03, max_seconds=3.0)  # one protocol for every method
@@ -76,6 +79,8 @@ def method_spec(base: StudySpec, method: str, seed: int, folder: Path) -> StudyS
     if method == "uniform":
         space["warm_start"] = {"levels": GRID_LEVELS, "sensitivity": False}
         spec = dataclasses.replace(spec, sampler="random", screening=None, trials=2 * len(GRID_LEVELS))
+    elif method == "students":
+        space["student"] = STUDENTS
     elif method != "autocomp":
         space.pop("warm_start", None)
         spec = dataclasses.replace(spec, sampler=method, screening=None)
@@ -179,6 +184,10 @@ def summarise(runs: dict) -> dict:
                 "hv_vs_random": mean["autocomp"]["hypervolume"] / max(mean["random"]["hypervolume"], 1e-9),
                 "overhead": mean["autocomp"]["overhead"],
             }
+        if {"autocomp", "students"} <= set(rows):
+            table[task]["students_vs_autocomp"] = {
+                key: rows["students"][key]["mean"] / max(rows["autocomp"][key]["mean"], 1e-9)
+                for key in ("hypervolume", "best_size", "best_speedup")}
     return table
 
 
@@ -214,6 +223,9 @@ def markdown(table: dict, settings: dict) -> str:
                 want = f"<= {100 * wanted:.0f}%" if key == "overhead" else f">= {wanted}x"
                 ok = vs[key] <= wanted if key == "overhead" else vs[key] >= wanted
                 lines.append(f"| {key.replace('_', ' ')} | {want} | {got} {'met' if ok else 'missed'} |")
+        if "students_vs_autocomp" in rows:
+            ratios = ", ".join(f"{key.replace('_', ' ')} {v:.2f}x" for key, v in rows["students_vs_autocomp"].items())
+            lines += ["", f"Adding student search to the space (students / autocomp, means): {ratios}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -249,10 +261,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, one seed")
     parser.add_argument("--tasks", nargs="+", default=["digits", "mnist1d", "mnist1d_lean"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:-1]), choices=METHODS,
+                        help="default: all but students (make bench-students compares those with autocomp)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", type=float, help="seconds per run (default: BUDGETS)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="search_quality", help="results file name (a subset of methods)")
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.seeds = ["digits"], [0]
@@ -274,7 +288,7 @@ def main() -> None:
 
 
 def write(runs: dict, args: argparse.Namespace, budgets: dict, maps: dict, begun: float) -> None:
-    name = "search_quality_quick" if args.quick else "search_quality"
+    name = f"{args.name}_quick" if args.quick else args.name
     settings = {"mode": "quick" if args.quick else "full", "seeds": args.seeds, "budgets": budgets,
                 "sensitivity_map_s": maps,
                 "measure": dataclasses.asdict(MEASURE), "machine": f"{os.cpu_count()} cores, {platform.machine()}",

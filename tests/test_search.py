@@ -64,3 +64,29 @@ def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
     last = max(t.datetime_start for t in trials).timestamp()  # counted from the call, the teacher's baseline too
     # Optuna checks the clock, then creates the trial in storage: a start may trail the check by a write
     assert last - (time.time() - (time.monotonic() - started)) <= 10 + 1
+
+
+def test_a_student_over_the_studys_caps_is_never_trained(digits_task, tmp_path):
+    (tmp_path / "space.yaml").write_text("""schema_version: 1
+student:
+  family: [mlp]
+  mlp: {depth: [1], width: [8, 512], norm: [none]}
+finetune: {epochs: 1}
+distill: {kind: logits}
+""")
+    path = tmp_path / "s.yaml"  # 64 inputs: 8 hidden units hold 610 parameters, 512 hold 38,410
+    path.write_text("schema_version: 1\nstudy_name: s\ntask: digits\nspace: space.yaml\ntrials: 8\nsampler: random\n"
+                    "constraints: {params: 5000}\nmeasure: {warmup_seconds: 0.1, max_seconds: 1.0}\n")
+    study_obj, trials = run_search(StudySpec.load(path), progress=False)
+    over = [t for t in trials if t.params["student.mlp.width.1"] == 512]
+    under = [t for t in trials if t.params["student.mlp.width.1"] == 8]
+    assert over and under and len(over) + len(under) == 8
+    for t in over:  # stored, with the reason and its constraint, but never trained or measured
+        assert t.state.name == "PRUNED" and "seconds" not in t.user_attrs and "metrics" not in t.user_attrs
+        assert t.user_attrs["infeasible"] == ("infeasible before training: the student's params 38,410 > 5,000 "
+                                              "(study constraints)")
+        assert t.constraints == {"params": (38_410 - 5000) / 5000}
+    for t in under:
+        assert t.state.name == "COMPLETE" and t.user_attrs["metrics"]["params"] == 610
+        assert t.constraints == {"params": (610 - 5000) / 5000}
+    assert {t.number for t in study_obj.best_trials} <= {t.number for t in under}  # the front: feasible only

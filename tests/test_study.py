@@ -26,6 +26,8 @@ def test_demo_study_resolves_paths_next_to_its_file():
         ("sampler: nsga3", "study.sampler", "Did you mean 'nsga2'?"),
         ("trials: 0", "study.trials", "got 0"),
         ("measure: {threads: 0}", "study.measure.threads", "got 0"),
+        ("constraints: {param: 1000}", "study.constraints", "Did you mean 'params'?"),
+        ("constraints: {params: 0}", "study.constraints.params", "got 0"),
     ],
 )
 def test_bad_study_values(tmp_path, line, field, fragment):

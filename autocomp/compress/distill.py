@@ -1,8 +1,9 @@
-"""Knowledge distillation for the fine-tune after pruning: the loss and its transfer terms.
+"""Knowledge distillation for the fine-tune: the loss and its transfer terms.
 
-The student is the pruned teacher, so the two share layer names: a feature term compares the
-outputs of the same named layers (their widths may differ), a relational term compares the
-embeddings that enter the classifier head, an attention term the attention maps of the transformer layers.
+A feature term compares the outputs of paired student and teacher layers (the same named layers when the
+student is the pruned teacher, else layers at the same relative depth; widths may differ, and positions are
+pooled to the coarser of the two where they differ), a relational term compares the embeddings that enter each
+model's classifier head, an attention term the attention maps of the transformer layers.
 """
 
 from __future__ import annotations
@@ -169,6 +170,19 @@ class HiddenStates(FitNet):
     source = "hidden"
 
 
+def aligned(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Features (B, C, *positions) of both models over the same positions: unchanged where they already agree;
+    else a side without positions (B, C) meets the other's mean over positions, and otherwise both are flattened
+    to (B, C, P) and the finer one is average-pooled to the coarser one's P."""
+    if student.shape[2:] == teacher.shape[2:]:
+        return student, teacher
+    if student.dim() == 2 or teacher.dim() == 2:
+        return tuple(f.flatten(2).mean(2) if f.dim() > 2 else f for f in (student, teacher))
+    student, teacher = student.flatten(2), teacher.flatten(2)
+    p = min(student.shape[2], teacher.shape[2])
+    return nn.functional.adaptive_avg_pool1d(student, p), nn.functional.adaptive_avg_pool1d(teacher, p)
+
+
 CHANNELS_LAST = (nn.Linear, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # outputs (..., C)
 
 
@@ -199,7 +213,8 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, example_input: Tensor, *, kind: str = "logits",
-                 temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0, layers: list[str] = (),
+                 temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0,
+                 pairs: list[tuple[str, str]] = (),
                  teacher_logits: Tensor | None = None) -> None:
         super().__init__()
         self.teacher = [teacher.eval()]  # a list: not a sub-module, so its weights are not trained
@@ -214,14 +229,18 @@ class Distiller(nn.Module):
                 self._taps = [AttentionMaps(student), AttentionMaps(teacher)]
                 self._pairs = by_depth(self._taps[0].names, self._taps[1].names)
             else:
-                head = [head_layer(teacher, example_input)] if source == "embedding" else []
-                self._pairs = (by_depth(hidden_layers(student, example_input), hidden_layers(teacher, example_input))
-                               if source == "hidden" else [(n, n) for n in head or layers])
+                if source == "embedding":
+                    self._pairs = [(head_layer(student, example_input), head_layer(teacher, example_input))]
+                elif source == "hidden":
+                    self._pairs = by_depth(hidden_layers(student, example_input), hidden_layers(teacher, example_input))
+                else:
+                    self._pairs = list(pairs)
                 inputs = source == "embedding"
                 self._taps = [Tap(student, [s for s, _ in self._pairs], inputs),
                               Tap(teacher, [t for _, t in self._pairs], inputs)]
-            self._last = [source in ("layers", "hidden") and isinstance(teacher.get_submodule(t), CHANNELS_LAST)
-                          for _, t in self._pairs]
+            features = source in ("layers", "hidden")
+            self._last = ([features and isinstance(student.get_submodule(s), CHANNELS_LAST) for s, _ in self._pairs],
+                          [features and isinstance(teacher.get_submodule(t), CHANNELS_LAST) for _, t in self._pairs])
             with torch.no_grad():
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
                 teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
@@ -229,14 +248,15 @@ class Distiller(nn.Module):
 
     def _features(self) -> tuple[list[Tensor], list[Tensor]]:
         """Each pair's student and teacher features, channels first: (B, C, *positions), so the (B, tokens, C)
-        output of a Linear or transformer layer reads as (B, C, tokens), like a Conv1d's."""
-        (student, teacher), last = (tap.values for tap in self._taps), self._last
+        output of a Linear or transformer layer reads as (B, C, tokens), like a Conv1d's; positions aligned."""
+        (student, teacher), (s_last, t_last) = (tap.values for tap in self._taps), self._last
 
         def first(f: Tensor, channels_last: bool) -> Tensor:
             return f.movedim(-1, 1) if channels_last and f.dim() > 2 else f
 
-        return ([first(student[s], c) for (s, _), c in zip(self._pairs, last, strict=True)],
-                [first(teacher[t], c) for (_, t), c in zip(self._pairs, last, strict=True)])
+        pairs = [aligned(first(student[s], sl), first(teacher[t], tl))
+                 for (s, t), sl, tl in zip(self._pairs, s_last, t_last, strict=True)]
+        return [s for s, _ in pairs], [t for _, t in pairs]
 
     def forward(self, student_logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
         loss = nn.functional.cross_entropy(student_logits, y)

@@ -11,9 +11,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.compress.distill import hidden_layers
+from autocomp.compress.student import can_build
 from autocomp.errors import AutocompError
 from autocomp.measure import with_ratios
-from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, teacher_baseline, teacher_facts
+from autocomp.pipeline import (
+    ARTIFACT,
+    RECIPE,
+    Baseline,
+    CompressedModel,
+    apply,
+    student_counts,
+    teacher_baseline,
+    teacher_facts,
+)
 from autocomp.recipe import Recipe
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, cached
@@ -122,6 +132,7 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
     def objective(trial: optuna.Trial) -> list[float]:
         recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
         trial.set_user_attr("recipe", recipe.to_dict())
+        _check_caps(trial, recipe, task, spec.constraints)
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
             _screen(trial, screen, task, baseline, spec)
@@ -133,9 +144,29 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
         trial.set_user_attr("kernels", result.kernels)
         trial.set_user_attr("layer_kernels", result.layer_kernels)
         trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
+        for metric, cap in spec.constraints.items():  # feasible at 0 or below (Optuna's convention)
+            trial.set_constraint(metric, (metrics[metric] - cap) / cap)
         return [metrics[name] for name in spec.objectives]
 
     return objective
+
+
+def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str, float]) -> None:
+    """Raise ``TrialPruned``, untrained and infeasible (its constraints stored), when the sampled student's
+    parameters or MACs exceed the study's caps."""
+    import optuna
+
+    if not caps.keys() & {"params", "macs"}:
+        return
+    counts = student_counts(recipe, task)
+    over = [f"{metric} {counts[metric]:,} > {caps[metric]:,.0f}" for metric in ("params", "macs")
+            if metric in caps and counts[metric] > caps[metric]]
+    if over:
+        for metric, cap in caps.items():  # the artifact's size is unknown untrained: not counted against it
+            trial.set_constraint(metric, (counts[metric] - cap) / cap if metric in counts else 0.0)
+        reason = f"infeasible before training: the student's {', '.join(over)} (study constraints)"
+        trial.set_user_attr("infeasible", reason)
+        raise optuna.TrialPruned(reason)
 
 
 def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec) -> None:
@@ -175,12 +206,15 @@ def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
     facts = teacher_facts(task)
     blocks, attention = facts.blocks, facts.attention
     no_attention = "has no attention module (nn.MultiheadAttention)"
+    shape = tuple(task.example_input.shape[1:])
     return list(filter(None, [
         space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", name),
         space.narrow("heads", 1.0 if attention else 0.0, no_attention, name),
         space.narrow_choices("distill", "kind", "attention_matrix", no_attention, name) if not attention else None,
         space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
-        if not hidden_layers(task.teacher, task.example_input) else None]))
+        if not hidden_layers(task.teacher, task.example_input) else None,
+        *(space.narrow_choices("student", "family", family, f"has input {shape}, which {family!r} cannot take", name)
+          for family in space.families() if not can_build(family, task))]))
 
 
 def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task: Task, prunable: dict,
@@ -236,7 +270,9 @@ def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
     """One line of counts by state, and the most common failure reasons."""
     counts = Counter(t.state.name for t in trials)
     reasons = Counter(failure(t) for t in trials if t.state.name == "FAIL")
-    lines = [f"this run: {len(trials)} trial(s): " + ", ".join(f"{counts[s]} {s.lower()}" for s in FINISHED)]
+    infeasible = sum("infeasible" in t.user_attrs for t in trials)
+    lines = [f"this run: {len(trials)} trial(s): " + ", ".join(f"{counts[s]} {s.lower()}" for s in FINISHED)
+             + (f" ({infeasible} over the study's constraints, not trained)" if infeasible else "")]
     lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(3)]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Warm start: the policies a new study runs first, before its sampler draws anything.
 
-A hand-made pipeline prunes every group to one level by L1, distils logits (alpha 0.7, T 4), fine-tunes
+A hand-made pipeline prunes every group of the teacher to one level by L1, distils logits (alpha 0.7, T 4), fine-tunes
 for the longest the space allows and deploys fp32 or static int8 (min-max, per channel). A study's
 first trials are those recipes, at each of the space's ``warm_start.levels``, so its front starts where
 such a pipeline ends. With ``warm_start.sensitivity`` it also runs the same levels allocated by the
@@ -28,6 +28,7 @@ UNIFORM: dict[str, Any] = {
     "quantize.symmetric": True, "quantize.per_channel": True, "quantize.calibration": "minmax", "quantize.qat": False,
     "quantize.kmeans": False,
     "distill.kind": "logits", "distill.alpha": 0.7, "distill.temperature": 4.0, "finetune.lr": 1e-3,
+    "student.family": "teacher", "student.init": "teacher", "student.teacher.depth": 1.0, "student.teacher.width": 1.0,
 }
 INT8_TOLERANCE = 0.01
 

@@ -95,7 +95,8 @@ def test_every_feature_kind_distils_a_transformers_token_features(kind):
     hints = ["encoder.layers.0.linear1", "encoder.layers.1.linear2"]
     for student, zero in [(copy.deepcopy(teacher), True),
                           (pruned(copy.deepcopy(teacher), 0.5, {"encoder.layers.0.linear1"}), False)]:
-        with Distiller(teacher, student, X, kind=kind, alpha=0.0, weight=1.0, layers=hints) as loss, torch.no_grad():
+        pairs = [(n, n) for n in hints]
+        with Distiller(teacher, student, X, kind=kind, alpha=0.0, weight=1.0, pairs=pairs) as loss, torch.no_grad():
             logits = student.eval()(x)
             transfer = float(loss(logits, x, y) - nn.functional.cross_entropy(logits, y))
         assert transfer == pytest.approx(0.0, abs=1e-5) if zero else (0.0 < transfer < float("inf"))

@@ -85,7 +85,8 @@ def test_soft_targets_are_read_by_index_when_no_feature_term_needs_the_teacher(s
     with Distiller(small_cnn, student, X, kind="logits", teacher_logits=torch.zeros_like(cached)) as wrong:
         assert not torch.allclose(wrong(logits, x, y, idx), run(logits, x, y, idx), atol=1e-3)  # the cache is read
     with Distiller(small_cnn, student, X, kind="fitnet", teacher_logits=torch.zeros_like(cached),
-                   layers=["conv1"]) as hints, Distiller(small_cnn, student, X, kind="fitnet", layers=["conv1"]) as ran:
+                   pairs=[("conv1", "conv1")]) as hints, \
+            Distiller(small_cnn, student, X, kind="fitnet", pairs=[("conv1", "conv1")]) as ran:
         hints.load_state_dict(ran.state_dict())  # the same projection
         student(x)
         assert torch.allclose(hints(logits, x, y, idx), ran(logits, x, y, idx), atol=1e-6)  # a feature term runs it
@@ -96,7 +97,8 @@ def test_every_kind_fine_tunes_a_pruned_student_and_leaves_no_hooks(small_cnn, k
     student = prune_local(copy.deepcopy(small_cnn), {"conv1": (0.5, "l1"), "conv2": (0.5, "l1"), "fc1": (0.5, "l1")},
                     Split(X, torch.zeros(1, dtype=torch.long)))
     data = Split(batch(64, 1, 8, 8), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
-    with Distiller(small_cnn, student, X, kind=kind, weight=10.0, layers=["conv1", "conv2", "fc1"]) as loss:
+    pairs = [(n, n) for n in ("conv1", "conv2", "fc1")]
+    with Distiller(small_cnn, student, X, kind=kind, weight=10.0, pairs=pairs) as loss:
         learned = [p.detach().clone() for p in loss.parameters()]  # FitNet's projections
         before = loss(student.train()(data.x), data.x, data.y).item()
         fit(student, data, loss, epochs=3, lr=1e-2, batch_size=16, progress=False)
