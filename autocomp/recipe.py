@@ -292,7 +292,11 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        from autocomp.tasks.registry import import_plugins
+
         check_schema_version(data, SCHEMA_VERSION, "recipe")
+        if isinstance(data.get("task"), str):
+            import_plugins(data["task"])
         return from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "recipe")
 
     def save(self, path: str | Path) -> None:

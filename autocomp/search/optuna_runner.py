@@ -30,6 +30,7 @@ from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
 from autocomp.tasks import Task, load_task
+from autocomp.tasks.registry import import_plugins
 
 if TYPE_CHECKING:
     import optuna
@@ -91,6 +92,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or spec.trials
     seed = spec.seed if seed is None else seed
+    import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
     space = SearchSpace.load(spec.space)
     task = load_task(spec.task)
     facts = teacher_facts(task)  # found once: every trial's apply reads the same

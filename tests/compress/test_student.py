@@ -148,3 +148,18 @@ def test_families_a_tabular_input_cannot_take_are_narrowed_out_of_the_shipped_sp
     assert not any(name.startswith(("student.cnn.", "student.transformer.")) for name in space.dimensions({}, "t"))
     image = SearchSpace.load(ROOT / "search_spaces" / "nas_kd.yaml")
     assert not [line for line in narrow_to_model(image, zoo.resnet(), "resnet") if "student" in line]
+
+
+def test_a_user_task_brings_its_own_family_which_its_recipes_and_spaces_name(tmp_path):
+    from autocomp.pipeline import apply
+    from autocomp.recipe import Recipe
+
+    recipe = Recipe.from_dict({"schema_version": 1, "task": "tests.user_student:task",  # imports the module first
+                               "student": {"family": "tiny_mlp", "config": {"width": 4}}, "finetune": {"epochs": 1}})
+    from tests.user_student import task
+
+    result = apply(recipe, task(), tmp_path, progress=False)
+    assert result.metrics["params"] == 64 * 4 + 4 + 4 * 10 + 10
+    space = SearchSpace.from_dict({"schema_version": 1, "student": {"family": ["tiny_mlp"],
+                                                                    "tiny_mlp": {"width": [4, 16]}}})
+    assert space.dimensions({}, "t")["student.tiny_mlp.width"].candidates() == [4, 16]
