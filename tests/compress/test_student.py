@@ -150,7 +150,21 @@ def test_families_a_tabular_input_cannot_take_are_narrowed_out_of_the_shipped_sp
     assert not [line for line in narrow_to_model(image, zoo.resnet(), "resnet") if "student" in line]
 
 
-def test_a_user_task_brings_its_own_family_which_its_recipes_and_spaces_name(tmp_path):
+@pytest.fixture
+def user_module():
+    """The user's module imported afresh by the test, and its family gone afterwards (the process's registry is
+    what ``autocomp methods`` in a new process must still match)."""
+    import sys
+
+    before = dict(STUDENTS._entries)
+    sys.modules.pop("tests.user_student", None)
+    yield
+    STUDENTS._entries.clear()
+    STUDENTS._entries.update(before)
+    sys.modules.pop("tests.user_student", None)
+
+
+def test_a_user_task_brings_its_own_family_which_its_recipes_and_spaces_name(tmp_path, user_module):
     from autocomp.pipeline import apply
     from autocomp.recipe import Recipe
 
