@@ -9,9 +9,15 @@ hour. The protocol (README, "How latency is measured"):
 2. **Interleaved blocks.** Each round times one block of the candidate and one of the
    reference, in alternating order (ABBA), each block about ``BLOCK_SECONDS`` long. A round's
    ratio is the candidate's block median over the reference's: drift slower than a round cancels.
-3. **Adaptive stop.** After ``MIN_ROUNDS`` rounds, stop once the distribution-free 95%
-   confidence interval of the median ratio is within ``tolerance`` of it, or after
-   ``max_seconds``. A measurement that did not get there is flagged ``noisy``.
+3. **The undisturbed speed.** This machine is shared: for seconds at a time other work slows both
+   artifacts (here the same block took 0.13 ms, then 0.25 ms), and not by the same factor, so a
+   ratio taken inside such a phase reads 5-15% off. Each artifact's speed is the 10th percentile
+   (``QUANTILE``) of its block medians, the speed it runs at when nothing disturbs it, and the ratio
+   is the candidate's over the reference's.
+4. **Adaptive stop.** Rounds go on for at least ``min_seconds`` (so a measurement spans more than one
+   phase of the machine) and ``MIN_ROUNDS`` rounds, then stop once the distribution-free 95%
+   confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
+   measurement that did not get there is flagged ``noisy``.
 
 The ratio is the number to trust; a study turns it into milliseconds with the latency its
 teacher had when the study began (``measure.with_ratios``), so trials of one study, and the
@@ -28,6 +34,7 @@ from scipy.stats import binom
 
 MIN_WARMUP_RUNS = 20
 MIN_ROUNDS = 7
+QUANTILE = 0.1  # of the block medians: an artifact's speed when nothing else disturbs it
 BLOCK_SECONDS = 0.02
 MAX_BLOCK_RUNS = 200
 
@@ -37,7 +44,7 @@ class Latency:
     median_ms: float  # the candidate's median run time, over every timed run
     p10_ms: float
     p90_ms: float
-    ratio: float  # candidate / reference: the median of the rounds' block-median ratios
+    ratio: float  # candidate / reference: the ratio of their block medians' QUANTILE
     ratio_ci: float  # half-width of the ratio's 95% confidence interval, relative to the ratio
     runs: int  # timed runs of the candidate
     noisy: bool  # the interval did not reach the tolerance within the time budget
@@ -48,13 +55,22 @@ class Latency:
                 "latency_noisy": float(self.noisy)}
 
 
-def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval of the median: the order statistics whose ranks a
-    Binomial(n, 1/2) count brackets with at least ``confidence`` (for small n the whole range)."""
+def quantile_interval(values: np.ndarray, q: float = 0.5, confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the ``q`` quantile: the order statistics whose ranks a
+    Binomial(n, q) count brackets with at least ``confidence`` (for small n up to the whole range)."""
     ordered = np.sort(values)
     n = len(ordered)
-    j = max(int(binom.ppf((1 - confidence) / 2, n, 0.5)), 1)  # [X_(j), X_(n-j+1)] covers >= confidence
-    return float(ordered[j - 1]), float(ordered[n - j])
+    low = max(int(binom.ppf((1 - confidence) / 2, n, q)), 1)  # 1-based ranks: [X_(low), X_(high)]
+    high = min(int(binom.ppf((1 + confidence) / 2, n, q)) + 1, n)
+    return float(ordered[low - 1]), float(ordered[high - 1])
+
+
+def quantile_ratio(a: np.ndarray, b: np.ndarray, q: float = QUANTILE) -> tuple[float, float]:
+    """The ratio of the ``q`` quantiles of ``a`` and ``b``, and the half-width of its 95% interval relative to
+    it (from both quantiles' intervals, the widest combination)."""
+    ratio = float(np.quantile(a, q) / np.quantile(b, q))
+    (a_low, a_high), (b_low, b_high) = quantile_interval(a, q), quantile_interval(b, q)
+    return ratio, max(a_high / b_low - ratio, ratio - a_low / b_high) / ratio
 
 
 def _timed(run, count: int) -> list[float]:
@@ -66,11 +82,12 @@ def _timed(run, count: int) -> list[float]:
     return times
 
 
-def compare(candidate, reference, *, warmup_seconds: float, tolerance: float, max_seconds: float) -> Latency:
+def compare(candidate, reference, *, warmup_seconds: float, tolerance: float, max_seconds: float,
+            min_seconds: float = 0.0) -> Latency:
     """Time ``candidate()`` against ``reference()`` (callables running one inference each).
 
     Pass the same callable twice to time an artifact on its own: ``MIN_ROUNDS`` rounds of consecutive
-    blocks, its ratio 1 by definition and its interval the stability of its block medians.
+    blocks, its ratio 1 by definition and its interval the stability of its block speeds.
     """
     same = candidate is reference
     start = time.perf_counter()
@@ -82,19 +99,19 @@ def compare(candidate, reference, *, warmup_seconds: float, tolerance: float, ma
     per_run = (time.perf_counter() - start) / (2 * warm)
     block = int(np.clip(round(BLOCK_SECONDS / max(per_run, 1e-9)), 3, MAX_BLOCK_RUNS))
     times: list[float] = []
-    ratios: list[float] = []
+    blocks: tuple[list[float], list[float]] = ([], [])  # block medians: candidate's, reference's
     begun = time.perf_counter()
     while True:
-        first, second = (candidate, reference) if len(ratios) % 2 == 0 else (reference, candidate)
+        first, second = (candidate, reference) if len(blocks[0]) % 2 == 0 else (reference, candidate)
         x, y = _timed(first, block), _timed(second, block)
         a, b = (x, y) if first is candidate else (y, x)  # the same callable twice: consecutive blocks
         times += a
-        ratios.append(float(np.median(a) / np.median(b)))
-        if len(ratios) >= MIN_ROUNDS:
-            ratio = float(np.median(ratios))
-            low, high = median_interval(np.asarray(ratios))
-            ci = max(high - ratio, ratio - low) / ratio
-            if same or ci <= tolerance or time.perf_counter() - begun >= max_seconds:
+        blocks[0].append(float(np.median(a)))
+        blocks[1].append(float(np.median(b)))
+        elapsed = time.perf_counter() - begun
+        if len(blocks[0]) >= MIN_ROUNDS:
+            ratio, ci = quantile_ratio(*map(np.asarray, blocks))
+            if same or (ci <= tolerance and elapsed >= min(min_seconds, max_seconds)) or elapsed >= max_seconds:
                 break
     p10, p50, p90 = np.percentile(np.asarray(times) * 1e3, [10, 50, 90])
     return Latency(float(p50), float(p10), float(p90), 1.0 if same else ratio, ci, len(times), ci > tolerance)

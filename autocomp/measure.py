@@ -30,7 +30,8 @@ def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndar
 
     candidate = runner(artifact)
     return latency.compare(candidate, candidate if reference is None else runner(reference),
-                           warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance, max_seconds=spec.max_seconds)
+                           warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance, max_seconds=spec.max_seconds,
+                           min_seconds=spec.min_seconds)
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

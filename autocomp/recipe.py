@@ -199,14 +199,16 @@ class FineTune:
 @dataclass
 class Measure:
     """How latency is measured (``autocomp.latency``): at the deployed batch size and thread count,
-    after ``warmup_seconds`` of warm-up, in blocks interleaved with the teacher's artifact until the
-    95% interval of the latency ratio is within ``tolerance`` of it, or ``max_seconds`` have passed."""
+    after ``warmup_seconds`` of warm-up, in blocks interleaved with the teacher's artifact for at least
+    ``min_seconds`` (at most ``max_seconds``) and until the 95% interval of the latency ratio is within
+    ``tolerance`` of it, or ``max_seconds`` have passed."""
 
     batch_size: int = 1
     threads: int = 1
     warmup_seconds: float = 1.0
     tolerance: float = 0.02
     max_seconds: float = 10.0
+    min_seconds: float = 5.0  # spans the phases of a shared machine (README "How latency is measured")
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1, 65536)
@@ -214,6 +216,7 @@ class Measure:
         check_range("warmup_seconds", self.warmup_seconds, 0.0, 600.0)
         check_range("tolerance", self.tolerance, 0.001, 0.5)
         check_range("max_seconds", self.max_seconds, 0.1, 3600.0)
+        check_range("min_seconds", self.min_seconds, 0.0, 3600.0)
 
 
 @dataclass

@@ -22,12 +22,32 @@ def busy(ms: float):
     return run
 
 
-def test_the_median_interval_is_the_binomial_order_statistics():
-    assert latency.median_interval(np.arange(10.0)) == (1.0, 8.0)  # ranks 2 and 9 of 10: 97.9% coverage
-    assert latency.median_interval(np.arange(7.0)) == (0.0, 6.0)  # 7 values: the whole range (98.4%)
-    rng = np.random.default_rng(0)  # coverage of the true median 0 of a symmetric distribution
-    hits = [lo <= 0 <= hi for lo, hi in (latency.median_interval(rng.standard_normal(25)) for _ in range(2000))]
-    assert 0.95 <= np.mean(hits) <= 0.99
+def test_the_quantile_interval_is_the_binomial_order_statistics():
+    assert latency.quantile_interval(np.arange(10.0)) == (1.0, 8.0)  # median: ranks 2 and 9 of 10, 97.9% coverage
+    assert latency.quantile_interval(np.arange(7.0)) == (0.0, 6.0)  # 7 values: the whole range (98.4%)
+    rng = np.random.default_rng(0)  # coverage of the true quantiles of a standard normal
+    for q, true in [(0.5, 0.0), (0.1, -1.2815516)]:
+        hits = [lo <= true <= hi for lo, hi in (latency.quantile_interval(rng.standard_normal(60), q)
+                                                for _ in range(2000))]
+        assert 0.95 <= np.mean(hits) <= 0.995
+
+
+def phased(ms: float, slower: float):
+    """``busy(ms)``, but ``slower`` times as long in two of every five 0.3-second phases of the clock: a shared
+    machine whose other work comes and goes, slowing each artifact by its own factor."""
+    def run() -> None:
+        slow = int(time.perf_counter() / 0.3) % 5 < 2
+        busy(ms * (slower if slow else 1.0))()
+
+    return run
+
+
+def test_the_ratio_is_the_undisturbed_one_when_the_machine_slows_by_phases():
+    # undisturbed 2.0; while disturbed 0.6 ms / 0.24 ms = 2.5, 40% of the time
+    result = latency.compare(phased(0.4, 1.5), phased(0.2, 1.2), warmup_seconds=0.05, tolerance=0.02,
+                             max_seconds=6.0, min_seconds=3.0)
+    assert abs(result.ratio - 2.0) < 0.06
+    assert result.p90_ms > 0.55  # the candidate's own spread still shows its disturbed runs (0.6 ms)
 
 
 def test_a_twice_as_slow_candidate_reads_as_ratio_two():
@@ -52,15 +72,14 @@ class Wide(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
-def test_fresh_measurements_of_one_artifact_agree_within_ten_percent(tmp_path):
+def test_fresh_measurements_of_one_artifact_agree_within_five_percent(tmp_path):
     torch.manual_seed(0)
     x = torch.zeros(1, 1, 16, 16)  # about 0.07 ms, the scale of the shipped tasks' artifacts
     candidate = runtime.export_onnx(Wide(128).eval(), x, tmp_path / "c.onnx")  # two fresh sessions of one model
     reference = runtime.export_onnx(Wide(32).eval(), x, tmp_path / "r.onnx")  # can differ by 5-10%
-    spec = Measure(warmup_seconds=0.5, max_seconds=5.0)
-    ratios = sorted(time_artifact(candidate, reference, x.numpy(), spec).ratio for _ in range(3))
-    assert ratios[0] > 1.2  # four times the width really is slower (about 2.5x here)
-    # each interval is about +-2%, but fresh pairs of sessions differ beyond it (2-9% in runs here), and a
-    # machine shared with other jobs can compress one measurement's ratio by 15% (2.52 then 2.16 once in CI):
-    # of three fresh measurements, the two closest agree within 10%
-    assert min(b / a - 1 for a, b in zip(ratios, ratios[1:], strict=False)) < 0.10
+    spec = Measure(warmup_seconds=0.5)  # the default protocol: at least 5 s of rounds
+    ratios = [time_artifact(candidate, reference, x.numpy(), spec).ratio for _ in range(3)]
+    assert min(ratios) > 1.2  # four times the width really is slower (about 2.5x here)
+    # before the quantile of at least 5 s of rounds, three fresh measurements here read 2.45-3.01 (block
+    # medians 0.13 ms, then 0.25 ms, as the machine's other work came and went); now 2.41-2.51 in 12
+    assert max(ratios) / min(ratios) < 1.05, ratios
