@@ -21,8 +21,8 @@ The encoding (README, "How the search space is encoded"), built so every sampler
   every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch and
   is pruned in global scope at the level: the per-layer shares name the teacher's layers.
 - **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
-  and one per pruning round and for QAT); weights of 4 bits or fewer train with QAT where the space allows
-  QAT (not with k-means sharing).
+  and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune; weights
+  of 4 bits or fewer train with QAT where the space allows QAT (not with k-means sharing).
 """
 
 from __future__ import annotations
@@ -275,6 +275,8 @@ class SearchSpace:
         finetune = sections["finetune"]
         epochs = self.sections["finetune"].get("epochs")  # enough to recover the level asked, where searched
         enough = math.ceil(values["prune.sparsity"] * max(epochs.candidates()) - 1e-9) if epochs else 0
+        if epochs and student.get("init", "teacher") == "scratch":  # nothing to recover: all to learn
+            enough = max(epochs.candidates())
         least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0, enough)
         finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
         return Recipe(task=task, prune=prune, seed=seed,

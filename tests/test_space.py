@@ -166,16 +166,18 @@ def test_local_scope_prunes_each_pruning_group_once(granularity, named):
 @pytest.mark.parametrize(("model", "x", "narrowed"), [
     (DigitsCNN(), torch.zeros(1, 1, 8, 8), {"heads": [0.0], "kind": ["attention_matrix"]}),
     (Encoder(norm_first=True), torch.zeros(1, 8, 8), {"drop_blocks": [0]}),
-    (TabularMLP(), torch.zeros(1, 30), {"drop_blocks": [0], "heads": [0.0], "kind": ["attention_matrix", "hidden"]}),
+    (TabularMLP(), torch.zeros(1, 30), {"drop_blocks": [0], "heads": [0.0], "kind": ["attention_matrix", "hidden"],
+                                        "family": ["cnn", "transformer"]}),  # a table: no conv or patch student
 ], ids=["residual CNN", "transformer", "MLP"])
 def test_the_shipped_space_is_narrowed_to_what_each_model_can_use(model, x, narrowed):
     space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
     kinds = space.sections["distill"]["kind"].candidates()
     data = Split(x, torch.zeros(1, dtype=torch.long))
     lines = narrow_to_model(space, Task("m", model.eval(), data, data, data, x), "m")
-    assert [line.split(" ")[0] for line in lines] == [  # one line per narrowing: per kind taken out
-        f"space.{'distill' if key == 'kind' else 'prune'}.{key}" for key, values in narrowed.items()
-        for _ in (values if key == "kind" else [key])]
+    sections = {"kind": "distill", "family": "student"}  # one line per narrowing: per choice taken out of these
+    assert [line.split(" ")[0] for line in lines] == [
+        f"space.{sections.get(key, 'prune')}.{key}" for key, values in narrowed.items()
+        for _ in (values if key in sections else [key])]
     assert space.sections["distill"]["kind"].candidates() == [k for k in kinds if k not in narrowed.get("kind", [])]
     for key in ("drop_blocks", "heads"):
         if key in narrowed:

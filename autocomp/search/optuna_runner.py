@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.compress.distill import hidden_layers
-from autocomp.compress.student import can_build
+from autocomp.compress.student import STUDENTS, can_build
 from autocomp.errors import AutocompError
 from autocomp.measure import with_ratios
 from autocomp.pipeline import (
@@ -216,7 +216,18 @@ def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
         space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
         if not hidden_layers(task.teacher, task.example_input) else None,
         *(space.narrow_choices("student", "family", family, f"has input {shape}, which {family!r} cannot take", name)
-          for family in space.families() if not can_build(family, task))]))
+          for family in space.families() if not can_build(family, task)),
+        *(space.narrow_choices("student", "family", family, f"names {list(task.students)} as the student families "
+                               "that fit its data (Task.students)", name) for family in unfitting(space, task))]))
+
+
+def unfitting(space: SearchSpace, task: Task) -> list[str]:
+    """The new-network families ``space`` offers that ``task`` does not name as fitting its data; none where the
+    task names none, or where the space offers none that it names (what the space writes is then kept)."""
+    offered = [f for f in space.families() if not STUDENTS.get(f).derived]
+    if not task.students or not set(offered) & set(task.students):
+        return []
+    return [f for f in offered if f not in task.students]
 
 
 def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task: Task, prunable: dict,

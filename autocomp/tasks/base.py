@@ -25,7 +25,9 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 @dataclass
 class Task:
-    """A trained teacher plus train/val/test splits, an example input (1, ...) and a metric."""
+    """A trained teacher plus train/val/test splits, an example input (1, ...) and a metric; ``students`` names the
+    student families that fit its data (``autocomp methods``; empty: every family its input can take), to which a
+    study narrows a space's ``student.family``."""
 
     name: str
     teacher: nn.Module
@@ -34,6 +36,7 @@ class Task:
     test: Split
     example_input: torch.Tensor
     metric: Metric = field(default=accuracy)
+    students: tuple[str, ...] = ()
     _train_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def teacher_logits(self) -> torch.Tensor:

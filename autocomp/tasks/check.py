@@ -14,8 +14,13 @@ from autocomp.tasks.base import Task
 
 
 def check_task(task: Task, ref: str) -> None:
-    """Raise ``ConfigError`` if ``task``'s teacher is not one autocomp can compress (module docstring)."""
+    """Raise ``ConfigError`` if ``task``'s teacher is not one autocomp can compress (module docstring), or if it
+    names a student family that is not registered."""
     from autocomp import runtime
+    from autocomp.compress.student import family
+
+    for name in task.students:
+        family(name, "Task.students")
 
     what = f"task {ref!r}: the teacher ({type(task.teacher).__name__})"
     x = task.example_input

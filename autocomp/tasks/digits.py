@@ -58,4 +58,4 @@ def digits(seed: int = 0) -> Task:
     teacher = cached_teacher("digits", DigitsCNN, train_split, epochs=30, lr=2e-3,
                              weight_decay=1e-4, seed=seed, augment=shift)
     return Task("digits", teacher, train_split, Split(x[val], y[val]), Split(x[test], y[test]),
-                example_input=x[:1])
+                example_input=x[:1], students=("cnn", "mlp"))  # 8x8 images: convolutions, or 64 inputs flat

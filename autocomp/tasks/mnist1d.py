@@ -98,6 +98,7 @@ def mnist1d(seed: int = 0) -> Task:
     return _task("mnist1d", MNIST1DCNN, seed, epochs=15, lr=2e-3)
 
 
+
 @TASKS.register("mnist1d_lean", "MNIST-1D (the same data and splits as mnist1d), the paper's 5K-parameter "
                                 "3-conv CNN teacher, accuracy")
 def mnist1d_lean(seed: int = 0) -> Task:
@@ -117,9 +118,14 @@ def shift(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.stack([torch.roll(row, int(o), dims=-1) for row, o in zip(x, offsets, strict=True)])
 
 
+# the student families that fit MNIST-1D: 1-D CNNs (its paper's baselines: CNN 94%, MLP 68%; MLP and transformer
+# students distilled here stayed below 65% in 30 epochs)
+FITTING = ("cnn",)
+
+
 def _task(name: str, model: type[nn.Module], seed: int, epochs: int, lr: float,
           augment: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> Task:
     """A task on the MNIST-1D splits whose teacher ``model`` is trained (weight decay 0.05) and cached as ``name``."""
     train, val, test = mnist1d_splits()
     teacher = cached_teacher(name, model, train, epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed, augment=augment)
-    return Task(name, teacher, train, val, test, example_input=train.x[:1])
+    return Task(name, teacher, train, val, test, example_input=train.x[:1], students=FITTING)

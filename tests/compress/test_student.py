@@ -14,8 +14,10 @@ from autocomp.compress.distill import TRANSFERS, Distiller, by_depth
 from autocomp.compress.student import STUDENTS, build_student
 from autocomp.errors import ConfigError
 from autocomp.features import layer_names
+from autocomp.pipeline import teacher_facts
 from autocomp.recipe import Student
 from autocomp.space import Param, SearchSpace
+from autocomp.tasks.check import check_task
 from tests import zoo
 
 LAYOUTS = {"image": zoo.resnet, "rows": zoo.pre_ln_transformer, "signal": zoo.conv1d_flatten, "table": zoo.tabular_mlp}
@@ -148,6 +150,39 @@ def test_families_a_tabular_input_cannot_take_are_narrowed_out_of_the_shipped_sp
     assert not any(name.startswith(("student.cnn.", "student.transformer.")) for name in space.dimensions({}, "t"))
     image = SearchSpace.load(ROOT / "search_spaces" / "nas_kd.yaml")
     assert not [line for line in narrow_to_model(image, zoo.resnet(), "resnet") if "student" in line]
+
+
+def test_the_shipped_joint_space_is_narrowed_to_the_families_a_task_names_for_its_data():
+    from autocomp.search.optuna_runner import narrow_to_model
+    from tests.conftest import ROOT
+
+    resnet = zoo.resnet()
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    assert not [line for line in narrow_to_model(space, resnet, "resnet") if "student" in line]  # names none
+    named = dataclasses.replace(resnet, students=("cnn",))
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    lines = [line for line in narrow_to_model(space, named, "resnet") if line.startswith("space.student.family")]
+    assert lines[-1] == ("space.student.family narrowed from ['teacher', 'cnn', 'transformer'] to ['teacher', "
+                         "'cnn']: the 'resnet' model names ['cnn'] as the student families that fit its data "
+                         "(Task.students)")
+    assert space.families() == ["teacher", "cnn"]
+    only_mlp = SearchSpace.from_dict({"schema_version": 1, "student": {"family": ["teacher", "mlp"]}})
+    assert not narrow_to_model(only_mlp, named, "resnet")  # what a space writes and the task does not name: kept
+    with pytest.raises(ConfigError, match="`Task.students` must name a registered student family.*'cnnn'"):
+        check_task(dataclasses.replace(resnet, students=("cnnn",)), "resnet")
+
+
+def test_a_student_from_scratch_trains_for_the_longest_fine_tune_and_the_teacher_for_its_level():
+    from tests.conftest import ROOT
+
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    task = zoo.resnet()
+    prunable = teacher_facts(task).prunable
+    dims = space.dimensions(prunable, "resnet")
+    values = {name: param.candidates()[0] for name, param in dims.items()} | {"prune.sparsity": 0.25}
+    assert space.decode(values, "resnet", prunable).finetune.epochs == 3  # ceil(0.25 x 12)
+    scratch = space.decode(values | {"student.family": "cnn"}, "resnet", prunable)
+    assert (scratch.student.init, scratch.finetune.epochs) == ("scratch", 12)
 
 
 @pytest.fixture
