@@ -98,7 +98,6 @@ def mnist1d(seed: int = 0) -> Task:
     return _task("mnist1d", MNIST1DCNN, seed, epochs=15, lr=2e-3)
 
 
-
 @TASKS.register("mnist1d_lean", "MNIST-1D (the same data and splits as mnist1d), the paper's 5K-parameter "
                                 "3-conv CNN teacher, accuracy")
 def mnist1d_lean(seed: int = 0) -> Task:
