@@ -7,8 +7,8 @@ hour. The protocol (README, "How latency is measured"):
 1. **Warm-up by time.** Both sessions run alternately for ``warmup_seconds`` (at least
    ``MIN_WARMUP_RUNS`` runs each), so the timed runs see warm sessions, caches and clocks.
 2. **Interleaved blocks.** Each round times one block of the candidate and one of the
-   reference, in alternating order (ABBA), each block about ``BLOCK_SECONDS`` long. A round's
-   ratio is the candidate's block median over the reference's: drift slower than a round cancels.
+   reference, in alternating order (ABBA), each block about ``BLOCK_SECONDS`` long, and keeps
+   each block's median: both artifacts are sampled over the same stretch of time.
 3. **The undisturbed speed.** This machine is shared: for seconds at a time other work slows both
    artifacts (here the same block took 0.13 ms, then 0.25 ms), and not by the same factor, so a
    ratio taken inside such a phase reads 5-15% off. Each artifact's speed is the 10th percentile
