@@ -37,4 +37,4 @@ lint: setup
 	$(BIN)/ruff check autocomp tests
 
 clean:
-	rm -rf $(VENV) studies/*.db studies/*_artifacts .pytest_cache
+	rm -rf $(VENV) studies/*.db studies/*.journal studies/*_artifacts .pytest_cache

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--timeout", type=_positive, help="seconds after which no new trial starts (default: the "
                                                           "YAML's `timeout`, else none)")
     search.add_argument("--seed", type=int, help="sampler and training seed (default: the YAML's)")
+    search.add_argument("--workers", type=_positive, default=1,
+                        help="processes running trials side by side on this machine (default 1; with the YAML's "
+                             "SQLite storage, the study then lives in a journal file beside it)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(run=_search)
 
@@ -121,8 +124,12 @@ def _search(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import failure, run_search, summary
 
     spec = _spec(args)
+    if args.workers > 1 and not args.storage and spec.storage.startswith("sqlite:///"):
+        spec.storage = f"journal:///{Path(spec.storage[len('sqlite:///'):]).with_suffix('.journal')}"
+        print(f"autocomp: {args.workers} workers share the study in {spec.storage} (SQLite serves one process); "
+              "give pareto, export and dashboard the same --storage")
     study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress,
-                                timeout=args.timeout)
+                               timeout=args.timeout, workers=args.workers)
     for trial in trials:
         if trial.state.name == "FAIL":
             print(f"trial {trial.number} failed: {failure(trial)}")
@@ -230,10 +237,13 @@ def _dashboard(args: argparse.Namespace) -> int:
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
+    from autocomp.storage import open_storage
+
     spec = _spec(args)
     Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {spec.storage} (Ctrl-C stops it)")
-    run_server(spec.storage, host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(spec.artifacts))
+    run_server(open_storage(spec.storage), host=args.host, port=args.port,
+               artifact_store=FileSystemArtifactStore(spec.artifacts))
     return 0
 
 

@@ -6,10 +6,12 @@ reports ``test_accuracy`` (selecting on the test split would report the winner's
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from autocomp import latency, runtime
@@ -17,6 +19,9 @@ from autocomp.recipe import Measure
 from autocomp.tasks.base import Task
 
 SPLITS = ("val", "test")
+# held while an artifact is timed: workers of a search on one machine (or several searches) train side by side
+# but time one at a time, so a timing never shares the machine with another timing
+LATENCY_LOCK = Path(tempfile.gettempdir()) / "autocomp-latency.lock"
 
 
 def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndarray, spec: Measure) -> latency.Latency:
@@ -29,9 +34,10 @@ def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndar
         return lambda: sess.run(None, feed)
 
     candidate = runner(artifact)
-    return latency.compare(candidate, candidate if reference is None else runner(reference),
-                           warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance, max_seconds=spec.max_seconds,
-                           min_seconds=spec.min_seconds)
+    with FileLock(LATENCY_LOCK):  # one timing at a time per machine, whatever else trains alongside
+        return latency.compare(candidate, candidate if reference is None else runner(reference),
+                               warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance,
+                               max_seconds=spec.max_seconds, min_seconds=spec.min_seconds)
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -10,6 +10,7 @@ from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, check_choice, check_range
 from autocomp.recipe import Measure
 from autocomp.search.fidelity import Screening
+from autocomp.storage import resolve as resolve_storage
 
 SCHEMA_VERSION = 1
 # what a search may optimise; test_accuracy is reported only (selecting on it is the winner's curse)
@@ -27,7 +28,7 @@ def _default_objectives() -> dict[str, str]:
 class StudySpec:
     """One search: what to compress (task), how (space), towards what (objectives), where stored.
 
-    Relative paths (``space``, ``artifacts`` and SQLite files in ``storage``) are resolved
+    Relative paths (``space``, ``artifacts`` and SQLite or journal files in ``storage``) are resolved
     against the study file's folder, so a study runs the same from any working directory.
     """
 
@@ -79,11 +80,3 @@ class StudySpec:
         self.artifacts = os.path.normpath(folder / (self.artifacts or f"{self.study_name}_artifacts"))
         self.storage = resolve_storage(self.storage or f"sqlite:///{self.study_name}.db", folder)
         return self
-
-
-def resolve_storage(url: str, folder: Path) -> str:
-    """Anchor a relative SQLite path at ``folder``; other URLs are returned unchanged."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url != "sqlite:///:memory:":
-        return prefix + os.path.normpath(folder / url[len(prefix):])
-    return url

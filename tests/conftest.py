@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,36 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(os.environ.get("AUTOCOMP_TEST_CACHE") or tmp_path_factory.mktemp("autocomp-cache"))
     os.environ["AUTOCOMP_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server from the OS packages, started on 127.0.0.1 for the session (as the ``postgres``
+    user when the tests run as root, which PostgreSQL refuses), and stopped after."""
+    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    if bindir is None or shutil.which("pg_ctl", path=str(bindir)) is None:
+        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql (.ci/run installs them)")
+    data = Path(tempfile.mkdtemp(prefix="autocomp-postgres-"))  # under /tmp: reachable by the postgres user
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{command[0]}: {done.stderr[-2000:]}"
+
+    run(str(bindir / "initdb"), "-D", str(data / "db"), "-U", "autocomp", "--auth=trust")
+    run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
+        "-o", f"-h 127.0.0.1 -p {port} -k {data}")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "autocomp", "studies")
+        yield f"postgresql://autocomp@127.0.0.1:{port}/studies"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from autocomp.recipe import Recipe
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
+from autocomp.storage import fail_dead_trials, local_path, open_storage, this_worker
 from autocomp.study import StudySpec
 from autocomp.tasks import Task, load_task
 from autocomp.tasks.registry import import_plugins
@@ -55,7 +57,7 @@ def open_study(spec: StudySpec, seed: int = 0, create: bool = True):
     if not create:
         return load_study(spec.storage, spec.study_name)
     return optuna.create_study(
-        storage=spec.storage, study_name=spec.study_name, load_if_exists=True,
+        storage=open_storage(spec.storage), study_name=spec.study_name, load_if_exists=True,
         directions=list(spec.objectives.values()), sampler=make_sampler(spec, seed),
     )
 
@@ -66,47 +68,66 @@ def load_study(storage: str, study_name: str):
 
     from autocomp.errors import did_you_mean
 
+    path = local_path(storage)
+    if path is not None and not path.exists():
+        raise AutocompError(f"No study {study_name!r}: {storage} does not exist.")
     try:
-        return optuna.load_study(storage=storage, study_name=study_name)
+        return optuna.load_study(storage=open_storage(storage), study_name=study_name)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage))]
         raise AutocompError(f"No study {study_name!r} in {storage}; it holds {names}."
                             f"{did_you_mean(study_name, names)}") from None
 
 
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials that count towards the study's total: a failed trial that was retried (its worker
+    died) is counted through its retry."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state.name in FINISHED and t.number not in retried]
+
+
 def finished_trials(study) -> int:
-    return sum(t.state.name in FINISHED for t in study.trials)
+    return len(counted(study.get_trials(deepcopy=False)))
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every worker of one ``autocomp search`` shares (picklable: a worker process rebuilds the rest)."""
+
+    spec: StudySpec
+    trials: int  # finished trials the study should hold
+    seed: int
+    reference: Path  # the teacher's artifact, timed against
+    deadline: float | None  # time.time() after which no trial starts
 
 
 def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True,
-               timeout: float | None = None):
+               timeout: float | None = None, workers: int = 1):
     """Run trials until the study holds ``trials`` finished ones, or until ``timeout`` seconds (default: the
-    study's) have passed since the call (the trial running then finishes; the teacher's baseline and
-    sensitivity map count too); return the study and the trials of this run.
+    study's) have passed since the call (running trials finish; the teacher's baseline and sensitivity map
+    count too); return the study and the trials of this run. ``workers`` processes run trials side by side
+    on the study's storage (a journal file or a database; not SQLite).
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
     import optuna
 
-    started = time.monotonic()
+    started = time.time()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or spec.trials
     seed = spec.seed if seed is None else seed
-    import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
-    space = SearchSpace.load(spec.space)
-    task = load_task(spec.task)
-    facts = teacher_facts(task)  # found once: every trial's apply reads the same
-    prunable, quantizable = facts.prunable, facts.layers
-    space.layer_names(prunable, spec.task)
-    narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]  # said once, stored with the study
+    if workers > 1 and spec.storage.startswith("sqlite"):
+        raise AutocompError(f"--workers {workers} needs a storage many processes can share, but got {spec.storage}: "
+                            "pass --storage journal:///<file> (one machine) or postgresql://... (README).")
+    space, task, prunable, quantizable, narrowed = _prepare(spec)
     for line in narrowed:
         print(f"autocomp: {line}")
     study = open_study(spec, seed)
     if narrowed:
         study.set_user_attr("narrowed", narrowed)
     check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
-    done = finished_trials(study)
-    study.sampler = make_sampler(spec, seed + done)  # a continuation must not replay the same draws
+    for number in fail_dead_trials(study):
+        print(f"autocomp: trial {number} was left running by a worker that died: failed, and queued again")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(spec.objectives))
@@ -116,12 +137,79 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         if not study.trials:  # a new study opens with the hand-made policies
             _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
         budget = timeout or spec.timeout
-        left = None if budget is None else budget - (time.monotonic() - started)
-        if trials > done and (left is None or left > 0):
-            objective = _objective(spec, space, task, baseline, prunable, quantizable, seed)
-            study.optimize(objective, n_trials=trials - done, timeout=left, catch=(Exception,),
-                           show_progress_bar=progress)
+        run = Run(spec, trials, seed, baseline.artifact, None if budget is None else started + budget)
+        if workers == 1:
+            _work(run, 0, progress, (space, task, prunable, quantizable), study)
+        else:
+            _spawn(run, workers, progress, study)
     return study, [t for t in study.trials if t.number not in before and t.state.name in FINISHED]
+
+
+def _prepare(spec: StudySpec) -> tuple[SearchSpace, Task, dict, list[str], list[str]]:
+    """The study's space narrowed to its task's model, the task, its prunable and quantizable layers, and the
+    narrowing said as lines."""
+    import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
+    space = SearchSpace.load(spec.space)
+    task = load_task(spec.task)
+    facts = teacher_facts(task)  # found once: every trial's apply reads the same
+    space.layer_names(facts.prunable, spec.task)
+    narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]
+    return space, task, facts.prunable, facts.layers, narrowed
+
+
+def _spawn(run: Run, workers: int, progress: bool, study: optuna.Study) -> None:
+    """Run ``workers`` processes of ``_work`` and follow the study's count until they end."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or storage state
+    processes = [context.Process(target=_work, args=(run, index, False), name=f"autocomp-worker-{index}")
+                 for index in range(workers)]
+    for process in processes:
+        process.start()
+    with tqdm(total=run.trials, initial=finished_trials(study), desc=f"trials ({workers} workers)",
+              disable=not progress, unit="trial") as bar:
+        while any(p.is_alive() for p in processes):
+            for process in processes:
+                process.join(timeout=2.0 / workers)
+            bar.update(finished_trials(study) - bar.n)
+    failed = [p for p in processes if p.exitcode != 0]
+    if failed:
+        print(f"autocomp: {len(failed)} worker(s) stopped early (exit codes {[p.exitcode for p in failed]}); "
+              "their running trials are failed and retried by the next search")
+
+
+def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
+          study: optuna.Study | None = None) -> None:
+    """One worker: start trials until the study holds ``run.trials`` counted ones or the deadline passes.
+
+    Before each trial the worker fails the trials of dead workers (queued again, ``autocomp.storage``); while
+    the trials still running elsewhere would complete the count, it waits for them instead of starting more.
+    """
+    import optuna
+    from tqdm import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space, task, prunable, quantizable = prepared or _prepare(run.spec)[:4]
+    study = study or open_study(run.spec, create=False)
+    done = finished_trials(study)
+    study.sampler = make_sampler(run.spec, run.seed + done + 7919 * index)  # no two draws alike
+    objective = _objective(run.spec, space, task, Baseline(run.reference, study.user_attrs["teacher"]), prunable,
+                           quantizable, run.seed)
+    bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
+    while run.deadline is None or time.time() < run.deadline:
+        fail_dead_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
+        bar.update(done - bar.n)
+        if done >= run.trials:
+            break
+        if done + running >= run.trials:  # the others' trials would complete the count: wait for them
+            time.sleep(1.0)
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+    bar.close()
 
 
 def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
@@ -132,6 +220,7 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
     store = FileSystemArtifactStore(spec.artifacts)
 
     def objective(trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
         recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
         trial.set_user_attr("recipe", recipe.to_dict())
         _check_caps(trial, recipe, task, spec.constraints)

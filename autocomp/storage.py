@@ -1,0 +1,131 @@
+"""Where a study lives: an Optuna storage from a URL, and the trials of workers that died.
+
+Which storage for which scale (README, "Scaling out"):
+
+- ``sqlite:///study.db``: one process (the default).
+- ``journal:///study.journal``: many processes on one machine (``autocomp search --workers N``); Optuna's
+  journal file storage, appended to under a file lock.
+- ``postgresql://user@host/db`` (or ``mysql://``): many machines. Workers send heartbeats; a trial
+  whose worker stopped beating for ``GRACE_SECONDS`` is failed by the next worker that starts a trial.
+
+Whatever the storage, a trial records the worker running it (``worker``: host, pid, process start
+time). A worker that died on this host (``kill -9``, out of memory) is noticed at once: its RUNNING
+trials are failed with the reason. Either way a failed trial of a dead worker is retried, at most
+``MAX_RETRY`` times, as a WAITING copy of its parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autocomp.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+JOURNAL = "journal:///"
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+MAX_RETRY = 2
+SCHEMES = ("sqlite:///", JOURNAL, "postgresql", "mysql")
+
+
+def resolve(url: str, folder: Path) -> str:
+    """Anchor a relative SQLite or journal path at ``folder``; other URLs are returned unchanged."""
+    for prefix in ("sqlite:///", JOURNAL):
+        path = url[len(prefix):]
+        if url.startswith(prefix) and not path.startswith("/") and url != "sqlite:///:memory:":
+            return prefix + os.path.normpath(folder / path)
+    return url
+
+
+def check_url(url: str) -> None:
+    if not url.startswith(SCHEMES):
+        raise ConfigError(f"must start with one of {list(SCHEMES)}, but got {url!r}.", "storage")
+
+
+def local_path(url: str) -> Path | None:
+    """The file of a SQLite or journal storage; None for a database server."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix) and url != "sqlite:///:memory:":
+            return Path(url[len(prefix):])
+    return None
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage behind ``url``: journal file, or a database with heartbeats and retries (one per process)."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    check_url(url)
+    if url.startswith(JOURNAL):
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL):]))
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                          grace_period=GRACE_SECONDS, failed_trial_callback=retry)
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a WAITING copy of a trial whose worker died (bounded by ``MAX_RETRY``)."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def this_worker() -> dict[str, object]:
+    """What identifies this process among the workers of a study: host, pid and the process's start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(worker: dict[str, object]) -> bool:
+    """Whether the worker is still running; a worker on another host is assumed alive (heartbeats judge it)."""
+    if worker.get("host") != socket.gethostname():
+        return True
+    pid = int(worker["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return worker.get("started") is None or _start_time(pid) == worker["started"]
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail (and retry) the RUNNING trials whose worker died on this host; return their numbers."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None or alive(worker):
+            continue
+        reason = f"WorkerDied: worker {worker['host']}:{worker['pid']} stopped in the middle of this trial"
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        retry(study, study._storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed

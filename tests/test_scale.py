@@ -1,0 +1,90 @@
+"""Scaling out on one machine: parallel workers on a journal file or PostgreSQL, and a search killed mid-trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from autocomp.storage import open_storage
+from tests.conftest import ROOT
+from tests.test_cli import AUTOCOMP, autocomp
+
+
+@pytest.fixture
+def quick_study(tmp_path: Path) -> Path:
+    """The shipped joint space on digits with one-epoch fine-tunes and one-second timings."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
+    space["finetune"]["epochs"] = {"low": 1, "high": 1}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    path = tmp_path / "quick.yaml"
+    path.write_text("schema_version: 1\nstudy_name: quick\ntask: digits\nspace: space.yaml\ntrials: 4\n"
+                    "population_size: 4\nmeasure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")
+    return path
+
+
+def _check_count(storage: str, count: int) -> list[optuna.trial.FrozenTrial]:
+    trials = optuna.load_study(storage=open_storage(storage), study_name="quick").trials
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == count and "RUNNING" not in states, states
+    assert len({t.number for t in trials}) == len(trials)
+    return trials
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_one_count_and_one_teacher_baseline(quick_study, tmp_path):
+    out = autocomp("search", str(quick_study), "--workers", "2", "--no-progress").stdout
+    journal = tmp_path / "quick.journal"
+    assert f"2 workers share the study in journal:///{journal}" in out and "4 complete, 0 fail" in out
+    trials = _check_count(f"journal:///{journal}", 4)
+    pids = {t.user_attrs["worker"]["pid"] for t in trials if t.state.name == "COMPLETE"}
+    assert len(pids) == 2  # both workers ran trials
+    out = autocomp("pareto", str(quick_study), "--storage", f"journal:///{journal}").stdout
+    assert "Pareto front on val_accuracy" in out
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql(quick_study, postgres_url):
+    out = autocomp("search", str(quick_study), "--workers", "2", "--storage", postgres_url, "--no-progress").stdout
+    assert "4 complete, 0 fail" in out
+    _check_count(postgres_url, 4)
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_loses_nothing_and_the_same_command_completes_it(quick_study, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'quick.db'}"
+    command = [AUTOCOMP, "search", str(quick_study), "--no-progress"]
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it in its second trial, once the first is stored
+        time.sleep(0.5)
+        if not (tmp_path / "quick.db").exists():
+            continue
+        try:
+            trials = optuna.load_study(storage=storage, study_name="quick").trials
+        except KeyError:
+            continue
+        states = [t.state.name for t in trials]
+        if "COMPLETE" in states and any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in trials):
+            break
+    os.kill(search.pid, signal.SIGKILL)
+    search.wait()
+    killed = optuna.load_study(storage=storage, study_name="quick").trials
+    complete = {t.number: t.values for t in killed if t.state.name == "COMPLETE"}
+    (running,) = [t for t in killed if t.state.name == "RUNNING"]
+
+    out = autocomp(*command[1:]).stdout
+    assert f"trial {running.number} was left running by a worker that died" in out
+    trials = _check_count(storage, 4)
+    assert {t.number: t.values for t in trials if t.number in complete} == complete  # nothing completed was lost
+    assert trials[running.number].state.name == "FAIL"
+    assert "WorkerDied" in trials[running.number].user_attrs["error"]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    assert retry.state.name in ("WAITING", "COMPLETE")  # queued again, after the trials already waiting
+    assert {name: retry.params[name] for name in running.params} == running.params

@@ -1,0 +1,62 @@
+"""Storages by URL, and the trials of a worker that died: failed with the reason, retried, counted once."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autocomp.errors import ConfigError
+from autocomp.search.optuna_runner import counted
+from autocomp.storage import alive, fail_dead_trials, open_storage, resolve, this_worker
+
+
+def test_relative_sqlite_and_journal_paths_are_anchored_at_the_study_folder(tmp_path):
+    assert resolve("journal:///s.journal", tmp_path) == f"journal:///{tmp_path}/s.journal"
+    assert resolve("sqlite:///s.db", tmp_path) == f"sqlite:///{tmp_path}/s.db"
+    assert resolve("postgresql://u@127.0.0.1/db", tmp_path) == "postgresql://u@127.0.0.1/db"
+    with pytest.raises(ConfigError, match="`storage` must start with one of .* but got 'redis://x'"):
+        open_storage("redis://x")
+
+
+def _dead_worker() -> dict[str, object]:
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return {"host": socket.gethostname(), "pid": int(process.stdout), "started": None}
+
+
+def test_a_dead_workers_trial_is_failed_with_the_reason_retried_once_and_counted_once(tmp_path):
+    study = optuna.create_study(storage=open_storage(f"journal:///{tmp_path / 's.journal'}"), study_name="s")
+    dead, live = study.ask(), study.ask()
+    dead.suggest_float("x", 0.0, 1.0)
+    dead.set_user_attr("worker", _dead_worker())
+    live.set_user_attr("worker", this_worker())
+    assert alive(this_worker()) and not alive(dead.user_attrs["worker"])
+    assert alive({"host": "another-node", "pid": 1, "started": None})  # heartbeats judge other hosts
+
+    assert fail_dead_trials(study) == [dead.number]
+    assert fail_dead_trials(study) == []  # failed once: no second retry
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "RUNNING", "WAITING"]
+    failed, _, queued = study.trials
+    assert "WorkerDied: worker" in failed.user_attrs["error"]
+    assert queued.params == failed.params and queued.system_attrs["failed_trial"] == dead.number
+
+    study.tell(live, 1.0)
+    assert [t.number for t in counted(study.trials)] == [live.number]  # the failure counts through its retry
+    retry = study.ask()
+    assert retry.number == queued.number and retry.params == failed.params
+    study.tell(retry, 0.5)
+    assert [t.number for t in counted(study.trials)] == [live.number, retry.number]
+
+
+def test_pareto_of_a_missing_journal_names_the_file_and_creates_nothing(tmp_path: Path):
+    from autocomp.errors import AutocompError
+    from autocomp.search.optuna_runner import load_study
+
+    with pytest.raises(AutocompError, match="does not exist"):
+        load_study(f"journal:///{tmp_path / 'none.journal'}", "x")
+    assert not (tmp_path / "none.journal").exists()
