@@ -191,12 +191,10 @@ def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
     from tqdm import tqdm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space, task, prunable, quantizable = prepared or _prepare(run.spec)[:4]
     study = study or open_study(run.spec, create=False)
     done = finished_trials(study)
     study.sampler = make_sampler(run.spec, run.seed + done + 7919 * index)  # no two draws alike
-    objective = _objective(run.spec, space, task, Baseline(run.reference, study.user_attrs["teacher"]), prunable,
-                           quantizable, run.seed)
+    objective = make_objective(run, study, prepared)
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
     while run.deadline is None or time.time() < run.deadline:
         fail_dead_trials(study)
@@ -210,6 +208,15 @@ def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,))
     bar.close()
+
+
+def make_objective(run: Run, study: optuna.Study,
+                   prepared: tuple | None = None) -> Callable[[optuna.Trial], list[float]]:
+    """The objective every backend runs: one trial's recipe sampled, applied, measured and stored."""
+    space, task, prunable, quantizable = prepared or _prepare(run.spec)[:4]
+    check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {run.spec.study_name!r}")
+    baseline = Baseline(run.reference, study.user_attrs["teacher"])
+    return _objective(run.spec, space, task, baseline, prunable, quantizable, run.seed)
 
 
 def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
