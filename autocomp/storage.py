@@ -69,7 +69,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                          grace_period=GRACE_SECONDS, failed_trial_callback=retry)
+                          grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
