@@ -122,10 +122,11 @@ def _load(args: argparse.Namespace):
 
 def _search(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import failure, run_search, summary
+    from autocomp.storage import JOURNAL, local_path
 
     spec = _spec(args)
     if args.workers > 1 and not args.storage and spec.storage.startswith("sqlite:///"):
-        spec.storage = f"journal:///{Path(spec.storage[len('sqlite:///'):]).with_suffix('.journal')}"
+        spec.storage = f"{JOURNAL}{local_path(spec.storage).with_suffix('.journal')}"
         print(f"autocomp: {args.workers} workers share the study in {spec.storage} (SQLite serves one process); "
               "give pareto, export and dashboard the same --storage")
     study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress,

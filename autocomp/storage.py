@@ -34,13 +34,20 @@ MAX_RETRY = 2
 SCHEMES = ("sqlite:///", JOURNAL, "postgresql", "mysql")
 
 
+def _file(url: str) -> tuple[str, str] | None:
+    """The scheme and file path of a SQLite or journal URL; None for a database server or SQLite in memory."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix) and url != "sqlite:///:memory:":
+            return prefix, url[len(prefix):]
+    return None
+
+
 def resolve(url: str, folder: Path) -> str:
     """Anchor a relative SQLite or journal path at ``folder``; other URLs are returned unchanged."""
-    for prefix in ("sqlite:///", JOURNAL):
-        path = url[len(prefix):]
-        if url.startswith(prefix) and not path.startswith("/") and url != "sqlite:///:memory:":
-            return prefix + os.path.normpath(folder / path)
-    return url
+    file = _file(url)
+    if file is None or file[1].startswith("/"):
+        return url
+    return file[0] + os.path.normpath(folder / file[1])
 
 
 def check_url(url: str) -> None:
@@ -50,10 +57,8 @@ def check_url(url: str) -> None:
 
 def local_path(url: str) -> Path | None:
     """The file of a SQLite or journal storage; None for a database server."""
-    for prefix in ("sqlite:///", JOURNAL):
-        if url.startswith(prefix) and url != "sqlite:///:memory:":
-            return Path(url[len(prefix):])
-    return None
+    file = _file(url)
+    return None if file is None else Path(file[1])
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:

@@ -212,9 +212,13 @@ def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
 
 def make_objective(run: Run, study: optuna.Study,
                    prepared: tuple | None = None) -> Callable[[optuna.Trial], list[float]]:
-    """The objective every backend runs: one trial's recipe sampled, applied, measured and stored."""
-    space, task, prunable, quantizable = prepared or _prepare(run.spec)[:4]
-    check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {run.spec.study_name!r}")
+    """The objective every backend runs: one trial's recipe sampled, applied, measured and stored. A worker that
+    loads the task itself (no ``prepared``) checks it against the study's fingerprint, as ``run_search`` did."""
+    if prepared is None:
+        prepared = _prepare(run.spec)[:4]
+        check_fingerprint(study.user_attrs.get("fingerprint"), prepared[1].fingerprint(),
+                          f"study {run.spec.study_name!r}")
+    space, task, prunable, quantizable = prepared
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
     return _objective(run.spec, space, task, baseline, prunable, quantizable, run.seed)
 
