@@ -9,13 +9,17 @@ hour. The protocol (README, "How latency is measured"):
 2. **Interleaved blocks.** Each round times one block of the candidate and one of the
    reference, in alternating order (ABBA), each block about ``BLOCK_SECONDS`` long, and keeps
    each block's median: both artifacts are sampled over the same stretch of time.
-3. **The undisturbed speed.** This machine is shared: for seconds at a time other work slows both
+3. **Several sessions.** Two sessions of one model, in one process, run at speeds up to 4-7% apart
+   (where their buffers land in memory), for as long as they live. Each artifact is timed through
+   ``SESSIONS`` sessions, the rounds taking them in turn, so a measurement averages over that
+   luck instead of inheriting one draw of it.
+4. **The undisturbed speed.** This machine is shared: for seconds at a time other work slows both
    artifacts (here the same block took 0.13 ms, then 0.25 ms), and not by the same factor, so a
-   ratio taken inside such a phase reads 5-15% off. Each artifact's speed is the 10th percentile
-   (``QUANTILE``) of its block medians, the speed it runs at when nothing disturbs it, and the ratio
-   is the candidate's over the reference's.
-4. **Adaptive stop.** Rounds go on for at least ``min_seconds`` (so a measurement spans more than one
-   phase of the machine) and ``MIN_ROUNDS`` rounds, then stop once the distribution-free 95%
+   ratio taken inside such a phase reads 5-15% off. A session's speed is the 10th percentile
+   (``QUANTILE``) of its block medians, the speed it runs at when nothing disturbs it; an artifact's
+   is the mean over its sessions, and the ratio is the candidate's over the reference's.
+5. **Adaptive stop.** Rounds go on for at least ``min_seconds`` (so a measurement spans more than one
+   phase of the machine) and ``MIN_ROUNDS`` rounds per session, then stop once the distribution-free 95%
    confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
    measurement that did not get there is flagged ``noisy``.
 
@@ -26,7 +30,9 @@ replay of a recipe, are compared on one scale.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +43,9 @@ MIN_ROUNDS = 7
 QUANTILE = 0.1  # of the block medians: an artifact's speed when nothing else disturbs it
 BLOCK_SECONDS = 0.02
 MAX_BLOCK_RUNS = 200
+SESSIONS = 4  # per artifact: sessions of one model differ in speed for as long as they live
+
+Runner = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -65,11 +74,21 @@ def quantile_interval(values: np.ndarray, q: float = 0.5, confidence: float = 0.
     return float(ordered[low - 1]), float(ordered[high - 1])
 
 
-def quantile_ratio(a: np.ndarray, b: np.ndarray, q: float = QUANTILE) -> tuple[float, float]:
-    """The ratio of the ``q`` quantiles of ``a`` and ``b``, and the half-width of its 95% interval relative to
-    it (from both quantiles' intervals, the widest combination)."""
-    ratio = float(np.quantile(a, q) / np.quantile(b, q))
-    (a_low, a_high), (b_low, b_high) = quantile_interval(a, q), quantile_interval(b, q)
+def session_speeds(blocks: Sequence[np.ndarray], q: float = QUANTILE) -> tuple[float, float, float]:
+    """An artifact's speed from the block medians of each of its sessions: the mean over sessions of each
+    one's ``q`` quantile, with a 95% interval (the sessions' intervals combined as independent errors)."""
+    points = np.array([(np.quantile(v, q), *quantile_interval(v, q)) for v in blocks])
+    mid = float(points[:, 0].mean())
+    below, above = (float(np.sqrt(np.sum(d ** 2))) / len(points)
+                    for d in (points[:, 0] - points[:, 1], points[:, 2] - points[:, 0]))
+    return mid, mid - below, mid + above
+
+
+def quantile_ratio(a: Sequence[np.ndarray], b: Sequence[np.ndarray], q: float = QUANTILE) -> tuple[float, float]:
+    """The ratio of ``session_speeds`` of ``a`` and ``b`` (block medians per session), and the half-width of its
+    95% interval relative to it (from both artifacts' intervals, the widest combination)."""
+    (a_mid, a_low, a_high), (b_mid, b_low, b_high) = session_speeds(a, q), session_speeds(b, q)
+    ratio = a_mid / b_mid
     return ratio, max(a_high / b_low - ratio, ratio - a_low / b_high) / ratio
 
 
@@ -82,35 +101,43 @@ def _timed(run, count: int) -> list[float]:
     return times
 
 
-def compare(candidate, reference, *, warmup_seconds: float, tolerance: float, max_seconds: float,
-            min_seconds: float = 0.0) -> Latency:
-    """Time ``candidate()`` against ``reference()`` (callables running one inference each).
+def compare(candidate: Runner | Sequence[Runner], reference: Runner | Sequence[Runner], *,
+            warmup_seconds: float, tolerance: float, max_seconds: float, min_seconds: float = 0.0) -> Latency:
+    """Time ``candidate`` against ``reference``: callables running one inference each, or for each artifact a
+    sequence of them, one per session, which the rounds take in turn.
 
-    Pass the same callable twice to time an artifact on its own: ``MIN_ROUNDS`` rounds of consecutive
-    blocks, its ratio 1 by definition and its interval the stability of its block speeds.
+    Pass the same callables twice to time an artifact on its own: ``MIN_ROUNDS`` rounds per session of
+    consecutive blocks, its ratio 1 by definition and its interval the stability of its block speeds.
     """
     same = candidate is reference
+    candidates, references = ([run] if callable(run) else list(run) for run in (candidate, reference))
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidate sessions but {len(references)} reference sessions")
     start = time.perf_counter()
     warm = 0
     while warm < MIN_WARMUP_RUNS or time.perf_counter() - start < warmup_seconds:
-        candidate()
-        reference()
+        for pair in zip(candidates, references, strict=True):
+            for run in pair:
+                run()
         warm += 1
-    per_run = (time.perf_counter() - start) / (2 * warm)
+    per_run = (time.perf_counter() - start) / (2 * warm * len(candidates))
     block = int(np.clip(round(BLOCK_SECONDS / max(per_run, 1e-9)), 3, MAX_BLOCK_RUNS))
     times: list[float] = []
-    blocks: tuple[list[float], list[float]] = ([], [])  # block medians: candidate's, reference's
+    sessions = len(candidates)
+    blocks = [([], []) for _ in range(sessions)]  # per session: the candidate's block medians, the reference's
     begun = time.perf_counter()
-    while True:
-        first, second = (candidate, reference) if len(blocks[0]) % 2 == 0 else (reference, candidate)
-        x, y = _timed(first, block), _timed(second, block)
-        a, b = (x, y) if first is candidate else (y, x)  # the same callable twice: consecutive blocks
+    for index in itertools.count():
+        session, turn = index % sessions, index // sessions
+        pair = (candidates[session], references[session])
+        order = pair if turn % 2 == 0 else pair[::-1]
+        x, y = _timed(order[0], block), _timed(order[1], block)
+        a, b = (x, y) if order[0] is pair[0] else (y, x)  # the same callable twice: consecutive blocks
         times += a
-        blocks[0].append(float(np.median(a)))
-        blocks[1].append(float(np.median(b)))
+        blocks[session][0].append(float(np.median(a)))
+        blocks[session][1].append(float(np.median(b)))
         elapsed = time.perf_counter() - begun
-        if len(blocks[0]) >= MIN_ROUNDS:
-            ratio, ci = quantile_ratio(*map(np.asarray, blocks))
+        if session == sessions - 1 and turn + 1 >= MIN_ROUNDS:
+            ratio, ci = quantile_ratio(*([np.asarray(s[k]) for s in blocks] for k in (0, 1)))
             if same or (ci <= tolerance and elapsed >= min(min_seconds, max_seconds)) or elapsed >= max_seconds:
                 break
     p10, p50, p90 = np.percentile(np.asarray(times) * 1e3, [10, 50, 90])

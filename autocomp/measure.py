@@ -6,6 +6,7 @@ reports ``test_accuracy`` (selecting on the test split would report the winner's
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -28,14 +29,14 @@ def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndar
     """Time ``artifact`` side by side with ``reference`` (or alone) at the study's batch size and threads."""
     x = np.repeat(example_input, spec.batch_size, axis=0)
 
-    def runner(path: Path):
-        sess = runtime.session(path, threads=spec.threads)
-        feed = {sess.get_inputs()[0].name: x}
-        return lambda: sess.run(None, feed)
+    def runners(path: Path) -> list[latency.Runner]:  # latency.SESSIONS sessions of one artifact
+        sessions = [runtime.session(path, threads=spec.threads) for _ in range(latency.SESSIONS)]
+        feed = {sessions[0].get_inputs()[0].name: x}
+        return [functools.partial(sess.run, None, feed) for sess in sessions]
 
-    candidate = runner(artifact)
+    candidate = runners(artifact)
     with FileLock(LATENCY_LOCK):  # one timing at a time per machine, whatever else trains alongside
-        return latency.compare(candidate, candidate if reference is None else runner(reference),
+        return latency.compare(candidate, candidate if reference is None else runners(reference),
                                warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance,
                                max_seconds=spec.max_seconds, min_seconds=spec.min_seconds)
 
