@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-search bench-search-quick bench-students clean
+.PHONY: setup demo test lint bench bench-search bench-search-quick bench-students bench-scaling clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/autocomp search studies/digits.yaml
 
 test: setup
-	$(BIN)/ruff check autocomp tests
+	$(BIN)/ruff check autocomp tests benchmarks
 	$(BIN)/pytest
 
 bench: setup
@@ -33,8 +33,11 @@ bench-search-quick: setup  # about 5 minutes here: digits, one seed
 bench-students: setup  # about 20 minutes here: does the shipped space's student choice help?
 	$(BIN)/python benchmarks/search_quality.py --methods autocomp no_students --name search_quality_students
 
+bench-scaling: setup  # about 15 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
+	$(BIN)/python benchmarks/scaling.py
+
 lint: setup
-	$(BIN)/ruff check autocomp tests
+	$(BIN)/ruff check autocomp tests benchmarks
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*.journal studies/*_artifacts .pytest_cache

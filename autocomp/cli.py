@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=_positive, default=1,
                         help="processes running trials side by side on this machine (default 1; with the YAML's "
                              "SQLite storage, the study then lives in a journal file beside it)")
+    search.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="where trials run: processes of this machine (default), or Ray Tune trials on a Ray "
+                             "cluster (pip install 'autocomp[ray]'; README 'On a Ray cluster')")
+    search.add_argument("--address", help="with --backend ray: the cluster to join, 'auto' or HOST:PORT (default: "
+                                          "a Ray of this machine, started for this search)")
+    search.add_argument("--max-concurrent", type=_positive,
+                        help="with --backend ray: trials at once (default: as many as the cluster's CPUs allow)")
+    search.add_argument("--cpus-per-trial", type=_positive_float, default=1.0,
+                        help="with --backend ray: CPUs each trial reserves (default 1)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(run=_search)
 
@@ -88,6 +97,31 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, but got {value}")
+    return value
+
+
+def _ray_options(args: argparse.Namespace):
+    """The Ray options of ``search``, or None for the local backend (Ray options there are an error)."""
+    given = [f"--{name.replace('_', '-')}" for name in ("address", "max_concurrent")
+             if getattr(args, name) is not None] + (["--cpus-per-trial"] if args.cpus_per_trial != 1.0 else [])
+    if args.backend == "local":
+        if given:
+            raise AutocompError(f"{given[0]} is an option of --backend ray, but the backend is 'local'.")
+        return None
+    if args.workers > 1:
+        raise AutocompError(f"--workers runs local processes; with --backend ray use --max-concurrent, "
+                            f"but got --workers {args.workers}.")
+    try:
+        from autocomp.search.ray_runner import RayOptions
+    except ImportError as err:
+        raise AutocompError(f"--backend ray needs Ray Tune ({err}): pip install 'autocomp[ray]'.") from None
+    return RayOptions(args.address, args.max_concurrent, args.cpus_per_trial)
+
+
 def _storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="Optuna storage URL (overrides the YAML's)")
     parser.add_argument("--study-name", help="study name (overrides the YAML's)")
@@ -125,12 +159,14 @@ def _search(args: argparse.Namespace) -> int:
     from autocomp.storage import JOURNAL, local_path
 
     spec = _spec(args)
-    if args.workers > 1 and not args.storage and spec.storage.startswith("sqlite:///"):
+    ray = _ray_options(args)
+    if (args.workers > 1 or ray) and not args.storage and spec.storage.startswith("sqlite:///"):
         spec.storage = f"{JOURNAL}{local_path(spec.storage).with_suffix('.journal')}"
-        print(f"autocomp: {args.workers} workers share the study in {spec.storage} (SQLite serves one process); "
+        who = f"{args.workers} workers" if ray is None else "Ray Tune's trials"
+        print(f"autocomp: {who} share the study in {spec.storage} (SQLite serves one process); "
               "give pareto, export and dashboard the same --storage")
     study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress,
-                               timeout=args.timeout, workers=args.workers)
+                               timeout=args.timeout, workers=args.workers, ray=ray)
     for trial in trials:
         if trial.state.name == "FAIL":
             print(f"trial {trial.number} failed: {failure(trial)}")

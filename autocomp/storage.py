@@ -114,9 +114,20 @@ def alive(worker: dict[str, object]) -> bool:
     return worker.get("started") is None or _start_time(pid) == worker["started"]
 
 
+def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
+    """Store a RUNNING trial as FAIL with ``reason`` (its ``error``); False if it had already finished."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        study._storage.set_trial_user_attr(trial_id, "error", reason)
+        return study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except UpdateFinishedTrialError:  # another worker finished it first
+        return False
+
+
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry) the RUNNING trials whose worker died on this host; return their numbers."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     failed = []
@@ -125,12 +136,7 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         if worker is None or alive(worker):
             continue
         reason = f"WorkerDied: worker {worker['host']}:{worker['pid']} stopped in the middle of this trial"
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "error", reason)
-            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:  # another worker failed it first
-            continue
-        retry(study, study._storage.get_trial(trial._trial_id))
-        failed.append(trial.number)
+        if fail_trial(study, trial._trial_id, reason):
+            retry(study, study._storage.get_trial(trial._trial_id))
+            failed.append(trial.number)
     return failed

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,18 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def quick_study(tmp_path: Path) -> Path:
+    """The shipped joint space on digits with one-epoch fine-tunes and one-second timings."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
+    space["finetune"]["epochs"] = {"low": 1, "high": 1}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    path = tmp_path / "quick.yaml"
+    path.write_text("schema_version: 1\nstudy_name: quick\ntask: digits\nspace: space.yaml\ntrials: 4\n"
+                    "population_size: 4\nmeasure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,27 +6,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from autocomp.storage import open_storage
-from tests.conftest import ROOT
 from tests.test_cli import AUTOCOMP, autocomp
-
-
-@pytest.fixture
-def quick_study(tmp_path: Path) -> Path:
-    """The shipped joint space on digits with one-epoch fine-tunes and one-second timings."""
-    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
-    space["finetune"]["epochs"] = {"low": 1, "high": 1}
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    path = tmp_path / "quick.yaml"
-    path.write_text("schema_version: 1\nstudy_name: quick\ntask: digits\nspace: space.yaml\ntrials: 4\n"
-                    "population_size: 4\nmeasure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")
-    return path
 
 
 def _check_count(storage: str, count: int) -> list[optuna.trial.FrozenTrial]:

@@ -37,6 +37,8 @@ from autocomp.tasks.registry import import_plugins
 if TYPE_CHECKING:
     import optuna
 
+    from autocomp.search.ray_runner import RayOptions
+
 FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
 
@@ -102,11 +104,12 @@ class Run:
 
 
 def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True,
-               timeout: float | None = None, workers: int = 1):
+               timeout: float | None = None, workers: int = 1, ray: RayOptions | None = None):
     """Run trials until the study holds ``trials`` finished ones, or until ``timeout`` seconds (default: the
     study's) have passed since the call (running trials finish; the teacher's baseline and sensitivity map
     count too); return the study and the trials of this run. ``workers`` processes run trials side by side
-    on the study's storage (a journal file or a database; not SQLite).
+    on the study's storage (a journal file or a database; not SQLite), or, with ``ray``, Ray Tune runs them on
+    a Ray cluster (``autocomp.search.ray_runner``).
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
@@ -116,8 +119,9 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or spec.trials
     seed = spec.seed if seed is None else seed
-    if workers > 1 and spec.storage.startswith("sqlite"):
-        raise AutocompError(f"--workers {workers} needs a storage many processes can share, but got {spec.storage}: "
+    parallel = f"--workers {workers}" if workers > 1 else "--backend ray" if ray is not None else None
+    if parallel and spec.storage.startswith("sqlite"):
+        raise AutocompError(f"{parallel} needs a storage many processes can share, but got {spec.storage}: "
                             "pass --storage journal:///<file> (one machine) or postgresql://... (README).")
     space, task, prunable, quantizable, narrowed = _prepare(spec)
     for line in narrowed:
@@ -138,7 +142,11 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
             _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
         budget = timeout or spec.timeout
         run = Run(spec, trials, seed, baseline.artifact, None if budget is None else started + budget)
-        if workers == 1:
+        if ray is not None:
+            from autocomp.search.ray_runner import run_tune
+
+            run_tune(run, ray, baseline.artifact.read_bytes(), progress)
+        elif workers == 1:
             _work(run, 0, progress, (space, task, prunable, quantizable), study)
         else:
             _spawn(run, workers, progress, study)
@@ -208,6 +216,25 @@ def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,))
     bar.close()
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], list[float]]) -> str:
+    """Run ``objective`` on an asked ``trial`` and tell the study, as ``study.optimize`` does: pruned, or failed
+    with its reason (the ``error`` user attribute), or complete; return the state's name."""
+    import optuna
+    from optuna.trial import TrialState
+
+    values = None
+    try:
+        values, state = objective(trial), TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except Exception as err:
+        if "error" not in trial.user_attrs:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        state = TrialState.FAIL
+    study.tell(trial.number, values, state=state)
+    return state.name
 
 
 def make_objective(run: Run, study: optuna.Study,

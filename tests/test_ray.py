@@ -1,0 +1,99 @@
+"""The Ray Tune backend on a two-node Ray cluster of this machine (`ray start`), and a worker killed mid-trial."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
+
+from autocomp.search.ray_runner import local_cluster
+from autocomp.storage import open_storage
+from tests.test_cli import AUTOCOMP, autocomp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Two nodes of one CPU on 127.0.0.1 (``ray start``), with token authentication: the searches of the tests
+    hold the token too. Stopped after the module."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as env:  # for `ray start` and for the searches the tests run
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        with local_cluster(nodes=2, cpus_per_node=1) as address:
+            yield address
+
+
+def _journal(study_yaml: Path) -> str:
+    return f"journal:///{study_yaml.parent / 'quick.journal'}"
+
+
+@pytest.mark.slow
+def test_a_search_on_a_two_node_cluster_writes_the_study_the_local_backend_writes(quick_study, ray_cluster):
+    out = autocomp("search", str(quick_study), "--trials", "6", "--backend", "ray", "--address", ray_cluster,
+                   "--no-progress").stdout
+    assert "Ray Tune's trials share the study in journal:///" in out and "6 complete, 0 fail" in out
+    study = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
+    trials = [t for t in study.trials if t.state.name != "WAITING"]  # warm-start policies not reached stay queued
+    assert [t.state.name for t in trials] == 6 * ["COMPLETE"] and [t.number for t in trials] == list(range(6))
+    store = FileSystemArtifactStore(str(quick_study.parent / "quick_artifacts"))
+    for trial in trials:
+        assert {"recipe", "metrics", "worker", "fidelity", "ray"} <= trial.user_attrs.keys()
+        assert trial.values == [trial.user_attrs["metrics"][m] for m in study.metric_names]
+        names = sorted(meta.filename for meta in get_all_artifact_meta(trial, storage=study._storage))
+        assert names == ["model.onnx", "recipe.yaml"]
+        meta = get_all_artifact_meta(trial, storage=study._storage)[0]
+        with store.open_reader(meta.artifact_id) as reader:
+            assert reader.read(4)
+    assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
+    assert "warm_start" in trials[0].user_attrs  # the hand-made policies came first, as in the local backend
+    out = autocomp("pareto", str(quick_study), "--storage", _journal(quick_study)).stdout
+    assert "Pareto front on val_accuracy" in out
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_trial_is_retried_and_the_count_is_reached(quick_study, ray_cluster):
+    command = [AUTOCOMP, "search", str(quick_study), "--backend", "ray", "--address", ray_cluster, "--no-progress"]
+    search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(search.stdout), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.time() + 600
+    while killed is None and time.time() < deadline and search.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick")
+        except (KeyError, FileNotFoundError):
+            continue
+        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            if "ray" in trial.user_attrs and "worker" in trial.user_attrs:  # its worker is training it
+                os.kill(trial.user_attrs["worker"]["pid"], signal.SIGKILL)
+                killed = trial.number
+                break
+    assert search.wait(timeout=900) == 0, "".join(output)[-3000:]
+    reader.join(timeout=10)
+    assert killed is not None, "no trial was seen running"
+    trials = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick").trials
+    states = [t.state.name for t in trials if t.state.name != "WAITING"]
+    assert states == 4 * ["COMPLETE"], "".join(output)[-3000:]
+    assert trials[killed].user_attrs["ray"]["attempt"] == 2  # Tune ran the same Optuna trial again
+
+
+def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study):
+    err = autocomp("search", str(quick_study), "--address", "auto", expect=2).stderr
+    assert err == "autocomp: error: --address is an option of --backend ray, but the backend is 'local'.\n"
+    err = autocomp("search", str(quick_study), "--backend", "ray", "--workers", "2", expect=2).stderr
+    assert err.endswith("with --backend ray use --max-concurrent, but got --workers 2.\n")
+    assert sorted(p.name for p in quick_study.parent.iterdir()) == ["quick.yaml", "space.yaml"]  # nothing stored
