@@ -33,7 +33,7 @@ bench-search-quick: setup  # about 5 minutes here: digits, one seed
 bench-students: setup  # about 20 minutes here: does the shipped space's student choice help?
 	$(BIN)/python benchmarks/search_quality.py --methods autocomp no_students --name search_quality_students
 
-bench-scaling: setup  # about 15 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
+bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
 	$(BIN)/python benchmarks/scaling.py
 
 lint: setup
