@@ -123,6 +123,8 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     if parallel and spec.storage.startswith("sqlite"):
         raise AutocompError(f"{parallel} needs a storage many processes can share, but got {spec.storage}: "
                             "pass --storage journal:///<file> (one machine) or postgresql://... (README).")
+    if ray is not None:
+        ray.check()
     space, task, prunable, quantizable, narrowed = _prepare(spec)
     for line in narrowed:
         print(f"autocomp: {line}")

@@ -57,6 +57,18 @@ class RayOptions:
     max_concurrent: int | None = None  # trials at once (default: as many as the cluster's CPUs allow)
     cpus_per_trial: float = 1.0
 
+    def check(self) -> None:
+        """Refuse, in one line, an address where no Ray cluster answers (Ray itself retries for minutes)."""
+        if self.address in (None, "auto"):
+            return
+        host, _, port = self.address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise AutocompError(f"--address must be 'auto' or the HOST:PORT of a running Ray cluster's head, but "
+                                f"nothing answers at {self.address!r} ({err}); start one with `ray start --head`."
+                                ) from None
+
 
 def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool) -> None:
     """Run the study's trials as Ray Tune trials until the searcher has the count (or the deadline passed)."""
@@ -67,8 +79,12 @@ def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool)
     marker.touch()
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     local = options.address is None
-    ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=progress,
-             **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
+    try:
+        ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=progress,
+                 **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
+    except ConnectionError as err:  # --address auto with no cluster on this machine
+        marker.unlink(missing_ok=True)
+        raise AutocompError(f"--address {options.address}: {err}") from None
     try:
         study = open_study(run.spec, create=False)
         study.sampler = make_sampler(run.spec, run.seed)  # asks as the trials' samplers sample (NSGA-II generations)
