@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from autocomp.tasks.base import machine_cpu
 from tests.conftest import ROOT
 
 AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
@@ -73,10 +74,13 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
     # both timed against the teacher's artifact, on the study's scale; 5% on an idle machine (README), looser here
     assert abs(replayed["latency_ms"] / recorded["latency_ms"] - 1) < 0.25
 
-    recipe["provenance"]["fingerprint"]["teacher_sha256"] = "0" * 64  # as if made for another teacher
+    assert recipe["provenance"]["fingerprint"]["cpu"] == machine_cpu()
+    recipe["provenance"]["fingerprint"]["teacher_sha256"] = "0" * 64  # as if made for another teacher,
+    recipe["provenance"]["fingerprint"]["cpu"] = "GenuineIntel family 6 model 85, avx512f"  # on another CPU
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(recipe))
     result = autocomp("apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"), expect=2)
     assert "teacher_sha256 000000000000..." in result.stderr and "another teacher" in result.stderr
+    assert "made on a GenuineIntel family 6 model 85, avx512f CPU" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "o2").exists()
     out = autocomp("apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"), "--allow-other-teacher").stdout
     assert "warning: the recipe was made for another teacher" in out

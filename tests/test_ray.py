@@ -16,7 +16,8 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
-from autocomp.search.ray_runner import local_cluster
+from autocomp.errors import AutocompError
+from autocomp.search.ray_runner import check_shared, local_cluster
 from autocomp.storage import open_storage
 from tests.test_cli import AUTOCOMP, autocomp
 
@@ -104,3 +105,11 @@ def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study):
     assert err.startswith(f"autocomp: error: --address must be 'auto' or the HOST:PORT of a running Ray cluster's "
                           f"head, but nothing answers at '{nobody}'") and err.count("\n") == 1
     assert sorted(p.name for p in quick_study.parent.iterdir()) == ["quick.yaml", "space.yaml"]  # nothing stored
+
+
+def test_a_node_that_does_not_see_the_artifact_folder_refuses_the_trial(tmp_path):
+    (tmp_path / "seen").mkdir()
+    (tmp_path / "seen" / ".autocomp-shared-1").touch()
+    check_shared(tmp_path / "seen", ".autocomp-shared-1")
+    with pytest.raises(AutocompError, match="artifact folder .*elsewhere is not shared with this node"):
+        check_shared(tmp_path / "elsewhere", ".autocomp-shared-1")  # another node's local disk: no marker there

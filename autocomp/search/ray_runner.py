@@ -151,9 +151,7 @@ def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict
         def objective(trial: optuna.Trial) -> list[float]:
             attempt = trial.user_attrs.get("ray", {}).get("attempt", 0) + 1  # Tune retries a trial whose worker died
             trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
-            if not (Path(run.spec.artifacts) / marker).exists():
-                raise AutocompError(f"the study's artifact folder {run.spec.artifacts} is not shared with this node "
-                                    f"({socket.gethostname()}): put it on a file system every node mounts (README)")
+            check_shared(Path(run.spec.artifacts), marker)
             return make_objective(replace(run, reference=reference), study)(trial)
 
         state = tell(study, trial, objective)
@@ -184,3 +182,11 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
         yield address
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180, env=env)
+
+
+def check_shared(artifacts: Path, marker: str) -> None:
+    """Refuse to run a trial on a node that does not see the driver's marker file in the artifact folder: the
+    files it wrote would be lost to the study."""
+    if not (artifacts / marker).exists():
+        raise AutocompError(f"the study's artifact folder {artifacts} is not shared with this node "
+                            f"({socket.gethostname()}): put it on a file system every node mounts (README)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,22 @@ class Task:
         """Digests of the teacher's weights and of the data splits, which a recipe's replay must match."""
         state = self.teacher.state_dict()
         return {"teacher_sha256": digest(state[k] for k in sorted(state)),
-                "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y))}
+                "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y)),
+                "cpu": machine_cpu()}
+
+
+def machine_cpu() -> str:
+    """This machine's CPU model and widest vector unit: training is reproducible on one CPU model, but another
+    one runs other vectorised kernels and trains other last bits (README, "Training is deterministic")."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
+                      if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = info.get("flags", "").split()
+    vector = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "scalar")
+    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}, {vector}"
 
 
 def digest(tensors: Iterable[torch.Tensor]) -> str:
