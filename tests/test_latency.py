@@ -53,6 +53,22 @@ def test_the_ratio_is_the_undisturbed_one_when_the_machine_slows_by_phases():
     assert result.p90_ms > 0.55  # the candidate's own spread still shows its disturbed runs (0.6 ms)
 
 
+def test_a_measurement_caught_in_a_long_slow_phase_is_taken_again():
+    # for its first 1.5 s, longer than a measurement (1 s), the machine never leaves the candidate alone: it runs
+    # 1.5x to 3x slower, by a factor that changes every 30 ms; then it runs undisturbed
+    begun = time.perf_counter()
+
+    def candidate() -> None:
+        elapsed = time.perf_counter() - begun
+        slower = 1.5 + 1.5 * (int(elapsed / 0.03) * 7919 % 13) / 12 if elapsed < 1.5 else 1.0
+        busy(0.4 * slower)()
+
+    result = latency.compare(candidate, busy(0.2), warmup_seconds=0.0, tolerance=0.02, max_seconds=1.0)
+    assert result.attempts == 2 and not result.noisy and abs(result.ratio - 2.0) < 0.1
+    steady = latency.compare(busy(0.4), busy(0.2), warmup_seconds=0.0, tolerance=0.02, max_seconds=1.0)
+    assert steady.attempts == 1 and not steady.noisy
+
+
 def test_a_twice_as_slow_candidate_reads_as_ratio_two():
     result = latency.compare(busy(0.4), busy(0.2), warmup_seconds=0.05, tolerance=0.02, max_seconds=3.0)
     assert abs(result.ratio - 2.0) < 0.1 and result.ratio_ci <= 0.05
