@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from autocomp.errors import AutocompError
 from autocomp.search.ray_runner import check_shared, local_cluster
 from autocomp.storage import open_storage
+from tests.conftest import free_port
 from tests.test_cli import AUTOCOMP, autocomp
 
 
@@ -98,9 +98,7 @@ def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study):
     assert err == "autocomp: error: --address is an option of --backend ray, but the backend is 'local'.\n"
     err = autocomp("search", str(quick_study), "--backend", "ray", "--workers", "2", expect=2).stderr
     assert err.endswith("with --backend ray use --max-concurrent, but got --workers 2.\n")
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+    nobody = f"127.0.0.1:{free_port()}"
     err = autocomp("search", str(quick_study), "--backend", "ray", "--address", nobody, expect=2).stderr
     assert err.startswith(f"autocomp: error: --address must be 'auto' or the HOST:PORT of a running Ray cluster's "
                           f"head, but nothing answers at '{nobody}'") and err.count("\n") == 1

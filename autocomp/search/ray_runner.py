@@ -80,12 +80,11 @@ def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool)
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     local = options.address is None
     try:
-        ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=progress,
-                 **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
-    except ConnectionError as err:  # --address auto with no cluster on this machine
-        marker.unlink(missing_ok=True)
-        raise AutocompError(f"--address {options.address}: {err}") from None
-    try:
+        try:
+            ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=progress,
+                     **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
+        except ConnectionError as err:  # --address auto with no cluster on this machine
+            raise AutocompError(f"--address {options.address}: {err}") from None
         study = open_study(run.spec, create=False)
         study.sampler = make_sampler(run.spec, run.seed)  # asks as the trials' samplers sample (NSGA-II generations)
         trainable = tune.with_resources(tune.with_parameters(_trainable, run=run, teacher_onnx=teacher_onnx,
@@ -140,10 +139,10 @@ def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(run.spec, create=False)
     number = config["optuna_trial"]
+    if study._storage.get_trial(config["optuna_trial_id"]).state.name != "RUNNING":  # the driver failed it
+        return {"optuna_trial": number, "state": "already told"}
     study.sampler = make_sampler(run.spec, run.seed + 7919 * number)  # what a retry samples again, alike
     trial = optuna.Trial(study, config["optuna_trial_id"])
-    if trial.number != number or study.get_trials(deepcopy=False)[number].state.name != "RUNNING":
-        return {"optuna_trial": number, "state": "already told"}
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "teacher.onnx"
         reference.write_bytes(teacher_onnx)
@@ -166,7 +165,7 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
     ray_cli = str(Path(sys.executable).parent / "ray")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+        port = probe.getsockname()[1]
     common = ["--num-cpus", str(cpus_per_node), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -176,10 +175,10 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
             raise RuntimeError(f"ray {args[0]} {args[1]} failed: {done.stderr[-3000:]}")
 
     try:
-        ray_command("start", "--head", "--port", address.rsplit(":", 1)[1], "--include-dashboard=false", *common)
+        ray_command("start", "--head", "--port", str(port), "--include-dashboard=false", *common)
         for _ in range(nodes - 1):
-            ray_command("start", "--address", address, *common)
-        yield address
+            ray_command("start", "--address", f"127.0.0.1:{port}", *common)
+        yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180, env=env)
 
