@@ -13,7 +13,11 @@ import torch
 import yaml
 from torch import nn
 
+from autocomp.recipe import Measure
+
 ROOT = Path(__file__).resolve().parents[1]
+# for tests of what a recipe builds, not of its latency (tests/test_latency.py): a short timing of the artifact
+QUICK_MEASURE = Measure(warmup_seconds=0.1, max_seconds=0.5, min_seconds=0.0)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,12 +63,18 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+def short_joint_space(folder: Path, epochs: int) -> Path:
+    """The shipped joint space with fine-tunes of 1 to ``epochs`` epochs, written to ``folder/space.yaml``."""
+    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
+    space["finetune"]["epochs"] = {"low": 1, "high": epochs}
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    return folder / "space.yaml"
+
+
 @pytest.fixture
 def quick_study(tmp_path: Path) -> Path:
     """The shipped joint space on digits with one-epoch fine-tunes and one-second timings."""
-    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
-    space["finetune"]["epochs"] = {"low": 1, "high": 1}
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    short_joint_space(tmp_path, 1)
     path = tmp_path / "quick.yaml"
     path.write_text("schema_version: 1\nstudy_name: quick\ntask: digits\nspace: space.yaml\ntrials: 4\n"
                     "population_size: 4\nmeasure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")

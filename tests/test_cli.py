@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from autocomp.tasks.base import machine_cpu
-from tests.conftest import ROOT
+from tests.conftest import short_joint_space
 
 AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
 
@@ -27,11 +27,10 @@ def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
 @pytest.fixture
 def study_yaml(tmp_path: Path) -> Path:
     path = tmp_path / "e2e.yaml"
-    space = yaml.safe_load((ROOT / "search_spaces" / "joint.yaml").read_text())
-    space["finetune"]["epochs"] = {"low": 1, "high": 2}  # the shipped space with short fine-tunes
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    short_joint_space(tmp_path, 2)  # the shipped space with short fine-tunes
     path.write_text("schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: space.yaml\n"
-                    "trials: 3\npopulation_size: 4\n")
+                    "trials: 3\npopulation_size: 4\n"
+                    "measure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")
     return path
 
 

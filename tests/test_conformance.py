@@ -14,6 +14,7 @@ from autocomp import runtime
 from autocomp.methods import catalogue, families
 from autocomp.pipeline import apply
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe, Student
+from tests.conftest import QUICK_MEASURE
 
 METHODS = [(family, name) for family, registry in families().items() if family != "task" for name in registry.names()]
 METHODS += [("prune.criteria.weight", e.name) for e in families()["prune.criteria"] if e.value.weight_score is not None]
@@ -24,7 +25,7 @@ def recipe_using(task, family: str, name: str) -> Recipe:
 
     if family == "student.family":  # the family's default student, distilled, a fifth of its channels pruned
         return Recipe(task=task.name, student=Student(name), prune=Prune(scope="global", sparsity=0.2),
-                      finetune=FineTune(epochs=5, lr=3e-3))
+                      finetune=FineTune(epochs=5, lr=3e-3), measure=QUICK_MEASURE)
     layers = prunable_layers(task.teacher, task.example_input)
     criterion = name if family.startswith("prune.criteria") else "l1"
     granularity = "weight" if family == "prune.criteria.weight" else "channel"
@@ -34,7 +35,8 @@ def recipe_using(task, family: str, name: str) -> Recipe:
                           for n in named})
     quantize = Quantize(bits=8, activation_bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
-    return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=2))
+    return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=2),
+                  measure=QUICK_MEASURE)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from autocomp.compress.prune import prunable_layers
 from autocomp.features import layer_names
 from autocomp.pipeline import apply, teacher_baseline, teacher_facts
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe, Student
+from tests.conftest import QUICK_MEASURE
 
 
 def teacher_metrics(task, out_dir) -> dict[str, float]:
@@ -24,7 +25,7 @@ def recipe(bits: int) -> Recipe:
     layers = {"conv2": LayerPrune(0.5, "fpgm"), "conv4": LayerPrune(0.5, "taylor"), "fc1": LayerPrune(0.75, "l1")}
     return Recipe(task="digits", prune=Prune(layers=layers),
                   quantize=Quantize(bits=bits, activation_bits=min(bits, 32), calibration="percentile"),
-                  finetune=FineTune(epochs=2))
+                  finetune=FineTune(epochs=2), measure=QUICK_MEASURE)
 
 
 def test_apply_measures_the_artifact_itself(digits_task, tmp_path):
@@ -53,7 +54,8 @@ def test_apply_is_deterministic_and_compresses(digits_task, tmp_path):
 def test_network_slimming_penalty_shrinks_batchnorm_scales(digits_task, tmp_path):
     def mean_gamma(penalty: float) -> float:
         r = Recipe(task="digits", prune=Prune(scope="global", sparsity=0.3, criterion="bn_scale", rounds=2,
-                                              bn_penalty=penalty), finetune=FineTune(epochs=4, lr=1e-2))
+                                              bn_penalty=penalty), finetune=FineTune(epochs=4, lr=1e-2),
+                   measure=QUICK_MEASURE)
         model = apply(r, digits_task, tmp_path / str(penalty), progress=False).model
         return float(torch.cat([m.weight.abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]).mean())
 
@@ -76,7 +78,7 @@ def test_quantization_aware_fine_tune_deploys_int8(digits_task, tmp_path):
     Quantize(bits=8, per_channel=True, qat=True, layers={"conv1": 32, "conv4": 4, "fc1": 4}),
 ], ids=["fp16", "int8-weights", "kmeans4", "qat4-asym", "qat2", "mixed"])
 def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tmp_path, quantize):
-    r = Recipe(task="digits", quantize=quantize, finetune=FineTune(epochs=1))
+    r = Recipe(task="digits", quantize=quantize, finetune=FineTune(epochs=1), measure=QUICK_MEASURE)
     result = apply(r, digits_task, tmp_path, progress=False)
     teacher = teacher_metrics(digits_task, tmp_path / "t")
     stored = 16 if quantize.bits == 16 else 2 if quantize.bits == 2 else 4 if quantize.bits == 4 else 8
@@ -91,7 +93,7 @@ def test_weight_only_recipes_deploy_smaller_files_that_reproduce(digits_task, tm
 
 def test_unstructured_sparse_training_deploys_a_sparse_file(digits_task, tmp_path):
     r = Recipe(task="digits", prune=Prune(scope="global", granularity="weight", sparsity=0.8, criterion="lamp",
-                                          regrow=0.1), finetune=FineTune(epochs=3))
+                                          regrow=0.1), finetune=FineTune(epochs=3), measure=QUICK_MEASURE)
     result = apply(r, digits_task, tmp_path, progress=False)
     teacher = teacher_metrics(digits_task, tmp_path / "t")
     assert result.metrics["size_bytes"] < 0.4 * teacher["size_bytes"]
@@ -107,7 +109,8 @@ def test_quantization_aware_sparse_training_deploys_the_masked_weights(digits_ta
     prunable = prunable_layers(digits_task.teacher, digits_task.example_input)
     r = Recipe(task="digits", prune=Prune(granularity="weight", regrow=0.1,
                                           layers={name: LayerPrune(0.5, "l1") for name in prunable}),
-               quantize=Quantize(bits=4, symmetric=False, per_channel=True, qat=True), finetune=FineTune(epochs=2))
+               quantize=Quantize(bits=4, symmetric=False, per_channel=True, qat=True), finetune=FineTune(epochs=2),
+               measure=QUICK_MEASURE)
     result = apply(r, digits_task, tmp_path, progress=False)
     logits = runtime.run(runtime.session(result.artifact), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["test_accuracy"] > 0.9
@@ -126,7 +129,8 @@ def test_quantization_aware_sparse_training_deploys_the_masked_weights(digits_ta
 
 def test_dropping_the_residual_block_removes_its_work(digits_task, tmp_path):
     layers = {"block.body.0": LayerPrune(0.5), "conv4": LayerPrune(0.5)}  # the first goes with its block
-    r = Recipe(task="digits", prune=Prune(drop_blocks=1, layers=layers), finetune=FineTune(epochs=1))
+    r = Recipe(task="digits", prune=Prune(drop_blocks=1, layers=layers), finetune=FineTune(epochs=1),
+               measure=QUICK_MEASURE)
     result = apply(r, digits_task, tmp_path, progress=False)
     teacher = teacher_metrics(digits_task, tmp_path / "t")
     assert isinstance(result.model.block, nn.Identity) and result.model.conv4.out_channels == 128
@@ -145,7 +149,7 @@ def test_quantization_aware_training_changes_the_weights_of_every_recipe_that_as
                                                                                       quantize, epochs):
     def weights(qat: bool) -> dict[str, torch.Tensor]:
         r = Recipe(task="digits", prune=prune, quantize=dataclasses.replace(quantize, qat=qat),
-                   finetune=FineTune(epochs=epochs))
+                   finetune=FineTune(epochs=epochs), measure=QUICK_MEASURE)
         return apply(r, digits_task, tmp_path / str(qat), progress=False).model.state_dict()
 
     ptq, qat = weights(False), weights(True)
@@ -171,7 +175,7 @@ def test_the_teachers_facts_are_found_once_per_teacher(digits_task):
 def test_a_student_recipe_replays_to_the_same_architecture_and_numbers(digits_task, tmp_path, student):
     made = Recipe(task="digits", student=student, prune=Prune(scope="global", sparsity=0.2),
                   quantize=Quantize(bits=8, activation_bits=8), distill=Distill(kind="sp"),
-                  finetune=FineTune(epochs=4, lr=1e-2))
+                  finetune=FineTune(epochs=4, lr=1e-2), measure=QUICK_MEASURE)
     first = apply(made, digits_task, tmp_path / "a", progress=False)
     replayed = apply(Recipe.load(tmp_path / "a" / "recipe.yaml"), digits_task, tmp_path / "b", progress=False)
     shapes = {name: tuple(t.shape) for name, t in first.model.state_dict().items()}

@@ -40,32 +40,8 @@ def _journal(study_yaml: Path) -> str:
 
 
 @pytest.mark.slow
-def test_a_search_on_a_two_node_cluster_writes_the_study_the_local_backend_writes(quick_study, ray_cluster):
-    out = autocomp("search", str(quick_study), "--trials", "6", "--backend", "ray", "--address", ray_cluster,
-                   "--no-progress").stdout
-    assert "Ray Tune's trials share the study in journal:///" in out and "6 complete, 0 fail" in out
-    study = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
-    assert study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
-    trials = [t for t in study.trials if t.state.name != "WAITING"]  # warm-start policies not reached stay queued
-    assert [t.state.name for t in trials] == 6 * ["COMPLETE"] and [t.number for t in trials] == list(range(6))
-    store = FileSystemArtifactStore(str(quick_study.parent / "quick_artifacts"))
-    for trial in trials:
-        assert {"recipe", "metrics", "worker", "fidelity", "ray"} <= trial.user_attrs.keys()
-        assert trial.values == [trial.user_attrs["metrics"][m] for m in study.metric_names]
-        names = sorted(meta.filename for meta in get_all_artifact_meta(trial, storage=study._storage))
-        assert names == ["model.onnx", "recipe.yaml"]
-        meta = get_all_artifact_meta(trial, storage=study._storage)[0]
-        with store.open_reader(meta.artifact_id) as reader:
-            assert reader.read(4)
-    assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
-    assert "warm_start" in trials[0].user_attrs  # the hand-made policies came first, as in the local backend
-    out = autocomp("pareto", str(quick_study), "--storage", _journal(quick_study)).stdout
-    assert "Pareto front on val_accuracy" in out
-
-
-@pytest.mark.slow
-def test_a_ray_worker_killed_mid_trial_is_retried_and_the_count_is_reached(quick_study, ray_cluster):
+def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what_the_local_backend_writes(
+        quick_study, ray_cluster):
     command = [AUTOCOMP, "search", str(quick_study), "--backend", "ray", "--address", ray_cluster, "--no-progress"]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -86,11 +62,29 @@ def test_a_ray_worker_killed_mid_trial_is_retried_and_the_count_is_reached(quick
                 break
     assert search.wait(timeout=900) == 0, "".join(output)[-3000:]
     reader.join(timeout=10)
+    out = "".join(output)
     assert killed is not None, "no trial was seen running"
-    trials = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick").trials
-    states = [t.state.name for t in trials if t.state.name != "WAITING"]
-    assert states == 4 * ["COMPLETE"], "".join(output)[-3000:]
-    assert trials[killed].user_attrs["ray"]["attempt"] == 2  # Tune ran the same Optuna trial again
+    assert "Ray Tune's trials share the study in journal:///" in out and "4 complete, 0 fail" in out, out[-3000:]
+
+    study = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
+    trials = [t for t in study.trials if t.state.name != "WAITING"]  # warm-start policies not reached stay queued
+    assert [t.state.name for t in trials] == 4 * ["COMPLETE"] and [t.number for t in trials] == list(range(4))
+    assert study.trials[killed].user_attrs["ray"]["attempt"] == 2  # Tune ran the same Optuna trial again
+    store = FileSystemArtifactStore(str(quick_study.parent / "quick_artifacts"))
+    for trial in trials:
+        assert {"recipe", "metrics", "worker", "fidelity", "ray"} <= trial.user_attrs.keys()
+        assert trial.values == [trial.user_attrs["metrics"][m] for m in study.metric_names]
+        names = sorted(meta.filename for meta in get_all_artifact_meta(trial, storage=study._storage))
+        assert names == ["model.onnx", "recipe.yaml"]
+        meta = get_all_artifact_meta(trial, storage=study._storage)[0]
+        with store.open_reader(meta.artifact_id) as reader:
+            assert reader.read(4)
+    assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
+    assert "warm_start" in trials[0].user_attrs  # the hand-made policies came first, as in the local backend
+    out = autocomp("pareto", str(quick_study), "--storage", _journal(quick_study)).stdout
+    assert "Pareto front on val_accuracy" in out
 
 
 def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study):

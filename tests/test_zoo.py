@@ -1,5 +1,6 @@
-"""Bring your own model: each shape of the zoo (``tests/zoo.py``) searched with the shipped ``joint.yaml``, as a user
-would, completes its trials, and every artifact reloads in ONNX Runtime and scores what its trial recorded."""
+"""Bring your own model: each shape of the zoo (``tests/zoo.py``) searched with the shipped ``joint.yaml`` (fine-tunes
+of at most two epochs), as a user would, completes its trials, and every artifact reloads in ONNX Runtime and scores
+what its trial recorded."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from autocomp.pipeline import ARTIFACT
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
 from tests import zoo
-from tests.conftest import ROOT
+from tests.conftest import ROOT, short_joint_space
 from tests.test_cli import AUTOCOMP
 
 
 def zoo_study(tmp_path: Path, name: str) -> StudySpec:
+    """The shipped joint space on the zoo's task ``name``, with fine-tunes of at most two epochs."""
     path = tmp_path / "zoo.yaml"
     path.write_text(f"schema_version: 1\nstudy_name: {name}\ntask: 'tests.zoo:{name}'\n"
-                    f"space: {ROOT / 'search_spaces' / 'joint.yaml'}\ntrials: 3\n"
+                    f"space: {short_joint_space(tmp_path, 2)}\ntrials: 3\n"
                     "measure: {warmup_seconds: 0.1, max_seconds: 1.0}\n")
     return StudySpec.load(path)
 
@@ -57,7 +59,7 @@ def test_a_search_of_the_shipped_joint_space_completes_on_every_shape(name, tmp_
 def test_a_model_autocomp_cannot_compress_is_refused_in_one_line_before_the_study_exists(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(f"schema_version: 1\nstudy_name: s\ntask: 'tests.tasks:dict_output'\n"
-                    f"space: {ROOT / 'search_spaces' / 'joint.yaml'}\ntrials: 3\n")
+                    f"space: {short_joint_space(tmp_path, 2)}\ntrials: 3\n")
     result = subprocess.run([AUTOCOMP, "search", str(path)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
