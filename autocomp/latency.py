@@ -23,6 +23,9 @@ hour. The protocol (README, "How latency is measured"):
    confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
    measurement that did not get there (a slow phase outlasted it) is taken again, up to ``ATTEMPTS``
    measurements, and the one with the tighter interval kept; flagged ``noisy`` if none got there.
+6. **The load it was taken under.** The cores other processes kept busy during the measurement
+   (``load``, from /proc/stat less this process's own CPU time) are stored with it: a number taken
+   beside other work is not a number of an idle machine, however tight its interval.
 
 The ratio is the number to trust; a study turns it into milliseconds with the latency its
 teacher had when the study began (``measure.with_ratios``), so trials of one study, and the
@@ -32,6 +35,7 @@ replay of a recipe, are compared on one scale.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -60,11 +64,31 @@ class Latency:
     runs: int  # timed runs of the candidate (in the measurement kept)
     noisy: bool  # the interval did not reach the tolerance within the time budget, in every attempt
     attempts: int = 1  # measurements taken: a noisy one is taken again (``ATTEMPTS``), the tighter kept
+    load: float = float("nan")  # cores other processes kept busy meanwhile (``cpu_elsewhere``; nan: unknown)
 
     def as_metrics(self) -> dict[str, float]:
         return {"latency_raw_ms": self.median_ms, "latency_p10_ms": self.p10_ms, "latency_p90_ms": self.p90_ms,
                 "latency_ratio": self.ratio, "latency_ratio_ci": self.ratio_ci, "latency_runs": self.runs,
-                "latency_noisy": float(self.noisy), "latency_attempts": self.attempts}
+                "latency_noisy": float(self.noisy), "latency_attempts": self.attempts, "latency_load": self.load}
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """CPU time in clock ticks: the whole machine's busy time (all but idle and iowait) and this process's own
+    (all its threads); None where /proc does not tell."""
+    try:
+        machine = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return None
+    return sum(machine) - machine[3] - machine[4], int(own[11]) + int(own[12])  # utime, stime
+
+
+def cpu_elsewhere(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float:
+    """The cores other processes kept busy between two ``cpu_ticks`` readings ``seconds`` apart."""
+    if before is None or after is None or seconds <= 0:
+        return float("nan")
+    (machine0, own0), (machine1, own1) = before, after
+    return max(machine1 - machine0 - (own1 - own0), 0) / os.sysconf("SC_CLK_TCK") / seconds
 
 
 def quantile_interval(values: np.ndarray, q: float = 0.5, confidence: float = 0.95) -> tuple[float, float]:
@@ -116,7 +140,7 @@ def compare(candidate: Runner | Sequence[Runner], reference: Runner | Sequence[R
     candidates, references = ([run] if callable(run) else list(run) for run in (candidate, reference))
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidate sessions but {len(references)} reference sessions")
-    start = time.perf_counter()
+    start, ticks = time.perf_counter(), cpu_ticks()
     warm = 0
     while warm < MIN_WARMUP_RUNS or time.perf_counter() - start < warmup_seconds:
         for pair in zip(candidates, references, strict=True):
@@ -131,7 +155,7 @@ def compare(candidate: Runner | Sequence[Runner], reference: Runner | Sequence[R
             break
         again = _rounds(candidates, references, block, same, tolerance, max_seconds, min_seconds)
         result = replace(min(result, again, key=lambda r: r.ratio_ci), attempts=attempt)
-    return result
+    return replace(result, load=cpu_elsewhere(ticks, cpu_ticks(), time.perf_counter() - start))
 
 
 def _rounds(candidates: list[Runner], references: list[Runner], block: int, same: bool, tolerance: float,
