@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from autocomp import kernels
+
+kernels.pin()  # before torch loads: every entry point (CLI, spawned workers, Ray workers) imports autocomp first
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -404,10 +404,11 @@ def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], 
     """Refuse to mix results of another teacher or other data: ``recorded`` is what ``where`` was made with."""
     for key in ("teacher_sha256", "data_sha256"):
         if recorded and recorded.get(key) != current[key]:
-            cpu = recorded.get("cpu")
-            other_cpu = key == "teacher_sha256" and cpu and cpu != current["cpu"]
-            hint = (f" It was made on a {cpu} CPU, this machine is a {current['cpu']}: a teacher trained on another "
-                    "CPU model differs in its last bits." if other_cpu else "")
+            cpu, used = recorded.get("cpu"), recorded.get("kernels", "unrecorded")
+            elsewhere = key == "teacher_sha256" and cpu and (cpu, used) != (current["cpu"], current["kernels"])
+            hint = (f" It was made on a {cpu} CPU ({used} kernels), this machine is a {current['cpu']} "
+                    f"({current['kernels']}): a teacher trained on another CPU model or with other kernels differs "
+                    "in its last bits." if elsewhere else "")
             raise AutocompError(f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
                                 f"{current[key][:12]}...: another teacher or other data.{hint}")
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autocomp import kernels
 from autocomp.train import Split, cross_entropy, deterministic, fit, predict
 
 # metric(logits (N, C), labels (N,)) -> float, higher is better
@@ -57,7 +58,7 @@ class Task:
         state = self.teacher.state_dict()
         return {"teacher_sha256": digest(state[k] for k in sorted(state)),
                 "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y)),
-                "cpu": machine_cpu()}
+                "cpu": machine_cpu(), "kernels": kernels.in_use()}
 
 
 def machine_cpu() -> str:
@@ -102,15 +103,16 @@ def cached_teacher(
 ) -> nn.Module:
     """Train ``build()`` once with cross-entropy and cache its weights; later calls load them.
 
-    The cache key holds the task key, the seed, the architecture, the training settings and a digest
-    of the training data, so a change to any of them trains a new teacher instead of loading a stale
-    one. Training is deterministic (``train.fit``), so a fresh machine of the same kind trains the
-    same weights.
+    The cache key holds the task key, the seed, the architecture, the training settings, a digest of the
+    training data and the kernels in use (``kernels.in_use``), so a change to any of them trains a new
+    teacher instead of loading a stale one. Training is deterministic (``train.fit``), so a fresh machine
+    with a CPU of the same vendor trains the same weights (README, "Training is deterministic").
     """
     torch.manual_seed(seed)
     model = build()
     data = digest([train.x, train.y])
-    fingerprint = f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{data}|{getattr(augment, '__name__', None)}"
+    fingerprint = (f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{data}|{getattr(augment, '__name__', None)}"
+                   f"|{kernels.in_use()}")  # other kernels train other bits
     key_digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     path = cache_dir() / "teachers" / f"{key}-seed{seed}-{key_digest}.pt"
     if path.exists():

@@ -1,0 +1,46 @@
+"""The CPU kernels torch trains with, held to one instruction set so CPU models of one vendor train the same bits.
+
+torch picks its vectorised kernels by the CPU it runs on: ATen's (AVX-512 or AVX2), oneDNN's and MKL's code
+paths. Each rounds float sums its own way, and training amplifies the last bits into another teacher: the
+digits teacher trained to other weights on each of three CPU models. Held to AVX2 (``PINNED``, set before torch
+loads), two AMD EPYC models, one with AVX-512 and one without, trained the same digits teacher bit for bit; an
+Intel Xeon still trained another (README, "Training is deterministic").
+
+``AUTOCOMP_NATIVE_KERNELS=1`` keeps the CPU's own kernels (faster where it has AVX-512; teachers then reproduce
+on one CPU model only). A variable already set in the environment is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+NATIVE = "AUTOCOMP_NATIVE_KERNELS"
+
+
+def has_avx2() -> bool:
+    """Whether this is an x86-64 CPU with AVX2 (Linux: from /proc/cpuinfo; elsewhere not pinned)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "avx2" in line.split() for line in lines)
+
+
+def pin() -> None:
+    """Hold torch's kernels to AVX2 on an x86-64 CPU that has it, unless ``AUTOCOMP_NATIVE_KERNELS=1``: before
+    torch loads (torch reads these variables once), so a no-op once it has."""
+    if os.environ.get(NATIVE) == "1" or "torch" in sys.modules or not has_avx2():
+        return
+    for name, value in PINNED.items():
+        os.environ.setdefault(name, value)
+
+
+def in_use() -> str:
+    """The kernels this process computes with, as a fingerprint records them: ATen's capability and MKL's
+    code-path setting (``native`` when none is set)."""
+    import torch
+
+    return f"aten {torch.backends.cpu.get_cpu_capability().lower()}, mkl {os.environ.get('MKL_CBWR', 'native')}"
