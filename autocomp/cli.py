@@ -222,15 +222,16 @@ def _apply(args: argparse.Namespace) -> int:
     from autocomp.measure import with_ratios
     from autocomp.pipeline import apply, teacher_baseline
     from autocomp.recipe import Recipe
-    from autocomp.search.optuna_runner import check_fingerprint
+    from autocomp.search.optuna_runner import fingerprint_mismatch
     from autocomp.tasks import load_task
 
     recipe = Recipe.load(args.recipe)
     task = load_task(recipe.task)
-    recorded = recipe.provenance.get("fingerprint")
-    if not args.allow_other_teacher:
-        check_fingerprint(recorded, task.fingerprint(), f"recipe {str(args.recipe)!r}")
-    elif recorded and recorded != task.fingerprint():
+    mismatch = fingerprint_mismatch(recipe.provenance.get("fingerprint"), task.fingerprint(),
+                                    f"recipe {str(args.recipe)!r}")
+    if mismatch and not args.allow_other_teacher:
+        raise AutocompError(mismatch)
+    if mismatch:
         print("autocomp: warning: the recipe was made for another teacher or other data (--allow-other-teacher).")
     with tempfile.TemporaryDirectory() as tmp:
         baseline = teacher_baseline(task, recipe.measure, tmp, recorded=recipe.provenance.get("teacher"))

@@ -20,13 +20,18 @@ PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR
 NATIVE = "AUTOCOMP_NATIVE_KERNELS"
 
 
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (``vendor_id``, ``flags``, ...); empty where there is none."""
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+
+
 def has_avx2() -> bool:
     """Whether this is an x86-64 CPU with AVX2 (Linux: from /proc/cpuinfo; elsewhere not pinned)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "avx2" in line.split() for line in lines)
+    return "avx2" in cpu_info().get("flags", "").split()
 
 
 def pin() -> None:

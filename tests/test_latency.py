@@ -100,6 +100,9 @@ class Wide(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
+IDLE = 0.1  # cores busy elsewhere: below it, an otherwise idle machine
+
+
 def busy_elsewhere(seconds: float = 0.5) -> float:
     """The cores other processes keep busy over the next ``seconds`` (this process sleeps meanwhile)."""
     before = latency.cpu_ticks()
@@ -113,9 +116,6 @@ def wait_for_an_idle_machine(limit: float = 60.0) -> None:
     end = time.time() + limit
     while busy_elsewhere() > IDLE and time.time() < end:
         pass
-
-
-IDLE = 0.1  # cores busy elsewhere: below it, an otherwise idle machine
 
 
 def test_a_measurement_records_the_load_other_processes_put_on_the_machine():

@@ -400,8 +400,9 @@ def _baseline(study: optuna.Study, task: Task, spec: StudySpec, out_dir: str) ->
     return Baseline(baseline.artifact, study.user_attrs["teacher"])
 
 
-def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> None:
-    """Refuse to mix results of another teacher or other data: ``recorded`` is what ``where`` was made with."""
+def fingerprint_mismatch(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> str | None:
+    """One line saying how ``where``'s teacher or data (``recorded``) differ from this task's (``current``);
+    None when both are the same (or nothing was recorded)."""
     for key in ("teacher_sha256", "data_sha256"):
         if recorded and recorded.get(key) != current[key]:
             cpu, used = recorded.get("cpu"), recorded.get("kernels", "unrecorded")
@@ -409,8 +410,16 @@ def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], 
             hint = (f" It was made on a {cpu} CPU ({used} kernels), this machine is a {current['cpu']} "
                     f"({current['kernels']}): a teacher trained on another CPU model or with other kernels differs "
                     "in its last bits." if elsewhere else "")
-            raise AutocompError(f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
-                                f"{current[key][:12]}...: another teacher or other data.{hint}")
+            return (f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
+                    f"{current[key][:12]}...: another teacher or other data.{hint}")
+    return None
+
+
+def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> None:
+    """Refuse to mix results of another teacher or other data: ``recorded`` is what ``where`` was made with."""
+    mismatch = fingerprint_mismatch(recorded, current, where)
+    if mismatch:
+        raise AutocompError(mismatch)
 
 
 def summary(trials: list[optuna.trial.FrozenTrial]) -> str:

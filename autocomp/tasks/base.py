@@ -64,12 +64,9 @@ class Task:
 def machine_cpu() -> str:
     """This machine's CPU model and widest vector unit: training is reproducible on one CPU model, but another
     one runs other vectorised kernels and trains other last bits (README, "Training is deterministic")."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
-                      if ":" in line)
-    except OSError:
+    info = kernels.cpu_info()
+    if not info:
         return platform.processor() or platform.machine()
-    info = {k.strip(): v.strip() for k, v in fields.items()}
     flags = info.get("flags", "").split()
     vector = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "scalar")
     return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}, {vector}"
