@@ -23,8 +23,9 @@ hour. The protocol (README, "How latency is measured"):
    confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
    measurement that did not get there (a slow phase outlasted it) is taken again, up to ``ATTEMPTS``
    measurements, and the one with the tighter interval kept; flagged ``noisy`` if none got there.
-6. **The load it was taken under.** The cores other processes kept busy during the measurement
-   (``load``, from /proc/stat less this process's own CPU time) are stored with it: a number taken
+6. **The load it was taken under.** The cores other work kept busy during the measurement
+   (``load``, from /proc/stat less the measuring thread's own CPU time: other processes, and other threads
+   of this one) are stored with it: a number taken
    beside other work is not a number of an idle machine, however tight its interval.
 
 The ratio is the number to trust; a study turns it into milliseconds with the latency its
@@ -73,11 +74,12 @@ class Latency:
 
 
 def cpu_ticks() -> tuple[int, int] | None:
-    """CPU time in clock ticks: the whole machine's busy time (all but idle and iowait) and this process's own
-    (all its threads); None where /proc does not tell."""
+    """CPU time in clock ticks: the whole machine's busy time (all but idle and iowait) and the calling thread's
+    own (the one that runs the timed sessions: other threads of this process are other work too); None where
+    /proc does not tell."""
     try:
         machine = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-        own = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        own = open("/proc/thread-self/stat").read().rsplit(")", 1)[1].split()
     except (OSError, ValueError):
         return None
     return sum(machine) - machine[3] - machine[4], int(own[11]) + int(own[12])  # utime, stime
