@@ -19,7 +19,8 @@ The encoding (README, "How the search space is encoded"), built so every sampler
 - **Students.** ``student.family`` and ``student.init`` are choices; every knob of every offered family is a
   dimension (``student.cnn.kernel``; per-stage knobs once per possible stage, ``student.cnn.width.3``), sampled in
   every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch and
-  is pruned in global scope at the level: the per-layer shares name the teacher's layers.
+  is pruned in global scope at the level and quantized uniformly: the per-layer shares, bits and int8 kernels
+  name the teacher's layers.
 - **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
   and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune; weights
   of 4 bits or fewer train with QAT where the space allows QAT (not with k-means sharing).
@@ -266,7 +267,7 @@ class SearchSpace:
         static_int8 = q.get("activation_bits", 32) == 8
         for key, rule, used in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
                                 ("activation_layers", "activation_bits", static_int8)]:
-            if key in self.sections["quantize"] and used:
+            if key in self.sections["quantize"] and used and chosen.derived:  # a new network has its own layers
                 q[key] = {name: values[f"quantize.{name}.{rule}"] for name in quantizable or prunable}
         lowest = min([q.get("bits", 32), *q.get("layers", {}).values()])
         qat = self.sections["quantize"].get("qat")

@@ -45,6 +45,8 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
             assert not p.layers and p.sparsity == pytest.approx(level) and p.min_keep == values["prune.min_keep"]
         if q.activation_bits == 8:  # static int8 sets 8-bit weights whatever `quantize.bits` drew
             assert q.bits == 8 and q.calibration == values["quantize.calibration"]
+        if recipe.student.family != "teacher":  # a new network: the teacher's layer names are not its own
+            assert not q.layers and not q.activation_layers
         lowest = min([q.bits, *q.layers.values()])
         if lowest <= 4 and q.bits <= 8 and not q.kmeans:
             assert q.qat  # low bit widths train with QAT
@@ -61,10 +63,12 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
     assert weight_criteria <= {"l1", "l2", "taylor", "lamp", "random"}
     assert {r.distill.kind for r in recipes} == {"none", "logits", "fitnet", "attention", "rkd", "sp",
                                                  "attention_matrix", "hidden"}
+    assert {r.student.family for r in recipes} == {"teacher", "cnn", "mlp", "transformer"}
     mixed = [r.quantize.layers for r in recipes if r.quantize.layers]
     assert mixed and all(set(layers) == set(prunable) for layers in mixed)  # quantizable defaults to prunable
     assert all(r.quantize.activation_bits == 32 and r.quantize.bits <= 16 for r in recipes if r.quantize.layers)
-    int8 = [r.quantize.activation_layers for r in recipes if r.quantize.activation_bits == 8]  # per-layer kernels
+    int8 = [r.quantize.activation_layers for r in recipes  # per-layer kernels, on the teacher's graph
+            if r.quantize.activation_bits == 8 and r.student.family == "teacher"]
     assert int8 and all(set(layers) == set(prunable) for layers in int8)
     assert any(set(layers.values()) == {8, 32} for layers in int8)
     assert all(not r.quantize.activation_layers for r in recipes if r.quantize.activation_bits == 32)
