@@ -23,10 +23,10 @@ hour. The protocol (README, "How latency is measured"):
    confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
    measurement that did not get there (a slow phase outlasted it) is taken again, up to ``ATTEMPTS``
    measurements, and the one with the tighter interval kept; flagged ``noisy`` if none got there.
-6. **The load it was taken under.** The cores other work kept busy during the measurement
-   (``load``, from /proc/stat less the measuring thread's own CPU time: other processes, and other threads
-   of this one) are stored with it: a number taken
-   beside other work is not a number of an idle machine, however tight its interval.
+6. **The load it was taken under.** The cores other work kept busy during the measurement (``load``, from
+   /proc/stat less the measuring thread's own CPU time: other processes, and other threads of this one) are
+   stored with it: a number taken beside other work is not a number of an idle machine, however tight its
+   interval.
 
 The ratio is the number to trust; a study turns it into milliseconds with the latency its
 teacher had when the study began (``measure.with_ratios``), so trials of one study, and the
@@ -65,7 +65,7 @@ class Latency:
     runs: int  # timed runs of the candidate (in the measurement kept)
     noisy: bool  # the interval did not reach the tolerance within the time budget, in every attempt
     attempts: int = 1  # measurements taken: a noisy one is taken again (``ATTEMPTS``), the tighter kept
-    load: float = float("nan")  # cores other processes kept busy meanwhile (``cpu_elsewhere``; nan: unknown)
+    load: float = float("nan")  # cores other work kept busy meanwhile (``cpu_elsewhere``; nan: unknown)
 
     def as_metrics(self) -> dict[str, float]:
         return {"latency_raw_ms": self.median_ms, "latency_p10_ms": self.p10_ms, "latency_p90_ms": self.p90_ms,
@@ -86,7 +86,7 @@ def cpu_ticks() -> tuple[int, int] | None:
 
 
 def cpu_elsewhere(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float:
-    """The cores other processes kept busy between two ``cpu_ticks`` readings ``seconds`` apart."""
+    """The cores other work (processes, threads) kept busy between two ``cpu_ticks`` readings ``seconds`` apart."""
     if before is None or after is None or seconds <= 0:
         return float("nan")
     (machine0, own0), (machine1, own1) = before, after
