@@ -112,10 +112,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     student, facts = student_and_facts(recipe, task)
     prunable = facts.prunable
     recipe.check_layers(prunable, facts.layers, facts.blocks, facts.attention)
-    if recipe.prune.drop_blocks:
-        drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
-    if recipe.prune.heads:
-        drop_heads(student, recipe.prune.heads, head_counts(student))
+    restructure(student, recipe, task)
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
     hints = [n for n in prunable if n in present]  # a new network pairs its layers with the teacher's by depth
@@ -142,6 +139,15 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     int8 = [n for n in layer_names(student) if recipe.quantize.activation_bits_of(n) == 8]
     return CompressedModel(student, artifact, metrics, kernels, layer_kernels,
                            runtime.fp32_fallbacks(layer_kernels, int8), seconds)
+
+
+def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:
+    """The recipe's edits before channels go: its least contributing residual blocks dropped, then its share of
+    every attention module's heads."""
+    if recipe.prune.drop_blocks:
+        drop_blocks(student, recipe.prune.drop_blocks, task.train.x[:CALIBRATION_SAMPLES])
+    if recipe.prune.heads:
+        drop_heads(student, recipe.prune.heads, head_counts(student))
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,

@@ -149,6 +149,8 @@ def preactivation_module(graph, layer: nn.Module) -> nn.Module:
 def record_preactivations(model: nn.Module, graph, names: list[str], data: Split,
                           samples: int = 256) -> dict[str, Tensor]:
     """Each named layer's pre-activations on the first ``samples`` training inputs, as (M, C)."""
+    if not names:
+        return {}
     modules = dict(model.named_modules())
     module_names = {m: n for n, m in modules.items()}
     taps = {name: module_names[preactivation_module(graph, modules[name])] for name in names}
