@@ -28,7 +28,7 @@ from autocomp.features import layer_names
 from autocomp.measure import macs_and_params, measure
 from autocomp.recipe import FineTune, Measure, Recipe, Student
 from autocomp.tasks.base import Task
-from autocomp.train import fit
+from autocomp.train import EarlyStopping, fit
 
 ARTIFACT, RECIPE = "model.onnx", "recipe.yaml"
 CALIBRATION_SAMPLES = 256
@@ -98,6 +98,7 @@ class CompressedModel:
     layer_kernels: dict[str, str]  # Conv/Linear layer -> the ONNX Runtime kernel that computes it
     fp32_layers: dict[str, str]  # layers the recipe puts on int8 kernels that stayed fp32 -> why
     seconds: dict[str, float]  # wall-clock time of each stage: compress (prune + fine-tune), deploy, measure
+    epochs: list[int]  # epochs fine-tuned after each pruning round: the schedule's, fewer where one stopped early
 
 
 def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True,
@@ -118,12 +119,14 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     hints = [n for n in prunable if n in present]  # a new network pairs its layers with the teacher's by depth
     hint_pairs = [(n, n) for n in hints] if family(recipe.student.family).derived else by_depth(
         hints, list(teacher_facts(task).prunable))
+    trained: list[int] = []  # epochs each round's fine-tune ran
     for r, epochs in enumerate(schedule, start=1):
         # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
               progress=r / len(schedule))
-        _fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1,
-                   qat=recipe.quantize.qat and r == len(schedule), progress=progress)  # QAT in the last fine-tune
+        qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
+        trained.append(_fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1, qat=qat,
+                                  progress=progress))
     finalize_masks(student)
     clock.append(time.perf_counter())
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
@@ -138,7 +141,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     layer_kernels = runtime.layer_kernels(artifact)
     int8 = [n for n in layer_names(student) if recipe.quantize.activation_bits_of(n) == 8]
     return CompressedModel(student, artifact, metrics, kernels, layer_kernels,
-                           runtime.fp32_fallbacks(layer_kernels, int8), seconds)
+                           runtime.fp32_fallbacks(layer_kernels, int8), seconds, trained)
 
 
 def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:
@@ -151,7 +154,9 @@ def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:
 
 
 def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,
-               seed: int, qat: bool, progress: bool) -> None:
+               seed: int, qat: bool, progress: bool) -> int:
+    """Distil/fine-tune ``student`` in place for up to ``epochs``; return the epochs it trained (fewer when
+    ``finetune.patience`` stopped it: ranked on validation accuracy, as trials are)."""
     d, q = recipe.distill, recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -161,13 +166,15 @@ def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple
         per_channel=q.per_channel, symmetric=q.symmetric,
         quantize_inputs=[name for name in quantized if q.activation_bits_of(name) == 8],
     ) if qat else contextlib.nullcontext()
+    stopping = EarlyStopping(lambda model: task.score(model, task.val), recipe.finetune.patience)
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
                                    alpha=d.alpha, weight=d.weight, pairs=pairs,
                                    teacher_logits=task.teacher_logits() if d.kind != "none" else None) as loss:
         fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
             on_epoch_end=(lambda g: regrow(student, recipe.prune.regrow, g)) if recipe.prune.regrow > 0 else None,
-            seed=seed, desc="fine-tune", progress=progress)
+            early_stopping=stopping, seed=seed, desc="fine-tune", progress=progress)
+    return stopping.epochs_run
 
 
 @dataclass

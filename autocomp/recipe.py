@@ -179,16 +179,23 @@ class Distill:
 
 @dataclass
 class FineTune:
-    """``epochs`` of fine-tuning in all, split over the pruning rounds (``schedule``)."""
+    """``epochs`` of fine-tuning in all, split over the pruning rounds (``schedule``).
+
+    ``patience`` > 0 stops a round's fine-tune once the validation metric (the task's, top-1 accuracy by default)
+    has not improved for ``patience`` epochs, and keeps the weights of its best epoch
+    (``autocomp.train.EarlyStopping``); 0: every epoch runs.
+    """
 
     epochs: int = 2
     lr: float = 1e-3
     batch_size: int = 64
+    patience: int = 0
 
     def __post_init__(self) -> None:
         check_range("epochs", self.epochs, 0, 1000)
         check_range("lr", self.lr, 1e-7, 1.0)
         check_range("batch_size", self.batch_size, 1, 65536)
+        check_range("patience", self.patience, 0, 1000)
 
     def schedule(self, rounds: int) -> list[int]:
         """Epochs after each of ``rounds`` pruning rounds: as even as whole epochs allow, earlier rounds

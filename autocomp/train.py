@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from autocomp.errors import check_range
 
 # loss(student_logits, inputs, labels, indices of the batch in its split) -> scalar
 LossFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -79,6 +81,49 @@ def cross_entropy(logits: Tensor, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, y)
 
 
+@dataclass
+class EarlyStopping:
+    """Stop a ``fit`` once ``evaluate(model)`` (higher is better: a validation metric) has not improved for
+    ``patience`` epochs in a row, and keep the weights of the best epoch. ``patience`` 0 is off: every epoch
+    runs and nothing is scored, as without it.
+
+    ``fit`` scores the model after each epoch (``step``) and loads the best epoch's state back at the end
+    (``restore``); an epoch is the best only when it scores strictly higher than every earlier one. Afterwards
+    ``epochs_run`` epochs were trained and epoch ``best_epoch`` (1-based; 0: none scored) scored ``best_score``.
+    One instance serves one fit.
+    """
+
+    evaluate: Callable[[nn.Module], float]
+    patience: int = 0
+    epochs_run: int = field(default=0, init=False)
+    best_epoch: int = field(default=0, init=False)
+    best_score: float = field(default=-float("inf"), init=False)
+    _best_state: dict[str, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_range("patience", self.patience, 0, 1000)
+
+    def step(self, model: nn.Module) -> bool:
+        """Count an epoch and, when on, score ``model`` in eval mode without gradients (then back in train
+        mode) and remember its state if it is the best yet; True when training should stop."""
+        self.epochs_run += 1
+        if self.patience == 0:
+            return False
+        with torch.no_grad():
+            score = float(self.evaluate(model.eval()))
+        model.train()
+        if score > self.best_score:
+            self.best_epoch, self.best_score = self.epochs_run, score
+            # parametrizations (pruning masks, fake quantizers) keep their tensors in the state dict too
+            self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return self.epochs_run - self.best_epoch >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best epoch's weights and buffers back into ``model`` (nothing to do when none was scored)."""
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
+
+
 def fit(
     model: nn.Module,
     data: Split,
@@ -91,6 +136,7 @@ def fit(
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     regularizer: Callable[[], Tensor] | None = None,
     on_epoch_end: Callable[[torch.Generator], None] | None = None,
+    early_stopping: EarlyStopping | None = None,
     seed: int = 0,
     desc: str = "train",
     progress: bool = True,
@@ -99,7 +145,9 @@ def fit(
     (``deterministic``: the same weights on every machine of one kind, whatever its core count).
 
     ``regularizer()`` is added to every step's loss (e.g. the L1 penalty of network slimming);
-    ``on_epoch_end(generator)`` runs after every epoch but the last (e.g. sparse-training regrowth).
+    ``on_epoch_end(generator)`` runs between epochs, after each one that another follows (e.g. sparse-training
+    regrowth). ``early_stopping`` may end the fit before ``epochs`` and restores its best epoch; the cosine
+    schedule still spans ``epochs``, so a stopped fit ends at a higher learning rate.
     ``loss_fn`` gets each batch's indices into ``data`` too; with ``augment`` its inputs are no longer
     ``data.x[indices]`` (so a loss that looks targets up by index, as ``Distiller`` does, needs no ``augment``).
     """
@@ -131,8 +179,12 @@ def fit(
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if early_stopping is not None and early_stopping.step(model):
+                break
             if on_epoch_end is not None and epoch < epochs - 1:
                 on_epoch_end(generator)
+    if early_stopping is not None:
+        early_stopping.restore(model)
     bar.close()
     return model.eval()
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from autocomp.tasks import Task
-from autocomp.train import Split, predict
+from autocomp.train import Split, cross_entropy, fit, predict
 from tests.conftest import SmallCNN
 
 
@@ -49,6 +49,23 @@ def fixed_view() -> Task:
     torch.manual_seed(0)
     data = Split(_inputs(64, 0), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
     return Task("fixed_view", TrainFixedView().eval(), data, data, data, example_input=data.x[:1])
+
+
+def blobs(n: int, seed: int) -> Split:
+    """Two Gaussian blobs in 4 dimensions, 6 standard deviations apart: a small MLP separates them within an epoch."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return Split(torch.randn(n, 4, generator=g) + 3.0 * (2 * y[:, None] - 1), y)
+
+
+def plateau() -> Task:
+    """An MLP that separates ``blobs`` perfectly: a fine-tune's validation accuracy is 100% from its first epoch
+    on, so early stopping ends it after exactly 1 + patience epochs."""
+    train, val, test = blobs(128, 0), blobs(64, 1), blobs(64, 2)
+    torch.manual_seed(0)
+    teacher = fit(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)), train, cross_entropy, epochs=2,
+                  lr=1e-2, batch_size=16, progress=False)
+    return Task("plateau", teacher, train, val, test, example_input=val.x[:1])
 
 
 class Bottleneck(nn.Module):

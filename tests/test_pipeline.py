@@ -14,7 +14,9 @@ from autocomp.compress.prune import prunable_layers
 from autocomp.features import layer_names
 from autocomp.pipeline import apply, teacher_baseline, teacher_facts
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe, Student
+from autocomp.tasks import Task
 from tests.conftest import QUICK_MEASURE
+from tests.tasks import plateau
 
 
 def teacher_metrics(task, out_dir) -> dict[str, float]:
@@ -38,6 +40,7 @@ def test_apply_measures_the_artifact_itself(digits_task, tmp_path):
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["test_accuracy"]
     assert result.metrics["test_accuracy"] > 0.9
     assert result.model.conv2.out_channels == 32 and result.model.fc1.out_features == 64
+    assert result.epochs == [2]  # no patience: the whole fine-tune
 
 
 def test_apply_is_deterministic_and_compresses(digits_task, tmp_path):
@@ -49,6 +52,18 @@ def test_apply_is_deterministic_and_compresses(digits_task, tmp_path):
     assert teacher["params"] > 500_000
     assert first["size_bytes"] < 0.5 * teacher["size_bytes"]  # removed channels really shrink the file
     assert first["macs"] < teacher["macs"] and first["params"] < teacher["params"]
+
+
+def test_early_stopping_ends_each_rounds_fine_tune_on_a_validation_plateau(tmp_path):
+    task = plateau()  # 100% validation accuracy from the first epoch on
+    scored = []
+    task.score = lambda model, split: scored.append(split) or Task.score(task, model, split)
+    r = Recipe(task="plateau", prune=Prune(scope="global", sparsity=0.25, rounds=2), distill=Distill(kind="none"),
+               finetune=FineTune(epochs=20, lr=1e-2, batch_size=16, patience=2), measure=QUICK_MEASURE)
+    result = apply(r, task, tmp_path, progress=False)
+    assert result.epochs == [3, 3]  # of the schedule's [10, 10]: the best epoch, then two without improvement
+    assert len(scored) == 6 and all(split is task.val for split in scored)  # ranked on validation, never test
+    assert result.metrics["val_accuracy"] == 1.0
 
 
 def test_network_slimming_penalty_shrinks_batchnorm_scales(digits_task, tmp_path):

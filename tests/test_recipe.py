@@ -51,6 +51,7 @@ def test_quantization_aware_training_of_masked_weights_round_trips():
         ({"distill": {"alpha": -0.1}}, "recipe.distill.alpha", "got -0.1"),
         ({"quantize": {"calibraton": "minmax"}}, "recipe.quantize.calibraton", "Did you mean 'calibration'?"),
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
+        ({"finetune": {"patience": -1}}, "recipe.finetune.patience", "must be in [0, 1000], but got -1"),
         ({"schema_version": 7}, "recipe.schema_version", "got 7"),
         ({"prune": {"rounds": 3}}, "recipe.finetune.epochs", "each of the 3 pruning rounds"),
         ({"quantize": {"qat": True}, "finetune": {"epochs": 0}}, "recipe.quantize.qat", "finetune.epochs >= 1"),

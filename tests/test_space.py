@@ -9,7 +9,7 @@ import yaml
 
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
-from autocomp.recipe import Distill, Recipe
+from autocomp.recipe import Distill, FineTune, Recipe
 from autocomp.search.optuna_runner import make_sampler, narrow_to_model
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
@@ -105,6 +105,7 @@ def test_the_samplers_learn_every_dimension(small_cnn, path, sampler):
         ({"quantize": {"calibration": ["minmax", "entropi"]}}, "space.quantize.calibration",
          "Did you mean 'entropy'?"),
         ({"finetune": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.finetune.lr", "log range"),
+        ({"finetune": {"patience": [0, -1]}}, "space.finetune.patience", "got -1"),
         ({"distil": {}}, "space.distil", "Did you mean 'distill'?"),
     ],
 )
@@ -134,6 +135,17 @@ def test_values_that_do_not_apply_are_ignored(small_cnn):
     assert set(trial.params) == {"quantize.calibration", "distill.temperature"}  # sampled in every trial
     assert (recipe.quantize.bits, recipe.quantize.calibration, recipe.distill.alpha) == (32, "minmax", 0.0)
     assert recipe.distill.temperature == Distill().temperature  # alpha 0: the temperature is not used
+
+
+def test_a_space_fixes_or_searches_the_fine_tunes_patience(small_cnn, tmp_path):
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    (tmp_path / "space.yaml").write_text("schema_version: 1\nfinetune: {epochs: 12, patience: 3}\n")
+    recipe = SearchSpace.load(tmp_path / "space.yaml").sample(optuna.create_study().ask(), "digits", prunable)
+    assert recipe.finetune == FineTune(epochs=12, patience=3)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    space = SearchSpace.from_dict({"schema_version": 1, "finetune": {"patience": [0, 2, 5]}})
+    values = {name: param.candidates()[0] for name, param in space.dimensions(prunable, "digits").items()}
+    assert space.decode({**values, "finetune.patience": 5}, "digits", prunable).finetune.patience == 5
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
