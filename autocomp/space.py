@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocomp.allocation import Guide, group_sparsities, layer_formats
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.student import STUDENTS
 from autocomp.config import check_schema_version, from_dict, read_yaml
@@ -45,6 +46,8 @@ SCHEMA_VERSION = 1
 SECTIONS = {"student": Student, "quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
+# a policy's knobs (``autocomp.allocation``) and their defaults: 0 follows no sensitivity, 100 points protects nothing
+POLICY = {"follow": 0.0, "protect": 100.0}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks", "heads"]
 # section -> {key: when}: the key's value is used only where ``when(values)`` holds, given the values
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
@@ -156,6 +159,7 @@ class SearchSpace:
     sections: dict[str, dict[str, Param]] = field(default_factory=dict)
     students: dict[str, dict[str, Param]] = field(default_factory=dict)  # family -> its knobs, where searched
     warm_start: WarmStart = field(default_factory=lambda: WarmStart())
+    policy: dict[str, Param] = field(default_factory=dict)  # POLICY knobs: per-layer choices from the sensitivity map
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
@@ -164,7 +168,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: dict) -> SearchSpace:
         check_schema_version(data, SCHEMA_VERSION, "space")
-        _check_keys(data, ["schema_version", "prune", "warm_start", *SECTIONS], "space")
+        _check_keys(data, ["schema_version", "prune", "warm_start", "policy", *SECTIONS], "space")
         student = data.get("student", {})  # the family's and init's choices, and each family's knobs
         knobs = {k: v for k, v in student.items() if k in STUDENTS} if isinstance(student, dict) else {}
         student = {k: v for k, v in student.items() if k not in knobs} if isinstance(student, dict) else student
@@ -176,7 +180,26 @@ class SearchSpace:
                     warm_start=from_dict(WarmStart, data.get("warm_start", {}), "space.warm_start"))
         space._parse_students(knobs)
         space._parse_prune(data.get("prune", {}))
+        space._parse_policy(data.get("policy"))
         return space
+
+    def _parse_policy(self, policy: Any) -> None:
+        """The knobs that derive every layer's pruning share and quantization format (``autocomp.allocation``); a
+        space has them or per-layer dimensions (``prune.allocation``, ``quantize.layers``,
+        ``quantize.activation_layers``), not both."""
+        if policy is None:
+            return
+        _check_keys(policy, list(POLICY), "space.policy")
+        self.policy = {key: Param.parse(policy.get(key, default), f"space.policy.{key}")
+                       for key, default in POLICY.items()}
+        for key, param in self.policy.items():
+            for value in param.candidates():
+                check_range(f"space.policy.{key}", value, 0.0, 100.0)
+        per_layer = ["space.prune.allocation"] * (self.allocation is not None) + [
+            f"space.quantize.{key}" for section, key in PER_LAYER if key in self.sections["quantize"]]
+        if per_layer:
+            raise ConfigError(f"derives every layer's choice, so the space cannot also search {per_layer}.",
+                              "space.policy")
 
     def _parse_students(self, knobs: dict[str, Any]) -> None:
         """Each searched family's knobs: its own space (``autocomp.compress.student``), knob by knob as the
@@ -238,6 +261,7 @@ class SearchSpace:
             dims |= {f"student.{name}.{knob}": param for knob, param in STUDENTS.get(name).dimensions(params).items()}
         if self.allocation is not None:
             dims |= {f"prune.{name}.share": self.allocation for name in self.layer_names(prunable, task)}
+        dims |= {f"policy.{key}": param for key, param in self.policy.items()}
         for section, params in self.sections.items():
             for key, param in params.items():
                 rule = PER_LAYER.get((SECTIONS[section].__name__, key))
@@ -247,24 +271,33 @@ class SearchSpace:
         return dims
 
     def sample(self, trial, task: str, prunable: dict, seed: int = 0, measure: Measure | None = None,
-               quantizable: list[str] | None = None) -> Recipe:
+               quantizable: list[str] | None = None, guide: Guide | None = None) -> Recipe:
         """Ask ``trial`` for every free dimension (``dimensions``) and return the Recipe they decode to."""
         values = {name: param.suggest(trial, name)
                   for name, param in self.dimensions(prunable, task, quantizable).items()}
-        return self.decode(values, task, prunable, seed, measure, quantizable)
+        return self.decode(values, task, prunable, seed, measure, quantizable, guide)
 
     def decode(self, values: dict[str, Any], task: str, prunable: dict, seed: int = 0,
-               measure: Measure | None = None, quantizable: list[str] | None = None) -> Recipe:
-        """The Recipe that one value per dimension stands for (values that do not apply are ignored)."""
+               measure: Measure | None = None, quantizable: list[str] | None = None,
+               guide: Guide | None = None) -> Recipe:
+        """The Recipe that one value per dimension stands for (values that do not apply are ignored); a space
+        with a ``policy`` derives its per-layer choices from ``guide``, the teacher's sensitivity map."""
+        if self.policy and guide is None:
+            raise ConfigError("derives every layer's choice from the teacher's sensitivity map, but none was given.",
+                              "space.policy")
         sections = {section: _decode_section(section, params, values) for section, params in self.sections.items()}
         student = sections["student"]
         chosen = STUDENTS.get(student.get("family", "teacher"))
         if student.get("family") in self.students:
             student["config"] = chosen.decode({knob: values[f"student.{student['family']}.{knob}"]
                                                for knob in chosen.dimensions(self.students[student["family"]])})
-        prune = self._decode_prune(values, prunable, task, own_graph=chosen.derived)
+        prune = self._decode_prune(values, prunable, task, own_graph=chosen.derived, guide=guide)
         q = sections["quantize"]
         static_int8 = q.get("activation_bits", 32) == 8
+        if guide is not None and self.policy and chosen.derived:  # a new network has its own layers
+            weights, activations = layer_formats(guide, quantizable or list(prunable), q.get("bits", 32), static_int8,
+                                                 values["policy.protect"])
+            q |= {key: found for key, found in (("layers", weights), ("activation_layers", activations)) if found}
         for key, rule, used in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
                                 ("activation_layers", "activation_bits", static_int8)]:
             if key in self.sections["quantize"] and used and chosen.derived:  # a new network has its own layers
@@ -283,7 +316,8 @@ class SearchSpace:
         return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in sections.items()})
 
-    def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str, own_graph: bool = True) -> Prune:
+    def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str, own_graph: bool = True,
+                      guide: Guide | None = None) -> Prune:
         """The teacher's graph (``own_graph``) is pruned as sampled; a new student network has its own layers, so
         is pruned in global scope at the level, its depth and heads being its family's choice."""
         chosen = {key: values[f"prune.{key}"] for key in ("scope", "granularity", "rounds", "bn_penalty",
@@ -299,12 +333,15 @@ class SearchSpace:
                 chosen["min_keep"] = values["prune.min_keep"]
             return Prune(sparsity=level, criterion=self._criterion(criterion, applicable(granularity)), **chosen)
         cap = max(self.sparsity.candidates())
+        names = self.layer_names(prunable, task)
+        derived = group_sparsities(guide, list(dict.fromkeys(prunable[n].group for n in names)), level,
+                                   values["policy.follow"], cap) if guide is not None and self.policy else {}
         layers: dict[str, LayerPrune] = {}
-        for name in self.layer_names(prunable, task):
+        for name in names:
             key = name if granularity == "weight" else prunable[name].group  # a group is named once
             if key not in layers:
                 share = values[f"prune.{name}.share"] if self.allocation is not None else 1.0
-                sparsity = round(min(level * share, cap), 6)
+                sparsity = derived.get(prunable[name].group, round(min(level * share, cap), 6))
                 layers[key] = LayerPrune(sparsity, self._criterion(criterion, prunable[name].criteria(granularity)))
         return Prune(layers=layers, **chosen)
 

@@ -7,10 +7,12 @@ import pytest
 import torch
 import yaml
 
+from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
 from autocomp.recipe import Distill, FineTune, Recipe
 from autocomp.search.optuna_runner import make_sampler, narrow_to_model
+from autocomp.sensitivity import Sensitivity
 from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
@@ -77,6 +79,54 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
     assert any(layers["conv1"].sparsity == 0.0 < layers["conv2"].sparsity for layers in local)  # share 0: kept
 
 
+def small_guide() -> Guide:
+    """A sensitivity map of ``SmallCNN``: conv1 fragile when pruned, fc1 free, conv2 between; conv1 costs 5 points
+    on int8 kernels, fc1 nothing at 2 bits, conv2 3 points at 2 bits and 0.5 at 4."""
+    prune = {"conv1": {"0.25": 0.7, "0.5": 0.5, "0.75": 0.2}, "conv2": {"0.25": 0.9, "0.5": 0.85, "0.75": 0.7},
+             "fc1": {"0.25": 0.95, "0.5": 0.95, "0.75": 0.94}}
+    quantize = {"conv1": {"8": 0.9, "4": 0.8, "2": 0.3}, "conv2": {"8": 0.95, "4": 0.945, "2": 0.92},
+                "fc1": {"8": 0.95, "4": 0.95, "2": 0.95}, "fc2": {"8": 0.95, "4": 0.95, "2": 0.9}}
+    return Guide(Sensitivity(0.95, prune, quantize), {"conv1": 1000, "conv2": 5000, "fc1": 9000})
+
+
+def test_the_compact_space_derives_per_layer_choices_from_the_sensitivity_map(small_cnn):
+    space = SearchSpace.load(ROOT / "search_spaces" / "compact.yaml")
+    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    layers = ["conv1", "conv2", "fc1", "fc2"]
+    dims = space.dimensions(prunable, "digits", layers)
+    free = [name for name, param in dims.items() if not param.fixed]
+    assert len(free) <= 12 and not any(".share" in n or n.count(".") > 1 for n in free)  # nothing per layer
+    guide = small_guide()
+    base = {name: param.candidates()[0] for name, param in dims.items()}
+
+    def decode(**values):
+        return space.decode(base | {k.replace("__", "."): v for k, v in values.items()}, "digits", prunable,
+                            quantizable=layers, guide=guide)
+
+    uniform = decode(prune__sparsity=0.6, policy__follow=0.0)
+    assert {name: layer.sparsity for name, layer in uniform.prune.layers.items()} == dict.fromkeys(guide.sizes, 0.6)
+    followed = decode(prune__sparsity=0.6, policy__follow=1.0).prune.layers
+    assert followed["conv1"].sparsity < followed["conv2"].sparsity < 0.6 < followed["fc1"].sparsity  # fragile kept
+    mean = sum(guide.sizes[g] * layer.sparsity for g, layer in followed.items()) / sum(guide.sizes.values())
+    assert mean == pytest.approx(0.6, abs=1e-3)  # the level keeps its meaning: the parameters removed
+    stronger = decode(prune__sparsity=0.6, policy__follow=2.0).prune.layers
+    assert stronger["conv1"].sparsity < followed["conv1"].sparsity
+    assert decode(prune__sparsity=0.9, policy__follow=2.0).prune.layers["fc1"].sparsity == 0.95  # the range's top
+    int8 = decode(quantize__activation_bits=8, policy__protect=1.0).quantize
+    assert int8.bits == 8 and int8.activation_layers == {"conv1": 32}  # 5 points on int8 kernels: fp32
+    assert decode(quantize__activation_bits=8, policy__protect=10.0).quantize.activation_layers == {}
+    two = decode(quantize__activation_bits=32, quantize__bits=2, policy__protect=1.0).quantize
+    assert two.bits == 2 and two.qat and two.layers == {"conv1": 32, "conv2": 4, "fc2": 4}
+    with pytest.raises(ConfigError, match="sensitivity map"):
+        space.decode(base, "digits", prunable, quantizable=layers)
+
+
+def test_a_policy_and_per_layer_dimensions_exclude_each_other():
+    with pytest.raises(ConfigError, match="cannot also search") as err:
+        SearchSpace.from_dict({"schema_version": 1, "prune": {"allocation": [0.5, 1.0]}, "policy": {"follow": 1.0}})
+    assert err.value.field == "space.policy"
+
+
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_the_samplers_learn_every_dimension(small_cnn, path, sampler):
@@ -89,7 +139,7 @@ def test_the_samplers_learn_every_dimension(small_cnn, path, sampler):
         StudySpec("s", "digits", str(path), sampler=sampler, population_size=4), seed=0))
     for _ in range(20):
         trial = study.ask()
-        recipe = space.sample(trial, "digits", prunable)
+        recipe = space.sample(trial, "digits", prunable, guide=small_guide())
         study.tell(trial, [trial.params.get("prune.sparsity", 0.0), recipe.quantize.bits])
     trial = study.ask()
     assert set(study.sampler.infer_relative_search_space(study, trial)) == free
@@ -155,7 +205,7 @@ def test_every_shipped_space_loads_and_samples_valid_recipes(small_cnn, path):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
         trial = study.ask()
-        recipe = space.sample(trial, "digits", prunable)
+        recipe = space.sample(trial, "digits", prunable, guide=small_guide())
         recipe.check_layers(prunable)
         assert Recipe.from_dict(recipe.to_dict()) == recipe
         study.tell(trial, 0.0)

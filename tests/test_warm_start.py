@@ -95,3 +95,19 @@ def test_a_teachers_map_is_analysed_once_and_read_by_every_later_study(teacher_c
     assert sensitivity.cached(task, progress=False, recompute=True).baseline == 0.0
     other = dataclasses.replace(task, metric=lambda logits, labels: 0.5)  # another metric: another map
     assert sensitivity.cached(other, progress=False).baseline == 0.0
+
+
+def test_a_policy_space_warm_starts_on_its_knobs():
+    """Uniform: nothing follows the map and nothing is protected; by sensitivity: the policy's knobs at 1."""
+    space = SearchSpace.load(ROOT / "search_spaces" / "compact.yaml")
+    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    dims = space.dimensions(prunable, "digits")
+    groups = {name: layer.group for name, layer in prunable.items()}
+    fake = Sensitivity(0.99, {g: {"0.5": 0.9} for g in set(groups.values())}, {})
+    policies = warm_start(dims, [0.5, 0.8], fake, groups, dict.fromkeys(groups.values(), 1))
+    assert len(policies) == 8
+    for policy in policies[:4]:
+        assert policy["policy.follow"] == 0.0 and policy["policy.protect"] == 10.0
+    for policy in policies[4:]:
+        assert policy["policy.follow"] == 1.0 and policy["policy.protect"] == 1.0
+    assert all(not name.endswith(".share") for policy in policies for name in policy)

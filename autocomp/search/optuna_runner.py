@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autocomp.allocation import Guide, tied_parameters
 from autocomp.compress.distill import hidden_layers
 from autocomp.compress.student import STUDENTS, can_build
 from autocomp.errors import AutocompError
@@ -140,6 +141,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
     before = {t.number for t in study.trials}
     with tempfile.TemporaryDirectory() as tmp:
         baseline = _baseline(study, task, spec, tmp)
+        study_guide(study, space, task, prunable, progress)  # stored for every worker
         if not study.trials:  # a new study opens with the hand-made policies
             _enqueue_warm_start(study, space, spec.task, task, prunable, quantizable, progress)
         budget = timeout or spec.timeout
@@ -249,11 +251,12 @@ def make_objective(run: Run, study: optuna.Study,
                           f"study {run.spec.study_name!r}")
     space, task, prunable, quantizable = prepared
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
-    return _objective(run.spec, space, task, baseline, prunable, quantizable, run.seed)
+    guide = study_guide(study, space, task, prunable, progress=False)
+    return _objective(run.spec, space, task, baseline, prunable, quantizable, run.seed, guide)
 
 
 def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
-               quantizable: list[str], seed: int) -> Callable[[optuna.Trial], list[float]]:
+               quantizable: list[str], seed: int, guide: Guide | None) -> Callable[[optuna.Trial], list[float]]:
     from optuna.artifacts import FileSystemArtifactStore
 
     Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
@@ -261,7 +264,8 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
 
     def objective(trial: optuna.Trial) -> list[float]:
         trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
-        recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable)
+        recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable,
+                              guide=guide)
         trial.set_user_attr("recipe", recipe.to_dict())
         _check_caps(trial, recipe, task, spec.constraints)
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
@@ -272,6 +276,7 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
         metrics = with_ratios(result.metrics, baseline.metrics)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("epochs", result.epochs)  # per pruning round, as trained (early stopping may cut them)
         trial.set_user_attr("kernels", result.kernels)
         trial.set_user_attr("layer_kernels", result.layer_kernels)
         trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
@@ -379,6 +384,18 @@ def sensitivity_of(spec: StudySpec, recompute: bool = False, progress: bool = Tr
     check_fingerprint(study.user_attrs.get("fingerprint"), task.fingerprint(), f"study {spec.study_name!r}")
     study.set_user_attr("fingerprint", task.fingerprint())
     return study_sensitivity(study, task, progress, recompute)
+
+
+def study_guide(study: optuna.Study, space: SearchSpace, task: Task, prunable: dict,
+                progress: bool = True) -> Guide | None:
+    """What a space's ``policy`` derives every layer's choice from (``autocomp.allocation``): the teacher's
+    sensitivity map and the parameters tied to each pruning group, stored with the study; None without a policy."""
+    if not space.policy:
+        return None
+    sensitivity = study_sensitivity(study, task, progress)
+    if "tied_parameters" not in study.user_attrs:
+        study.set_user_attr("tied_parameters", tied_parameters(task.teacher, task.example_input, prunable, task.train))
+    return Guide(sensitivity, study.user_attrs["tied_parameters"])
 
 
 def study_sensitivity(study: optuna.Study, task: Task, progress: bool = True, recompute: bool = False) -> Sensitivity:

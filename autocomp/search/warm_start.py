@@ -8,7 +8,9 @@ teacher's sensitivity map. Groups are ranked by the accuracy their pruning alone
 parameter it holds (a large group that costs little is the best place to remove parameters; a small fragile
 one saves little and costs much): the first third gets the space's next share above 1, the last third the
 next share below 1, the rest the level itself. Static int8 keeps fp32 the layers whose int8 alone costs
-more than ``INT8_TOLERANCE`` of validation accuracy.
+more than ``INT8_TOLERANCE`` of validation accuracy. A space with a ``policy`` (``autocomp.allocation``) gets the
+same two kinds through its knobs: ``follow`` 0 and nothing protected (uniform), or ``follow`` ``FOLLOW`` and
+``protect`` at ``INT8_TOLERANCE`` (allocated by sensitivity).
 
 A policy names only values the space can take; any dimension it cannot set is sampled as usual.
 """
@@ -29,8 +31,17 @@ UNIFORM: dict[str, Any] = {
     "quantize.kmeans": False,
     "distill.kind": "logits", "distill.alpha": 0.7, "distill.temperature": 4.0, "finetune.lr": 1e-3,
     "student.family": "teacher", "student.init": "teacher", "student.teacher.depth": 1.0, "student.teacher.width": 1.0,
+    "policy.follow": 0.0,
 }
 INT8_TOLERANCE = 0.01
+FOLLOW = 1.0  # how strongly a policy's allocation follows the sensitivity map (``autocomp.allocation``)
+
+
+def _nearest(param: Param, value: float) -> float:
+    """``value``, or the nearest value ``param`` can take."""
+    if param.choices is not None:
+        return min(param.choices, key=lambda c: abs(c - value))
+    return min(max(value, param.low), param.high)
 
 
 def uniform_policy(dims: dict[str, Param], level: float, int8: bool) -> dict[str, Any]:
@@ -42,7 +53,7 @@ def uniform_policy(dims: dict[str, Param], level: float, int8: bool) -> dict[str
             wanted[name] = 1.0
         elif name.startswith("quantize.") and name.rsplit(".", 1)[1] in ("bits", "activation_bits"):  # per layer
             wanted.setdefault(name, bits)
-        elif name == "finetune.epochs":
+        elif name in ("finetune.epochs", "policy.protect"):  # the longest fine-tune; no layer protected
             wanted[name] = max(param.candidates())
     return {name: value for name, value in wanted.items()
             if name in dims and not dims[name].fixed and dims[name].admits(value)}
@@ -53,6 +64,8 @@ def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensiti
     """``uniform_policy`` with the level allocated by ``sensitivity``; ``groups`` maps each layer to its group,
     ``sizes`` each group to its parameter count."""
     policy = uniform_policy(dims, level, int8)
+    knobs = {"policy.follow": FOLLOW, "policy.protect": 100 * INT8_TOLERANCE}  # a space with a policy: its knobs
+    policy |= {name: _nearest(dims[name], value) for name, value in knobs.items() if name in dims}
     shares = sorted({p for name, param in dims.items() if name.endswith(".share") for p in param.candidates()})
     if shares:
         ranked = sorted(sensitivity.prune, key=lambda g: (sensitivity.prune_drop(g, level) / max(sizes.get(g, 1), 1),
