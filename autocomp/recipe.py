@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,6 +301,9 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **to_dict(self)}
 
+    def canonical(self) -> str:
+        return canonical(self.to_dict())
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         from autocomp.tasks.registry import import_plugins
@@ -315,3 +319,16 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         return cls.from_dict(read_yaml(path, "recipe"))
+
+
+def canonical(data: dict[str, Any]) -> str:
+    """What a recipe (as ``Recipe.to_dict`` writes it) builds, as text two equal recipes share: every field but the
+    provenance, floats to 9 significant digits (a sampler's 0.0010000000000000002 is 0.001)."""
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return float(f"{value:.9g}")
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return [rounded(v) for v in value] if isinstance(value, list) else value
+
+    return json.dumps(rounded({k: v for k, v in data.items() if k != "provenance"}), sort_keys=True)

@@ -41,7 +41,7 @@ def test_a_screen_keeps_what_a_fine_tune_needs():
 
 SPACE = """schema_version: 1
 prune: {scope: local, sparsity: {low: 0.0, high: 0.9, step: 0.1}, criteria: [l1]}
-finetune: {epochs: {low: 4, high: 8}, lr: 3.0e-3}
+finetune: {epochs: {low: 4, high: 8}, lr: {low: 2.9e-3, high: 3.1e-3}}  # a continuous value: no recipe twice
 """
 
 

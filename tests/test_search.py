@@ -16,7 +16,7 @@ from tests.test_cli import AUTOCOMP
 SPACE = """schema_version: 1
 prune: {scope: local, sparsity: %s, criteria: [l1]}
 quantize: {bits: [32, 16]}
-finetune: {epochs: 0}
+finetune: {epochs: 0, lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
 """
 
 
@@ -71,7 +71,7 @@ def test_a_student_over_the_studys_caps_is_never_trained(digits_task, tmp_path):
 student:
   family: [mlp]
   mlp: {depth: [1], width: [8, 512], norm: [none]}
-finetune: {epochs: 1}
+finetune: {epochs: 1, lr: {low: 1.0e-3, high: 2.0e-3}}
 distill: {kind: logits}
 """)
     path = tmp_path / "s.yaml"  # 64 inputs: 8 hidden units hold 610 parameters, 512 hold 38,410
@@ -90,3 +90,27 @@ distill: {kind: logits}
         assert t.state.name == "COMPLETE" and t.user_attrs["metrics"]["params"] == 610
         assert t.constraints == {"params": (610 - 5000) / 5000}
     assert {t.number for t in study_obj.best_trials} <= {t.number for t in under}  # the front: feasible only
+
+
+def test_a_recipe_is_evaluated_once(tmp_path):
+    """Two recipes in all (fp32, fp16): of four trials two run, and the others are stored untrained as what they
+    are, duplicates of the trial that ran their recipe, which a float's last bits do not hide."""
+    path = study(tmp_path, "tests.tasks:val_test_disagree", "0.0")
+    (tmp_path / "space.yaml").write_text(SPACE.replace("lr: {low: 1.0e-4, high: 1.0e-2, log: true}", "lr: 0.001")
+                                         % "0.0")
+    spec = StudySpec.load(path)
+    study_obj, _ = run_search(spec, trials=1, progress=False)
+    study_obj.enqueue_trial({"quantize.bits": 32})
+    study_obj.enqueue_trial({"quantize.bits": 16})
+    study_obj.enqueue_trial({"quantize.bits": 32})
+    study_obj, trials = run_search(spec, trials=4, progress=False)
+    states = [t.state.name for t in study_obj.trials]
+    assert states.count("COMPLETE") == 2 and states.count("PRUNED") == 2, states
+    by_number = {t.number: t for t in study_obj.trials}
+    for trial in study_obj.trials:
+        if trial.state.name == "PRUNED":
+            original = by_number[trial.user_attrs["duplicate_of"]]
+            assert original.state.name == "COMPLETE" and original.user_attrs["recipe"] == trial.user_attrs["recipe"]
+            assert "metrics" not in trial.user_attrs and "fidelity" not in trial.user_attrs  # nothing was trained
+    complete = [t for t in study_obj.trials if t.state.name == "COMPLETE"]
+    assert {t.user_attrs["recipe"]["quantize"]["bits"] for t in complete} == {32, 16}

@@ -26,7 +26,7 @@ from autocomp.pipeline import (
     teacher_baseline,
     teacher_facts,
 )
-from autocomp.recipe import Recipe
+from autocomp.recipe import Recipe, canonical
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
@@ -268,6 +268,7 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
                               guide=guide)
         trial.set_user_attr("recipe", recipe.to_dict())
         _check_caps(trial, recipe, task, spec.constraints)
+        _check_duplicate(trial, recipe)
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
             _screen(trial, screen, task, baseline, spec)
@@ -285,6 +286,22 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
         return [metrics[name] for name in spec.objectives]
 
     return objective
+
+
+def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
+    """Raise ``TrialPruned``, untrained, when another trial of the study (finished or running) holds the same recipe
+    (``Recipe.canonical``): a recipe is evaluated once. The trial records which one (``duplicate_of``)."""
+    import optuna
+
+    key = recipe.canonical()
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        if other.number != trial.number and "duplicate_of" not in other.user_attrs \
+                and canonical(other.user_attrs.get("recipe", {})) == key:
+            trial.set_user_attr("duplicate_of", other.number)
+            raise optuna.TrialPruned(f"the recipe of trial {other.number} again: not run twice")
 
 
 def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str, float]) -> None:
