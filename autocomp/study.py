@@ -16,7 +16,7 @@ SCHEMA_VERSION = 1
 # what a search may optimise; test_accuracy is reported only (selecting on it is the winner's curse)
 METRICS = ("val_accuracy", "size_bytes", "latency_ms", "macs", "params", "nonzero_params")
 DIRECTIONS = ("maximize", "minimize")
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "gp", "random", "proxy")
 CAPS = ("params", "macs", "size_bytes")  # what a study may cap (params and MACs are checked before training)
 
 

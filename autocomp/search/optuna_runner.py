@@ -9,8 +9,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from autocomp import proxy
 from autocomp.allocation import Guide, tied_parameters
 from autocomp.compress.distill import hidden_layers
 from autocomp.compress.student import STUDENTS, can_build
@@ -26,6 +27,7 @@ from autocomp.pipeline import (
     teacher_baseline,
     teacher_facts,
 )
+from autocomp.proxy import ProxyScore
 from autocomp.recipe import Recipe, canonical
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, cached
@@ -43,13 +45,21 @@ if TYPE_CHECKING:
 FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
 
-def make_sampler(spec: StudySpec, seed: int):
+def make_sampler(spec: StudySpec, seed: int, objective: Objective | None = None):
+    """The study's sampler; the proxy sampler scores candidates through ``objective`` (random sampling without)."""
     import optuna
 
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=seed)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.population_size,
+                                         warn_independent_sampling=False)
+    if spec.sampler == "proxy" and objective is not None:
+        from autocomp.search.proxy_sampler import ProxySampler
+
+        return ProxySampler(objective.proxy, spec.objectives, seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -126,6 +136,9 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
                             "pass --storage journal:///<file> (one machine) or postgresql://... (README).")
     if ray is not None:
         ray.check()
+        if spec.sampler == "proxy":
+            raise AutocompError("sampler 'proxy' runs with the local backend (--workers N on one machine); "
+                                "--backend ray does not take it yet.")
     space, task, prunable, quantizable, narrowed = _prepare(spec)
     for line in narrowed:
         print(f"autocomp: {line}")
@@ -205,8 +218,8 @@ def _work(run: Run, index: int, progress: bool, prepared: tuple | None = None,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = study or open_study(run.spec, create=False)
     done = finished_trials(study)
-    study.sampler = make_sampler(run.spec, run.seed + done + 7919 * index)  # no two draws alike
     objective = make_objective(run, study, prepared)
+    study.sampler = make_sampler(run.spec, run.seed + done + 7919 * index, objective)  # no two draws alike
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
     while run.deadline is None or time.time() < run.deadline:
         fail_dead_trials(study)
@@ -241,8 +254,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.T
     return state.name
 
 
-def make_objective(run: Run, study: optuna.Study,
-                   prepared: tuple | None = None) -> Callable[[optuna.Trial], list[float]]:
+def make_objective(run: Run, study: optuna.Study, prepared: tuple | None = None) -> Objective:
     """The objective every backend runs: one trial's recipe sampled, applied, measured and stored. A worker that
     loads the task itself (no ``prepared``) checks it against the study's fingerprint, as ``run_search`` did."""
     if prepared is None:
@@ -252,29 +264,48 @@ def make_objective(run: Run, study: optuna.Study,
     space, task, prunable, quantizable = prepared
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
     guide = study_guide(study, space, task, prunable, progress=False)
-    return _objective(run.spec, space, task, baseline, prunable, quantizable, run.seed, guide)
+    return Objective(run.spec, space, task, baseline, prunable, quantizable, run.seed, guide)
 
 
-def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
-               quantizable: list[str], seed: int, guide: Guide | None) -> Callable[[optuna.Trial], list[float]]:
-    from optuna.artifacts import FileSystemArtifactStore
+class Objective:
+    """One trial: its recipe sampled (``space.sample``), applied, measured and stored; ``proxy`` scores the recipe of
+    any values of the space's dimensions on the cheap rung (``autocomp.proxy``), which the proxy sampler asks."""
 
-    Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(spec.artifacts)
+    def __init__(self, spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
+                 quantizable: list[str], seed: int, guide: Guide | None) -> None:
+        from optuna.artifacts import FileSystemArtifactStore
 
-    def objective(trial: optuna.Trial) -> list[float]:
+        self.spec, self.space, self.task, self.baseline = spec, space, task, baseline
+        self.prunable, self.quantizable, self.seed, self.guide = prunable, quantizable, seed, guide
+        Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
+        self.store = FileSystemArtifactStore(spec.artifacts)
+
+    def recipe(self, values: dict[str, Any]) -> Recipe:
+        """The recipe of ``values`` (fixed dimensions at their value)."""
+        dims = self.space.dimensions(self.prunable, self.spec.task, self.quantizable)
+        return self.space.decode({name: values.get(name, param.candidates()[0]) for name, param in dims.items()},
+                                 self.spec.task, self.prunable, self.seed, self.spec.measure, self.quantizable,
+                                 self.guide)
+
+    def proxy(self, values: dict[str, Any]) -> ProxyScore:
+        return proxy.score(self.recipe(values), self.task)
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        spec, task = self.spec, self.task
         trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
-        recipe = space.sample(trial, spec.task, prunable, seed=seed, measure=spec.measure, quantizable=quantizable,
-                              guide=guide)
+        recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
+                                   quantizable=self.quantizable, guide=self.guide)
         trial.set_user_attr("recipe", recipe.to_dict())
         _check_caps(trial, recipe, task, spec.constraints)
         _check_duplicate(trial, recipe)
+        if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
+            trial.set_user_attr("proxy", proxy.score(recipe, task).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
-            _screen(trial, screen, task, baseline, spec)
+            _screen(trial, screen, task, self.baseline, spec)
         trial.set_user_attr("fidelity", "full")
-        result = _run_trial(trial, recipe, task, baseline.artifact, store)
-        metrics = with_ratios(result.metrics, baseline.metrics)
+        result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store)
+        metrics = with_ratios(result.metrics, self.baseline.metrics)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("epochs", result.epochs)  # per pruning round, as trained (early stopping may cut them)
@@ -285,16 +316,14 @@ def _objective(spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseli
             trial.set_constraint(metric, (metrics[metric] - cap) / cap)
         return [metrics[name] for name in spec.objectives]
 
-    return objective
-
 
 def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
     """Raise ``TrialPruned``, untrained, when another trial of the study (finished or running) holds the same recipe
     (``Recipe.canonical``): a recipe is evaluated once. The trial records which one (``duplicate_of``)."""
     import optuna
+    from optuna.trial import TrialState
 
     key = recipe.canonical()
-    from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
     for other in trial.study.get_trials(deepcopy=False, states=states):

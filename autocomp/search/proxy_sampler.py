@@ -1,0 +1,243 @@
+"""Proxy-guided search: look at many candidates on the cheap rung, train few (ARCHITECTURE.md "Two rungs").
+
+How full trials are chosen, in one line: each sampled trial runs the candidate, among all those the cheap rung
+(``autocomp.proxy``) has scored, whose predicted point adds the most hypervolume to the study's measured front.
+
+- **Candidates.** Before each sampled trial the sampler scores ``per_trial`` new ones (``first`` before the first):
+  half drawn at random from the space, half mutations of the front's trials (each dimension changed with
+  probability 2/d, at least one). Scores are kept for the rest of the search (``pool``).
+- **Prediction.** Validation accuracy after the full fine-tune is predicted from the proxy's accuracy, size and
+  latency (or MACs) by a Gaussian process fitted to the study's complete trials (scikit-learn), optimistic by one
+  standard deviation; size, latency and MACs from the proxy's by a line in log space fitted the same way.
+- **Choice.** The candidate whose predicted point adds the most hypervolume to the front of complete trials (in
+  log size and log latency), among candidates no trial has run; where none adds any, the one closest to adding.
+
+Enqueued trials (the warm start, retries) run as enqueued, and until ``startup`` trials are complete every trial
+is drawn at random. Proxy numbers only rank candidates: a trial's reported numbers are its full run's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.search_space import IntersectionSearchSpace
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from autocomp.proxy import ProxyScore
+
+# what the proxy says of each metric a study may optimise (val_accuracy is predicted by the Gaussian process)
+PROXY_OF = {"size_bytes": "size_bytes", "latency_ms": "latency_ms", "macs": "macs", "params": "params",
+            "nonzero_params": "params"}
+Scorer = Callable[[dict[str, Any]], ProxyScore]
+
+
+class ProxySampler(BaseSampler):
+    """An Optuna sampler that picks each trial among candidates scored on the cheap rung (module docstring)."""
+
+    def __init__(self, score: Scorer, objectives: dict[str, str], seed: int | None = None, first: int = 48,
+                 per_trial: int = 16, startup: int = 4, span: float = 0.05) -> None:
+        self._score, self._objectives, self.span = score, objectives, span
+        self._rng = random.Random(seed)
+        self._random = RandomSampler(seed=seed)
+        self._space = IntersectionSearchSpace()
+        self.first, self.per_trial, self.startup = first, per_trial, startup
+        self.pool: dict[tuple, tuple[dict[str, Any], ProxyScore]] = {}
+
+    def reseed_rng(self) -> None:
+        self._random.reseed_rng()
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._space.calculate(study)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if "proxy" in t.user_attrs and "metrics" in t.user_attrs]
+        if not search_space or "fixed_params" in trial.system_attrs or len(complete) < self.startup:
+            return {}
+        front = _front(complete, self._objectives)
+        self._grow(search_space, [t.params for t in front], self.first if not self.pool else self.per_trial)
+        ran = {_key(t.params) for t in study.get_trials(deepcopy=False) if t.number != trial.number}
+        candidates = [(params, score) for key, (params, score) in self.pool.items() if key not in ran]
+        if not candidates:
+            return {}
+        predicted = Predictor(complete, self._objectives).points([score for _, score in candidates])
+        measured = np.array([_loss_point(t.user_attrs["metrics"], self._objectives) for t in front])
+        reference = self._reference(study.user_attrs["teacher"])
+        best = int(np.argmax(_improvements(measured, predicted, reference)))
+        return {name: candidates[best][0][name] for name in search_space if name in candidates[best][0]}
+
+    def _reference(self, teacher: dict[str, float]) -> np.ndarray:
+        """The hypervolume's reference point: the teacher, ``span`` below it in accuracy (the region a user
+        compresses for: smaller, faster, and nearly as accurate)."""
+        return np.array(_loss_point({**teacher, "val_accuracy": teacher["val_accuracy"] - self.span},
+                                    self._objectives))
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def _grow(self, space: dict[str, BaseDistribution], parents: list[dict[str, Any]], count: int) -> None:
+        """Score ``count`` new candidates: half at random, half mutations of ``parents``."""
+        for i in range(count):
+            params = _mutate(self._rng.choice(parents), space, self._rng) if parents and i % 2 else {
+                name: _draw(d, self._rng) for name, d in space.items()}
+            key = _key(params)
+            if key in self.pool:
+                continue
+            try:
+                self.pool[key] = (params, self._score(params))
+            except Exception:  # a candidate the recipe's rules or the model refuse: not a candidate
+                continue
+
+
+class Predictor:
+    """Full-fidelity objective values from proxy scores, fitted to the study's complete trials."""
+
+    def __init__(self, complete: list[FrozenTrial], objectives: dict[str, str]) -> None:
+        self.objectives = objectives
+        proxies = [ProxyScore(**t.user_attrs["proxy"]) for t in complete]
+        metrics = [t.user_attrs["metrics"] for t in complete]
+        self.lines = {name: _log_line([_proxy_value(p, name) for p in proxies], [m[name] for m in metrics])
+                      for name in objectives if name in PROXY_OF}
+        self.accuracy = _accuracy_model(np.array([_features(p) for p in proxies]),
+                                        np.array([m["val_accuracy"] for m in metrics]))
+
+    def points(self, scores: list[ProxyScore]) -> np.ndarray:
+        """(N, objectives) predicted loss points (``_loss_point``'s space), accuracy optimistic by one sd."""
+        mean, sd = self.accuracy(np.array([_features(s) for s in scores]))
+        columns = []
+        for name, direction in self.objectives.items():
+            if name == "val_accuracy":
+                value = mean + sd
+                columns.append(-value if direction == "maximize" else value)
+            else:
+                slope, intercept = self.lines[name]
+                logs = slope * np.log([max(_proxy_value(s, name), 1e-12) for s in scores]) + intercept
+                columns.append(logs if direction == "minimize" else -logs)
+        return np.stack(columns, axis=1)
+
+
+def _accuracy_model(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A Gaussian process from proxy features to full-fidelity accuracy (mean, sd)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    center, scale = x.mean(axis=0), x.std(axis=0) + 1e-9
+    kernel = ConstantKernel(1.0) * RBF(length_scale=np.ones(x.shape[1])) + WhiteKernel(1e-2)
+    gp = GaussianProcessRegressor(kernel, normalize_y=True, random_state=0, n_restarts_optimizer=2)
+    with warnings.catch_warnings():  # a few points leave some length scales at their bounds: expected, not news
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit((x - center) / scale, y)
+    return lambda q: gp.predict((q - center) / scale, return_std=True)
+
+
+def _features(score: ProxyScore) -> list[float]:
+    speed = score.latency_ms if score.latency_ms is not None else float(max(score.macs, 1))
+    return [score.val_accuracy, math.log(max(score.size_bytes, 1)), math.log(max(speed, 1e-12))]
+
+
+def _proxy_value(score: ProxyScore, metric: str) -> float:
+    """The proxy's figure for ``metric``: latency from the table where there is one, else MACs stand in."""
+    if metric == "latency_ms" and score.latency_ms is None:
+        return float(max(score.macs, 1))
+    return float(getattr(score, PROXY_OF[metric]))
+
+
+def _log_line(proxy: Sequence[float], full: Sequence[float]) -> tuple[float, float]:
+    """log(full) = slope * log(proxy) + intercept, least squares (slope 1 with fewer than 3 distinct points)."""
+    x, y = np.log(np.maximum(proxy, 1e-12)), np.log(np.maximum(full, 1e-12))
+    if len(set(np.round(x, 6))) < 3:
+        return 1.0, float(np.mean(y - x))
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+def _loss_point(metrics: dict[str, float], objectives: dict[str, str]) -> list[float]:
+    """A trial's objectives as losses: accuracy negated where maximised, the other metrics in log."""
+    point = []
+    for name, direction in objectives.items():
+        value = metrics[name] if name == "val_accuracy" else math.log(max(metrics[name], 1e-12))
+        point.append(-value if direction == "maximize" else value)
+    return point
+
+
+def _front(trials: list[FrozenTrial], objectives: dict[str, str]) -> list[FrozenTrial]:
+    from autocomp.search.fidelity import dominates
+
+    points = [_loss_point(t.user_attrs["metrics"], objectives) for t in trials]
+    return [t for t, p in zip(trials, points, strict=True) if not any(dominates(q, p) for q in points)]
+
+
+def _improvements(front: np.ndarray, candidates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The hypervolume each candidate adds to ``front`` (losses) within ``reference``; a candidate adding none
+    scores minus its distance to adding (how far it would have to move to leave the dominated or outside region)."""
+    from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG (its public API has none for N-D)
+
+    inside = front[(front < reference).all(axis=1)]
+    base = compute_hypervolume(inside, reference) if len(inside) else 0.0
+    gains = np.empty(len(candidates))
+    for i, point in enumerate(candidates):
+        gain = compute_hypervolume(np.vstack([inside, point]), reference) - base if (point < reference).all() else 0
+        if gain > 0:
+            gains[i] = gain
+        else:  # how far from adding: past the reference point, or behind the front
+            outside = np.max(point - reference)
+            behind = np.min(np.max(point - inside, axis=1)) if len(inside) else 0.0
+            gains[i] = -max(outside, behind, 0.0) - 1e-12
+    return gains
+
+
+def _draw(distribution: BaseDistribution, rng: random.Random) -> Any:
+    if isinstance(distribution, CategoricalDistribution):
+        return rng.choice(distribution.choices)
+    low, high = distribution.low, distribution.high
+    if distribution.log:
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    return _snap(distribution, value)
+
+
+def _snap(distribution: BaseDistribution, value: float) -> Any:
+    """``value`` on the distribution's grid and within its bounds."""
+    low, high = distribution.low, distribution.high
+    value = min(max(value, low), high)
+    step = getattr(distribution, "step", None)
+    if step:
+        value = low + round((value - low) / step) * step
+        value = min(value, high)
+    if isinstance(distribution, IntDistribution):
+        return int(round(value))
+    return round(value, 10) if step else value
+
+
+def _mutate(parent: dict[str, Any], space: dict[str, BaseDistribution], rng: random.Random) -> dict[str, Any]:
+    """``parent`` with each dimension changed with probability 2/d (at least one changed)."""
+    names = list(space)
+    child = {name: parent.get(name, _draw(space[name], rng)) for name in names}
+    changed = [n for n in names if rng.random() < 2 / len(names)] or [rng.choice(names)]
+    for name in changed:
+        d = space[name]
+        if isinstance(d, CategoricalDistribution):
+            others = [c for c in d.choices if c != child[name]]
+            child[name] = rng.choice(others) if others else child[name]
+        elif isinstance(d, (FloatDistribution, IntDistribution)):
+            if d.log:
+                child[name] = _snap(d, math.exp(math.log(child[name]) + rng.gauss(0, 0.2 * math.log(d.high / d.low))))
+            else:
+                child[name] = _snap(d, child[name] + rng.gauss(0, 0.2 * (d.high - d.low)))
+    return child
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((name, round(v, 9) if isinstance(v, float) else v) for name, v in params.items()))
