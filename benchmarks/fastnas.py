@@ -212,7 +212,7 @@ def run(task_name: str, fractions: list[float], out_dir: Path, measure: Measure,
 def line(row: dict) -> str:
     m = row["metrics"]
     return (f"params {100 * row['params_kept']:.1f}%, val {100 * m['val_accuracy']:.2f}% "
-            f"(-{m['val_drop_pp']:.2f} pp), test {100 * m['test_accuracy']:.2f}%, size {m['compression_ratio']:.1f}x, "
+            f"({-m['val_drop_pp']:+.2f} pp), test {100 * m['test_accuracy']:.2f}%, size {m['compression_ratio']:.1f}x, "
             f"speedup {m['speedup']:.2f}x; FastNAS {row['fastnas_s']:.0f} s, apply {row['apply_s']:.0f} s")
 
 
