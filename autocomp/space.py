@@ -39,7 +39,7 @@ from autocomp.allocation import Guide, group_sparsities, layer_formats
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.student import STUDENTS
 from autocomp.config import check_schema_version, from_dict, read_yaml
-from autocomp.errors import ConfigError, check_range, did_you_mean
+from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
 from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe, Student
 
 SCHEMA_VERSION = 1
@@ -134,16 +134,19 @@ class Param:
 @dataclass
 class WarmStart:
     """The policies enqueued before anything is sampled (``autocomp.search.warm_start``): a hand-made
-    pipeline's uniform recipes, every group pruned to one of ``levels`` (fp32 and static int8, L1, logits
+    pipeline's uniform recipes, every group pruned to one of ``levels`` (deployed in each of ``formats``, L1, logits
     distillation, the longest fine-tune), and with ``sensitivity`` the same levels allocated by the
     teacher's sensitivity map (``autocomp sensitivity``)."""
 
     levels: list[float] = field(default_factory=list)
     sensitivity: bool = False
+    formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])  # fp32, int8 (kernels), int4 (QAT)
 
     def __post_init__(self) -> None:
         for level in self.levels:
             check_range("levels", level, 0.0, 1.0, high_open=True)
+        for fmt in self.formats:
+            check_choice("formats", fmt, ("fp32", "int8", "int4"))
 
 
 @dataclass

@@ -111,3 +111,13 @@ def test_a_policy_space_warm_starts_on_its_knobs():
     for policy in policies[4:]:
         assert policy["policy.follow"] == 1.0 and policy["policy.protect"] == 1.0
     assert all(not name.endswith(".share") for policy in policies for name in policy)
+
+
+def test_a_warm_start_may_open_with_4_bit_weights_trained_with_qat(digits_space):
+    space, prunable, dims = digits_space
+    policies = warm_start(dims, [0.8], formats=("fp32", "int8", "int4"))
+    recipes = [space.decode({name: policy.get(name, param.candidates()[0]) for name, param in dims.items()},
+                            "digits", prunable) for policy in policies]
+    assert [(r.quantize.bits, r.quantize.activation_bits, r.quantize.qat) for r in recipes] == [
+        (32, 32, False), (8, 8, False), (4, 32, True)]
+    assert recipes[2].quantize.layers == dict.fromkeys(prunable, 4)  # every layer at 4 bits, none left wider

@@ -416,7 +416,7 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task
     groups = {layer: p.group for layer, p in prunable.items()}
     dims = space.dimensions(prunable, name, quantizable)
     for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups,
-                             group_sizes(task.teacher, groups)):
+                             group_sizes(task.teacher, groups), space.warm_start.formats):
         study.enqueue_trial(policy, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 

@@ -17,6 +17,7 @@ A policy names only values the space can take; any dimension it cannot set is sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -34,6 +35,8 @@ UNIFORM: dict[str, Any] = {
     "policy.follow": 0.0,
 }
 INT8_TOLERANCE = 0.01
+# a hand-made recipe's deployment: (weight bits, activation bits); 4-bit weights fine-tune with QAT
+FORMATS = {"fp32": (32, 32), "int8": (8, 8), "int4": (4, 32)}
 FOLLOW = 1.0  # how strongly a policy's allocation follows the sensitivity map (``autocomp.allocation``)
 
 
@@ -44,26 +47,27 @@ def _nearest(param: Param, value: float) -> float:
     return min(max(value, param.low), param.high)
 
 
-def uniform_policy(dims: dict[str, Param], level: float, int8: bool) -> dict[str, Any]:
-    """The values of one hand-made recipe: every group at ``level``, fp32 or static int8."""
-    bits = 8 if int8 else 32
-    wanted = dict(UNIFORM, **{"prune.sparsity": level, "quantize.activation_bits": bits, "quantize.bits": bits})
+def uniform_policy(dims: dict[str, Param], level: float, fmt: str) -> dict[str, Any]:
+    """The values of one hand-made recipe: every group at ``level``, deployed as ``fmt`` (``FORMATS``)."""
+    bits, activation_bits = FORMATS[fmt]
+    wanted = dict(UNIFORM, **{"prune.sparsity": level, "quantize.activation_bits": activation_bits,
+                              "quantize.bits": bits, "quantize.qat": bits <= 4})
     for name, param in dims.items():
         if name.endswith(".share"):
             wanted[name] = 1.0
         elif name.startswith("quantize.") and name.rsplit(".", 1)[1] in ("bits", "activation_bits"):  # per layer
-            wanted.setdefault(name, bits)
+            wanted.setdefault(name, bits if name.endswith(".bits") else activation_bits)
         elif name in ("finetune.epochs", "policy.protect"):  # the longest fine-tune; no layer protected
             wanted[name] = max(param.candidates())
     return {name: value for name, value in wanted.items()
             if name in dims and not dims[name].fixed and dims[name].admits(value)}
 
 
-def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensitivity: Sensitivity,
+def sensitivity_policy(dims: dict[str, Param], level: float, fmt: str, sensitivity: Sensitivity,
                        groups: dict[str, str], sizes: dict[str, int]) -> dict[str, Any]:
     """``uniform_policy`` with the level allocated by ``sensitivity``; ``groups`` maps each layer to its group,
     ``sizes`` each group to its parameter count."""
-    policy = uniform_policy(dims, level, int8)
+    policy = uniform_policy(dims, level, fmt)
     knobs = {"policy.follow": FOLLOW, "policy.protect": 100 * INT8_TOLERANCE}  # a space with a policy: its knobs
     policy |= {name: _nearest(dims[name], value) for name, value in knobs.items() if name in dims}
     shares = sorted({p for name, param in dims.items() if name.endswith(".share") for p in param.candidates()})
@@ -77,7 +81,7 @@ def sensitivity_policy(dims: dict[str, Param], level: float, int8: bool, sensiti
                  if i >= len(ranked) - third else middle for i, g in enumerate(ranked)}
         policy |= {name: share[groups[name[len("prune."):-len(".share")]]]
                    for name in dims if name.endswith(".share") and name.startswith("prune.")}
-    if int8:
+    if fmt == "int8":
         for layer in sensitivity.quantize:
             name = f"quantize.{layer}.activation_bits"
             if name in dims and dims[name].admits(32) and sensitivity.quantize_drop(layer, 8) > INT8_TOLERANCE:
@@ -94,12 +98,13 @@ def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
 
 
 def warm_start(dims: dict[str, Param], levels: list[float], sensitivity: Sensitivity | None = None,
-               groups: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """The distinct policies of a warm start: uniform at each level (fp32 and int8), then allocated by sensitivity."""
-    policies = [uniform_policy(dims, level, int8) for level in levels for int8 in (False, True)]
+               groups: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
+               formats: Sequence[str] = ("fp32", "int8")) -> list[dict[str, Any]]:
+    """The distinct policies of a warm start: uniform at each level in each format, then allocated by sensitivity."""
+    policies = [uniform_policy(dims, level, fmt) for level in levels for fmt in formats]
     if sensitivity is not None and groups is not None:
-        policies += [sensitivity_policy(dims, level, int8, sensitivity, groups, sizes or {}) for level in levels
-                     for int8 in (False, True)]
+        policies += [sensitivity_policy(dims, level, fmt, sensitivity, groups, sizes or {}) for level in levels
+                     for fmt in formats]
     distinct: list[dict[str, Any]] = []
     for policy in policies:
         if policy not in distinct:
