@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-search bench-search-quick bench-students bench-scaling clean
+.PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-students bench-scaling clean
 
 setup: $(STAMP)
 
@@ -24,11 +24,20 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/storage.py
 
-bench-search: setup  # about 50 minutes here: 3 tasks x 5 methods x 3 seeds
+PEER := $(VENV)/.peer
+
+$(PEER): $(STAMP)  # the peer (NVIDIA Model Optimizer's FastNAS) for the search benchmark only
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,peer]"
+	touch $(PEER)
+
+bench-search: setup $(PEER)  # about 3 hours here: 3 tasks x (grid, autocomp x 2 seeds, proxy x 2 seeds, FastNAS)
 	$(BIN)/python benchmarks/search_quality.py
 
-bench-search-quick: setup  # about 5 minutes here: digits, one seed
+bench-search-quick: setup  # about 10 minutes here: digits, the grid against the proxy-guided search
 	$(BIN)/python benchmarks/search_quality.py --quick
+
+bench-proxy: setup  # about 30 minutes here: Kendall tau of the cheap rung against full trials
+	$(BIN)/python benchmarks/proxy_quality.py
 
 bench-students: setup  # about 20 minutes here: does the shipped space's student choice help?
 	$(BIN)/python benchmarks/search_quality.py --methods autocomp no_students --name search_quality_students
