@@ -88,7 +88,8 @@ def _graph_bytes_per_layer(task: Task, kind: str, spec: Quantize) -> float:
                           Path(tmp) / "teacher.onnx")
         size = artifact.stat().st_size
     layers = layer_names(task.teacher)
-    return max(size - stored_bytes(task.teacher, teacher_spec), 0) / max(len(layers), 1)
+    weights = stored_bytes(task.teacher, teacher_spec.bits_of, teacher_spec.per_channel, teacher_spec.symmetric)
+    return max(size - weights, 0) / max(len(layers), 1)
 
 
 @torch.no_grad()
@@ -138,6 +139,7 @@ def score(recipe: Recipe, task: Task, latency: LatencyModel | None = None) -> Pr
                                 symmetric=q.symmetric, quantize_inputs=int8):
             accuracy = task.score(student, task.val)
         counts = macs_and_params(student, task.example_input)
-    size = stored_bytes(student, q, sparse=recipe.prune.granularity == "weight") + graph_bytes(task, q, layers)
+    size = stored_bytes(student, q.bits_of, q.per_channel, q.symmetric, sparse=recipe.prune.granularity == "weight")
+    size += graph_bytes(task, q, layers)
     return ProxyScore(accuracy, size, None if latency is None else latency(student, task.example_input, int8),
                       counts["macs"], counts["params"], round(time.perf_counter() - started, 4))

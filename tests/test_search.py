@@ -33,8 +33,8 @@ def test_trials_are_ranked_on_validation_and_test_is_only_reported(tmp_path):
                                    progress=False)
     assert study_obj.user_attrs["teacher"]["val_accuracy"] == 1.0
     assert study_obj.user_attrs["teacher"]["test_accuracy"] == 0.0
-    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
-    for trial in trials:
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" or "duplicate_of" in t.user_attrs for t in trials)
+    for trial in [t for t in trials if t.state.name == "COMPLETE"]:  # NSGA-II may breed a recipe again
         metrics = trial.user_attrs["metrics"]
         assert trial.values[0] == metrics["val_accuracy"] == 1.0 and metrics["test_accuracy"] == 0.0
         assert metrics["test_drop_pp"] == metrics["val_drop_pp"] == 0.0
@@ -60,7 +60,8 @@ def test_a_wall_clock_budget_stops_starting_trials(tmp_path):
     started = time.monotonic()
     # a count no machine reaches in the budget: the clock, not the count, ends the run
     study_obj, trials = run_search(spec, trials=100_000, progress=False, timeout=10)
-    assert 1 <= len(trials) < 100_000 and all(t.state.name == "COMPLETE" for t in trials)
+    assert 1 <= len(trials) < 100_000
+    assert all(t.state.name == "COMPLETE" or "duplicate_of" in t.user_attrs for t in trials)  # none failed
     last = max(t.datetime_start for t in trials).timestamp()  # counted from the call, the teacher's baseline too
     # Optuna checks the clock, then creates the trial in storage: a start may trail the check by a write
     assert last - (time.time() - (time.monotonic() - started)) <= 10 + 1

@@ -15,17 +15,14 @@ activations).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from autocomp.compress.calibrate import qrange, scale_zero_point, weight_range
-
-if TYPE_CHECKING:
-    from autocomp.recipe import Quantize
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 NBITS = (3, 4)  # weight widths that run on MatMulNBits (its 2- and 8-bit fp32 paths are slower than fp32)
@@ -205,9 +202,11 @@ def _sparse_wins(mask: np.ndarray, bits: int) -> bool:
     return math.ceil(mask.size / 8) + mask.sum() * stored / 8 + DECODER_BYTES < mask.size * stored / 8
 
 
-def stored_bytes(model: torch.nn.Module, spec: Quantize, sparse: bool = False) -> int:
-    """About the bytes the artifact of ``model`` stores as ``spec`` quantizes it, without writing it: every
-    Conv/Linear weight in its container width (as a bitmask and its kept codes where ``sparse`` and smaller),
+def stored_bytes(model: torch.nn.Module, bits_of: Callable[[str], int], per_channel: bool, symmetric: bool,
+                 sparse: bool = False) -> int:
+    """About the bytes the artifact of ``model`` stores with each layer's weights at ``bits_of(layer)`` bits, without
+    writing it: every Conv/Linear weight in its container width (as a bitmask and its kept codes where ``sparse``
+    and smaller),
     with its scales and zero points, every other parameter in fp32. The ONNX graph itself is left out. The cheap
     rung ranks candidates by it (``autocomp.proxy``); a trial's size is its file's."""
     total = 0
@@ -217,15 +216,15 @@ def stored_bytes(model: torch.nn.Module, spec: Quantize, sparse: bool = False) -
             continue
         w = module.weight.detach()
         weights.add(name)
-        bits = spec.bits_of(name)
+        bits = bits_of(name)
         stored = container_bits(bits)
         codes = w.numel() * stored / 8
         if sparse:
             mask = (w != 0).numpy()
             if _sparse_wins(mask, bits):
                 codes = math.ceil(mask.size / 8) + mask.sum() * stored / 8 + DECODER_BYTES
-        channels = w.shape[0] if spec.per_channel else 1
-        grid = channels * (4 + (0 if spec.symmetric else 1)) if bits <= 8 else 0
+        channels = w.shape[0] if per_channel else 1
+        grid = channels * (4 + (0 if symmetric else 1)) if bits <= 8 else 0
         total += int(codes) + grid
     counted = {f"{name}.{suffix}" for name in weights for suffix in ("weight", "parametrizations.weight.original")}
     return total + 4 * sum(p.numel() for n, p in model.named_parameters() if n not in counted)

@@ -1,0 +1,137 @@
+"""One trial of a study: its recipe sampled, checked, applied, measured and stored (every backend runs it)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autocomp import proxy
+from autocomp.allocation import Guide
+from autocomp.measure import with_ratios
+from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, student_counts
+from autocomp.proxy import ProxyScore
+from autocomp.recipe import Recipe, canonical
+from autocomp.space import SearchSpace
+from autocomp.storage import this_worker
+from autocomp.study import StudySpec
+from autocomp.tasks import Task
+
+if TYPE_CHECKING:
+    import optuna
+
+
+class Objective:
+    """One trial: its recipe sampled (``space.sample``), applied, measured and stored; ``proxy`` scores the recipe of
+    any values of the space's dimensions on the cheap rung (``autocomp.proxy``), which the proxy sampler asks."""
+
+    def __init__(self, spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
+                 quantizable: list[str], seed: int, guide: Guide | None) -> None:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        self.spec, self.space, self.task, self.baseline = spec, space, task, baseline
+        self.prunable, self.quantizable, self.seed, self.guide = prunable, quantizable, seed, guide
+        Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
+        self.store = FileSystemArtifactStore(spec.artifacts)
+
+    def recipe(self, values: dict[str, Any]) -> Recipe:
+        """The recipe of ``values`` (fixed dimensions at their value)."""
+        dims = self.space.dimensions(self.prunable, self.spec.task, self.quantizable)
+        return self.space.decode({name: values.get(name, param.candidates()[0]) for name, param in dims.items()},
+                                 self.spec.task, self.prunable, self.seed, self.spec.measure, self.quantizable,
+                                 self.guide)
+
+    def proxy(self, values: dict[str, Any]) -> ProxyScore:
+        return proxy.score(self.recipe(values), self.task)
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        spec, task = self.spec, self.task
+        trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
+        recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
+                                   quantizable=self.quantizable, guide=self.guide)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        _check_caps(trial, recipe, task, spec.constraints)
+        _check_duplicate(trial, recipe)
+        if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
+            trial.set_user_attr("proxy", proxy.score(recipe, task).to_dict())
+        screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
+        if screen is not None:
+            _screen(trial, screen, task, self.baseline, spec)
+        trial.set_user_attr("fidelity", "full")
+        result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store)
+        metrics = with_ratios(result.metrics, self.baseline.metrics)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("epochs", result.epochs)  # per pruning round, as trained (early stopping may cut them)
+        trial.set_user_attr("kernels", result.kernels)
+        trial.set_user_attr("layer_kernels", result.layer_kernels)
+        trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
+        for metric, cap in spec.constraints.items():  # feasible at 0 or below (Optuna's convention)
+            trial.set_constraint(metric, (metrics[metric] - cap) / cap)
+        return [metrics[name] for name in spec.objectives]
+
+
+def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
+    """Raise ``TrialPruned``, untrained, when another trial of the study (finished or running) holds the same recipe
+    (``Recipe.canonical``): a recipe is evaluated once. The trial records which one (``duplicate_of``)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    key = recipe.canonical()
+
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        if other.number != trial.number and "duplicate_of" not in other.user_attrs \
+                and canonical(other.user_attrs.get("recipe", {})) == key:
+            trial.set_user_attr("duplicate_of", other.number)
+            raise optuna.TrialPruned(f"the recipe of trial {other.number} again: not run twice")
+
+
+def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str, float]) -> None:
+    """Raise ``TrialPruned``, untrained and infeasible (its constraints stored), when the sampled student's
+    parameters or MACs exceed the study's caps."""
+    import optuna
+
+    if not caps.keys() & {"params", "macs"}:
+        return
+    counts = student_counts(recipe, task)
+    over = [f"{metric} {counts[metric]:,} > {caps[metric]:,.0f}" for metric in ("params", "macs")
+            if metric in caps and counts[metric] > caps[metric]]
+    if over:
+        for metric, cap in caps.items():  # the artifact's size is unknown untrained: not counted against it
+            trial.set_constraint(metric, (counts[metric] - cap) / cap if metric in counts else 0.0)
+        reason = f"infeasible before training: the student's {', '.join(over)} (study constraints)"
+        trial.set_user_attr("infeasible", reason)
+        raise optuna.TrialPruned(reason)
+
+
+def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec) -> None:
+    """Run and store the trial's screen; raise ``TrialPruned`` unless it is promoted (``autocomp.search.fidelity``)."""
+    import optuna
+
+    result = _run_trial(trial, screen, task, baseline.artifact)
+    metrics = with_ratios(result.metrics, baseline.metrics)
+    values = [metrics[name] for name in spec.objectives]
+    trial.set_user_attr("screen", {"epochs": screen.finetune.epochs, "values": values, "metrics": metrics,
+                                   "seconds": result.seconds})
+    screens = [t.user_attrs["screen"]["values"] for t in trial.study.get_trials(deepcopy=False)
+               if "screen" in t.user_attrs and t.number != trial.number] + [values]
+    if not spec.screening.promoted(values, screens, list(spec.objectives.values())):
+        trial.set_user_attr("fidelity", "screen")
+        raise optuna.TrialPruned(f"screened out after {screen.finetune.epochs} epochs of fine-tune")
+
+
+def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
+               store: object | None = None) -> CompressedModel:
+    """``apply`` one recipe; store its artifact and recipe in ``store`` (if any), or its error as the failure reason."""
+    from optuna.artifacts import upload_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result = apply(recipe, task, tmp, progress=False, reference=reference)
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
+        for name in (ARTIFACT, RECIPE) if store is not None else ():
+            upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
+    return result
