@@ -95,7 +95,9 @@ def markdown(results: dict, settings: dict) -> str:
              f"{settings['load_elsewhere']:.2f} (of {os.cpu_count()}).", "",
              "Ten candidates per teacher (every group pruned by L1 to 0, 0.3, 0.5, 0.7, 0.85, no fine-tuning; fp32 and "
              "static int8), each measured side by side with the teacher (`latency_ratio`, warm-up 0.5 s, 1-3 s) and "
-             "predicted by a fresh table. Ratio error: predicted ratio / measured ratio - 1.", "",
+             "predicted by a fresh table. Ratio error: predicted ratio / measured ratio - 1. One prediction: its "
+             "entries all in the table (a forward pass with hooks). Load: cores other work kept busy while the "
+             "candidate was timed.", "",
              "| task | Kendall tau (p) | median abs ratio error | max abs ratio error | table build s | graphs timed "
              "| one prediction ms | teacher predicted / measured ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
