@@ -113,7 +113,7 @@ def main() -> None:
     if args.table:
         from autocomp.latency_table import LatencyTable
 
-        latency = LatencyTable.cached().predict
+        latency = LatencyTable().predict
     results = {}
     for task in args.tasks:
         results[task] = measure_task(task, args.candidates, args.seed, latency)
