@@ -46,6 +46,8 @@ SCHEMA_VERSION = 1
 SECTIONS = {"student": Student, "quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
+# a warm-start recipe's deployment: (weight bits, activation bits); 4-bit weights fine-tune with QAT
+FORMATS = {"fp32": (32, 32), "int8": (8, 8), "int4": (4, 32)}
 # a policy's knobs (``autocomp.allocation``) and their defaults: 0 follows no sensitivity, 100 points protects nothing
 POLICY = {"follow": 0.0, "protect": 100.0}
 PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalty", "drop_blocks", "heads"]
@@ -146,7 +148,7 @@ class WarmStart:
         for level in self.levels:
             check_range("levels", level, 0.0, 1.0, high_open=True)
         for fmt in self.formats:
-            check_choice("formats", fmt, ("fp32", "int8", "int4"))
+            check_choice("formats", fmt, list(FORMATS))
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from autocomp.sensitivity import Sensitivity
-from autocomp.space import Param
+from autocomp.space import FORMATS, Param
 
 UNIFORM: dict[str, Any] = {
     "prune.scope": "local", "prune.granularity": "channel", "prune.criterion": "l1", "prune.rounds": 1,
@@ -35,8 +35,6 @@ UNIFORM: dict[str, Any] = {
     "policy.follow": 0.0,
 }
 INT8_TOLERANCE = 0.01
-# a hand-made recipe's deployment: (weight bits, activation bits); 4-bit weights fine-tune with QAT
-FORMATS = {"fp32": (32, 32), "int8": (8, 8), "int4": (4, 32)}
 FOLLOW = 1.0  # how strongly a policy's allocation follows the sensitivity map (``autocomp.allocation``)
 
 
