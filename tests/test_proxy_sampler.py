@@ -43,14 +43,14 @@ def new_study(sampler) -> optuna.Study:
 
 
 def test_full_trials_go_to_candidates_the_proxy_predicts_on_the_front():
-    sampler = ProxySampler(proxy_of, OBJECTIVES, seed=0, first=64, per_trial=16)
+    sampler = ProxySampler(proxy_of, OBJECTIVES, seed=0, first=64)
     study = new_study(sampler)
     study.optimize(objective, n_trials=12)
     warm, sampled = study.trials[:4], study.trials[4:]
     assert [(t.params["level"], t.params["bad"]) for t in warm] == [(0.2, 0), (0.2, 1), (0.5, 0), (0.5, 1)]
     assert all(t.params["bad"] == 0 for t in sampled)  # the proxy says bad candidates lose: never trained
     assert len({tuple(t.params.values()) for t in study.trials}) == len(study.trials)  # none twice
-    assert len(sampler.pool) > 64 + 16 * 6  # 64 before the first sampled trial, 16 before each next one
+    assert len(sampler.pool) >= 64 + 2 * 7  # 64 before the first sampled trial, at least 2 before each next one
     accurate = [t for t in sampled if t.values[0] >= TEACHER["val_accuracy"] - 0.05]
     assert len(accurate) >= 6  # the sampler stays where the front can grow: within the reference's span
     random = new_study(optuna.samplers.RandomSampler(seed=0))

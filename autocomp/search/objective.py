@@ -33,6 +33,7 @@ class Objective:
         self.prunable, self.quantizable, self.seed, self.guide = prunable, quantizable, seed, guide
         Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
         self.store = FileSystemArtifactStore(spec.artifacts)
+        self._scores: dict[str, ProxyScore] = {}
 
     def recipe(self, values: dict[str, Any]) -> Recipe:
         """The recipe of ``values`` (fixed dimensions at their value)."""
@@ -42,7 +43,14 @@ class Objective:
                                  self.guide)
 
     def proxy(self, values: dict[str, Any]) -> ProxyScore:
-        return proxy.score(self.recipe(values), self.task)
+        return self._proxy(self.recipe(values))
+
+    def _proxy(self, recipe: Recipe) -> ProxyScore:
+        """The cheap rung's score of ``recipe``, once per recipe in this process (the sampler's pick is scored)."""
+        key = recipe.canonical()
+        if key not in self._scores:
+            self._scores[key] = proxy.score(recipe, self.task)
+        return self._scores[key]
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         spec, task = self.spec, self.task
@@ -53,7 +61,7 @@ class Objective:
         _check_caps(trial, recipe, task, spec.constraints)
         _check_duplicate(trial, recipe)
         if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
-            trial.set_user_attr("proxy", proxy.score(recipe, task).to_dict())
+            trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
             _screen(trial, screen, task, self.baseline, spec)

@@ -3,9 +3,10 @@
 How full trials are chosen, in one line: each sampled trial runs the candidate, among all those the cheap rung
 (``autocomp.proxy``) has scored, whose predicted point adds the most hypervolume to the study's measured front.
 
-- **Candidates.** Before each sampled trial the sampler scores ``per_trial`` new ones (``first`` before the first):
-  half drawn at random from the space, half mutations of the front's trials (each dimension changed with
-  probability 2/d, at least one). Scores are kept for the rest of the search (``pool``).
+- **Candidates.** Before the first sampled trial the sampler scores ``first`` candidates; before each next one it
+  scores more for at most ``share`` of a full trial's median time (at least 2), so looking stays cheap next to
+  training: half drawn at random from the space, half mutations of the front's trials (each dimension changed
+  with probability 2/d, at least one). Scores are kept for the rest of the search (``pool``).
 - **Prediction.** Validation accuracy after the full fine-tune is predicted from the proxy's accuracy, size and
   latency (or MACs) by a Gaussian process fitted to the study's complete trials (scikit-learn), optimistic by one
   standard deviation; size, latency and MACs from the proxy's by a line in log space fitted the same way.
@@ -18,8 +19,11 @@ is drawn at random. Proxy numbers only rank candidates: a trial's reported numbe
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+import statistics
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,13 +46,13 @@ Scorer = Callable[[dict[str, Any]], ProxyScore]
 class ProxySampler(BaseSampler):
     """An Optuna sampler that picks each trial among candidates scored on the cheap rung (module docstring)."""
 
-    def __init__(self, score: Scorer, objectives: dict[str, str], seed: int | None = None, first: int = 48,
-                 per_trial: int = 16, startup: int = 4, span: float = 0.05) -> None:
+    def __init__(self, score: Scorer, objectives: dict[str, str], seed: int | None = None, first: int = 32,
+                 share: float = 0.15, startup: int = 4, span: float = 0.05) -> None:
         self._score, self._objectives, self.span = score, objectives, span
         self._rng = random.Random(seed)
         self._random = RandomSampler(seed=seed)
         self._space = IntersectionSearchSpace()
-        self.first, self.per_trial, self.startup = first, per_trial, startup
+        self.first, self.share, self.startup = first, share, startup
         self.pool: dict[tuple, tuple[dict[str, Any], ProxyScore]] = {}
 
     def reseed_rng(self) -> None:
@@ -64,7 +68,9 @@ class ProxySampler(BaseSampler):
         if not search_space or "fixed_params" in trial.system_attrs or len(complete) < self.startup:
             return {}
         front = _front(complete, self._objectives)
-        self._grow(search_space, [t.params for t in front], self.first if not self.pool else self.per_trial)
+        seconds = statistics.median((t.datetime_complete - t.datetime_start).total_seconds() for t in complete)
+        self._grow(search_space, [t.params for t in front], self.first if not self.pool else None,
+                   self.share * seconds)
         ran = {_key(t.params) for t in study.get_trials(deepcopy=False) if t.number != trial.number}
         candidates = [(params, score) for key, (params, score) in self.pool.items() if key not in ran]
         if not candidates:
@@ -85,9 +91,14 @@ class ProxySampler(BaseSampler):
                            param_distribution: BaseDistribution) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
-    def _grow(self, space: dict[str, BaseDistribution], parents: list[dict[str, Any]], count: int) -> None:
-        """Score ``count`` new candidates: half at random, half mutations of ``parents``."""
-        for i in range(count):
+    def _grow(self, space: dict[str, BaseDistribution], parents: list[dict[str, Any]], count: int | None,
+              seconds: float) -> None:
+        """Score ``count`` new candidates, or (None) as many as ``seconds`` allow, at least 2: half at random, half
+        mutations of ``parents``."""
+        started = time.perf_counter()
+        for i in itertools.count():
+            if (i >= count) if count is not None else (i >= 2 and time.perf_counter() - started > seconds):
+                break
             params = _mutate(self._rng.choice(parents), space, self._rng) if parents and i % 2 else {
                 name: _draw(d, self._rng) for name, d in space.items()}
             key = _key(params)
