@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-students bench-scaling clean
+.PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-ask bench-students bench-scaling clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-search-quick: setup  # about 10 minutes here: digits, the grid against the
 
 bench-proxy: setup  # about 30 minutes here: Kendall tau of the cheap rung against full trials
 	$(BIN)/python benchmarks/proxy_quality.py
+
+bench-ask: setup  # about 5 minutes here: the samplers' time to ask at 100 and 1,000 stored trials
+	$(BIN)/python benchmarks/ask_time.py
 
 bench-students: setup  # about 20 minutes here: does the shipped space's student choice help?
 	$(BIN)/python benchmarks/search_quality.py --methods autocomp no_students --name search_quality_students

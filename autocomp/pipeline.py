@@ -116,16 +116,14 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     restructure(student, recipe, task)
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
-    hints = [n for n in prunable if n in present]  # a new network pairs its layers with the teacher's by depth
-    hint_pairs = [(n, n) for n in hints] if family(recipe.student.family).derived else by_depth(
-        hints, list(teacher_facts(task).prunable))
+    hint_pairs = distillation_pairs(recipe, task, prunable, present)
     trained: list[int] = []  # epochs each round's fine-tune ran
     for r, epochs in enumerate(schedule, start=1):
         # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
               progress=r / len(schedule))
         qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
-        trained.append(_fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1, qat=qat,
+        trained.append(fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1, qat=qat,
                                   progress=progress))
     finalize_masks(student)
     clock.append(time.perf_counter())
@@ -153,8 +151,18 @@ def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:
         drop_heads(student, recipe.prune.heads, head_counts(student))
 
 
-def _fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,
-               seed: int, qat: bool, progress: bool) -> int:
+def distillation_pairs(recipe: Recipe, task: Task, prunable: dict[str, PrunableLayer],
+                       present: set[str]) -> list[tuple[str, str]]:
+    """(student layer, teacher layer) pairs that feature distillation matches: the teacher's graph pairs each kept
+    layer with itself, a new network its layers with the teacher's by relative depth."""
+    hints = [n for n in prunable if n in present]
+    if family(recipe.student.family).derived:
+        return [(n, n) for n in hints]
+    return by_depth(hints, list(teacher_facts(task).prunable))
+
+
+def fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,
+              seed: int, qat: bool, progress: bool) -> int:
     """Distil/fine-tune ``student`` in place for up to ``epochs``; return the epochs it trained (fewer when
     ``finetune.patience`` stopped it: ranked on validation accuracy, as trials are)."""
     d, q = recipe.distill, recipe.quantize

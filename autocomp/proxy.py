@@ -5,7 +5,10 @@ one-shot at the recipe's whole level), but not fine-tuned. Its BatchNorm statist
 few hundred training samples (adaptive BN: Li et al., "EagleEye", ECCV 2020, show that the accuracy of a pruned
 subnet after this recalibration ranks subnets much as their accuracy after fine-tuning does, where the plain
 pruned accuracy does not; NVIDIA Model Optimizer's FastNAS recalibrates the same way). Its weights and int8
-inputs are fake-quantized as the recipe deploys them, and its validation accuracy taken. Size is the bytes the
+inputs are fake-quantized as the recipe deploys them, and its validation accuracy taken. A student trained from
+scratch has no weights whose statistics could be re-estimated: it is distilled as its recipe says for
+``SCRATCH_EPOCHS`` instead (the issue's "one-epoch fine-tune"; a tiny network trains an epoch in well under a
+second), which ranks new networks by how fast they learn. Size is the bytes the
 artifact would store for the pruned weights at their widths (``compress.pack.stored_bytes``), latency a
 per-layer table's prediction where a table is given.
 
@@ -14,6 +17,7 @@ A proxy ranks candidates; it is never reported as a result: only full trials ent
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 import weakref
@@ -30,20 +34,22 @@ from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.features import layer_names
 from autocomp.measure import macs_and_params
-from autocomp.pipeline import CALIBRATION_SAMPLES, restructure, student_and_facts
+from autocomp.pipeline import CALIBRATION_SAMPLES, distillation_pairs, fine_tune, restructure, student_and_facts
 from autocomp.recipe import Quantize, Recipe
 from autocomp.tasks.base import Task
 from autocomp.train import deterministic
 
 BN_SAMPLES = 512  # training samples the BatchNorm statistics are re-estimated on
+SCRATCH_EPOCHS = 4  # a student from scratch: epochs of the recipe's distillation before it is scored
 # predicted latency (ms) of a pruned model whose named layers run on int8 kernels (``autocomp.latency_table``)
 LatencyModel = Callable[[nn.Module, Tensor, Collection[str]], float]
 
 
 @dataclass(frozen=True)
 class ProxyScore:
-    """What the cheap rung says of one recipe: validation accuracy without fine-tuning, the stored bytes, the
-    predicted latency (None without a latency table), MACs and parameters, and the seconds it took."""
+    """What the cheap rung says of one recipe: validation accuracy without fine-tuning (``scratch``: after the
+    short distillation of a student from scratch), the stored bytes, the predicted latency (None without a latency
+    table), MACs and parameters, and the seconds it took."""
 
     val_accuracy: float
     size_bytes: int
@@ -51,6 +57,7 @@ class ProxyScore:
     macs: int
     params: int
     seconds: float
+    scratch: bool = False
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -117,12 +124,18 @@ def recalibrate_batchnorm(model: nn.Module, x: Tensor, batch_size: int = 64) -> 
 
 def compressed(recipe: Recipe, task: Task) -> nn.Module:
     """The recipe's student with its structure compressed as ``apply`` compresses it (blocks, heads, channels or
-    single weights at the whole level, one shot), not fine-tuned, its BatchNorm statistics re-estimated."""
+    single weights at the whole level, one shot), not fine-tuned, its BatchNorm statistics re-estimated; a student
+    from scratch, which has no weights to keep, distilled for ``SCRATCH_EPOCHS`` instead."""
     student, facts = student_and_facts(recipe, task)
     recipe.check_layers(facts.prunable, facts.layers, facts.blocks, facts.attention)
     restructure(student, recipe, task)
     prune(student, task.example_input, recipe.prune, facts.prunable, task.train, seed=recipe.seed)
-    recalibrate_batchnorm(student, task.train.x[:BN_SAMPLES])
+    if recipe.student.init == "scratch":
+        pairs = distillation_pairs(recipe, task, facts.prunable, set(layer_names(student)))
+        fine_tune(student, task, dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, patience=0)),
+                  pairs, SCRATCH_EPOCHS, seed=recipe.seed, qat=False, progress=False)
+    else:
+        recalibrate_batchnorm(student, task.train.x[:BN_SAMPLES])
     return student.eval()
 
 
@@ -142,4 +155,5 @@ def score(recipe: Recipe, task: Task, latency: LatencyModel | None = None) -> Pr
     size = stored_bytes(student, q.bits_of, q.per_channel, q.symmetric, sparse=recipe.prune.granularity == "weight")
     size += graph_bytes(task, q, layers)
     return ProxyScore(accuracy, size, None if latency is None else latency(student, task.example_input, int8),
-                      counts["macs"], counts["params"], round(time.perf_counter() - started, 4))
+                      counts["macs"], counts["params"], round(time.perf_counter() - started, 4),
+                      recipe.student.init == "scratch")

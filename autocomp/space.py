@@ -18,9 +18,9 @@ The encoding (README, "How the search space is encoded"), built so every sampler
   of the space that can.
 - **Students.** ``student.family`` and ``student.init`` are choices; every knob of every offered family is a
   dimension (``student.cnn.kernel``; per-stage knobs once per possible stage, ``student.cnn.width.3``), sampled in
-  every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch and
-  is pruned in global scope at the level and quantized uniformly: the per-layer shares, bits and int8 kernels
-  name the teacher's layers.
+  every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch, is
+  not pruned (its widths are its family's knobs; pruning untrained weights would narrow it at random) and is
+  quantized uniformly: the per-layer shares, bits and int8 kernels name the teacher's layers.
 - **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
   and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune; weights
   of 4 bits or fewer train with QAT where the space allows QAT (not with k-means sharing).
@@ -323,12 +323,13 @@ class SearchSpace:
 
     def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str, own_graph: bool = True,
                       guide: Guide | None = None) -> Prune:
-        """The teacher's graph (``own_graph``) is pruned as sampled; a new student network has its own layers, so
-        is pruned in global scope at the level, its depth and heads being its family's choice."""
+        """The teacher's graph (``own_graph``) is pruned as sampled. A new student network is not: it trains from
+        scratch, where pruning before training would only narrow it at random, which its family's width knobs
+        already choose."""
+        if not own_graph:
+            return Prune()
         chosen = {key: values[f"prune.{key}"] for key in ("scope", "granularity", "rounds", "bn_penalty",
                                                           "drop_blocks", "heads") if key in self.pruning}
-        if not own_graph:
-            chosen |= {"scope": "global", "drop_blocks": 0, "heads": 0.0}
         granularity = chosen.get("granularity", "channel")
         if granularity == "weight" and "regrow" in self.pruning:
             chosen["regrow"] = values["prune.regrow"]

@@ -5,7 +5,7 @@ For each task, seed and method one fresh study runs through ``autocomp.search.op
 one measurement protocol for all:
 
 - ``uniform``: the hand-made grid, every group pruned to one level by L1, logits distillation (alpha 0.7, T 4), the
-  compact space's fine-tune (12 epochs, stopped once validation accuracy stalls for 3), deployed fp32, static int8
+  full fine-tune (12 epochs, stopped once validation accuracy stalls for 3), deployed fp32, static int8
   and 4-bit weights trained with QAT; levels from coarse to fine (0.5, 0.8, 0.65, 0.9, 0.35, 0.95, ...), as many
   as the budget holds;
 - ``autocomp``: the shipped study as it is;
@@ -69,6 +69,7 @@ DEFAULT_METHODS = ["uniform", "autocomp", "proxy", "fastnas"]
 COMPACT = ROOT / "search_spaces" / "compact.yaml"
 GRID_LEVELS = [0.5, 0.8, 0.65, 0.9, 0.35, 0.95, 0.7, 0.85, 0.6, 0.75, 0.2, 0.55, 0.45]  # coarse to fine
 GRID_FORMATS = ["fp32", "int8", "int4"]
+GRID_EPOCHS = 12  # a pruned teacher's full fine-tune, stopped once validation accuracy stalls for 3 (the space's)
 BUDGETS = {"digits": 480.0, "mnist1d": 900.0, "mnist1d_lean": 360.0}  # seconds per run: what a user spends
 FASTNAS_CAPS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.03]
 # one protocol for every method, cheaper than a study's (at least 1 s of rounds, not 5): ratios are compared
@@ -87,6 +88,7 @@ def method_spec(base: StudySpec, method: str, seed: int, folder: Path) -> StudyS
                                artifacts=str(folder / f"{base.study_name}-{method}-{seed}"))
     if method == "uniform":
         space["warm_start"] = {"levels": GRID_LEVELS, "sensitivity": False, "formats": GRID_FORMATS}
+        space["finetune"] = {**space["finetune"], "epochs": GRID_EPOCHS}
         spec = dataclasses.replace(spec, sampler="random", screening=None,
                                    trials=len(GRID_FORMATS) * len(GRID_LEVELS))
     elif method == "no_students":

@@ -12,7 +12,7 @@ from autocomp import proxy
 from autocomp.compress.prune import prune
 from autocomp.compress.quantize import deploy
 from autocomp.pipeline import teacher_facts
-from autocomp.recipe import LayerPrune, Prune, Quantize, Recipe
+from autocomp.recipe import LayerPrune, Prune, Quantize, Recipe, Student
 from autocomp.tasks import load_task
 
 
@@ -68,3 +68,16 @@ def test_the_proxy_scores_the_quantized_model(digits) -> None:
     two_bits = proxy.score(uniform(digits, 0.0, Quantize(bits=2)), digits)
     assert fp32.val_accuracy > two_bits.val_accuracy + 0.1
     assert two_bits.size_bytes < fp32.size_bytes / 8
+
+
+def test_a_student_from_scratch_is_scored_after_a_short_distillation_which_ranks_it(digits) -> None:
+    """A new network has no weights to recalibrate: the cheap rung distils it for ``SCRATCH_EPOCHS`` first, so its
+    score says how fast it learns (on digits a wider flattening CNN learns faster than a narrow pooled one, as
+    after the full 30-epoch distillation: 0.94 against 0.31 here, 0.989 against 0.964 there)."""
+    def student(width: list[int], head: str) -> Recipe:
+        return Recipe(task="digits", student=Student(family="cnn", config={"depth": [1, 1], "width": width,
+                                                                             "head": head}, init="scratch"))
+
+    wide, narrow = proxy.score(student([32, 64], "flatten"), digits), proxy.score(student([16, 32], "avg"), digits)
+    assert wide.scratch and narrow.scratch and not proxy.score(uniform(digits, 0.5), digits).scratch
+    assert wide.val_accuracy > 0.5 and wide.val_accuracy > narrow.val_accuracy + 0.2, (wide, narrow)

@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 
 from autocomp.proxy import ProxyScore
-from autocomp.search.proxy_sampler import ProxySampler, _improvements
+from autocomp.search.proxy_sampler import ProxySampler, _front, _improvements
 
 OBJECTIVES = {"val_accuracy": "maximize", "size_bytes": "minimize"}
 TEACHER = {"val_accuracy": 0.95, "size_bytes": 1000.0}
@@ -62,6 +62,21 @@ def test_a_candidate_that_adds_hypervolume_beats_one_behind_the_front():
     front = np.array([[-0.9, 2.0], [-0.8, 1.0]])
     reference = np.array([-0.5, 3.0])
     gains = _improvements(front, np.array([[-0.85, 1.5], [-0.7, 2.5], [-0.2, 0.5], [-0.95, 0.5]]), reference)
-    assert gains[3] > gains[0] > 0 > gains[1]  # dominating all > filling a gap > dominated
-    assert gains[2] < 0  # outside the reference point: adds nothing
+    assert gains[3] > gains[0] > 0 == gains[1]  # dominating all > filling a gap > dominated
+    assert gains[2] == 0  # outside the reference point: adds nothing
     assert math.isclose(gains[0], 0.05 * 0.5)
+
+
+def test_past_fit_most_trials_the_predictor_learns_from_the_front_and_a_sample():
+    sampler = ProxySampler(proxy_of, OBJECTIVES, seed=0, first=16, fit_most=8)
+    study = new_study(sampler)
+    study.optimize(objective, n_trials=14)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    front = {t.number for t in _front(complete, OBJECTIVES)}
+    assert len(complete) == 14 and 8 < len(front) < 13
+    assert sampler._fitted(complete[:8], _front(complete[:8], OBJECTIVES)) == complete[:8]  # all, up to fit_most
+    fitted = {t.number for t in sampler._fitted(complete, _front(complete, OBJECTIVES))}
+    assert len(fitted) == 8 and fitted < front  # a front larger than fit_most: a sample of it
+    sampler.fit_most = 13
+    fitted = {t.number for t in sampler._fitted(complete, _front(complete, OBJECTIVES))}
+    assert len(fitted) == 13 and front < fitted  # the front and a sample of the others

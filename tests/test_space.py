@@ -10,7 +10,7 @@ import yaml
 from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
-from autocomp.recipe import Distill, FineTune, Recipe
+from autocomp.recipe import Distill, FineTune, Prune, Recipe
 from autocomp.search.optuna_runner import make_sampler, narrow_to_model
 from autocomp.sensitivity import Sensitivity
 from autocomp.space import SearchSpace
@@ -36,7 +36,9 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
         assert set(trial.params) == free  # every trial samples every dimension, used or not
         p, q, values = recipe.prune, recipe.quantize, trial.params
         level = values["prune.sparsity"]
-        if p.scope == "local":  # one level, allocated by each group's share, capped at the range's top
+        if recipe.student.family != "teacher":  # a new network from scratch: its widths are its knobs
+            assert p == Prune()
+        elif p.scope == "local":  # one level, allocated by each group's share, capped at the range's top
             named = set(prunable) if p.granularity == "weight" else {layer.group for layer in prunable.values()}
             assert set(p.layers) == named and p.sparsity == 0.0
             for name, layer in p.layers.items():
@@ -55,7 +57,8 @@ def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
         assert recipe.finetune.epochs >= max(values["finetune.epochs"], math.ceil(level * 12 - 1e-9), p.rounds)
         study.tell(trial, 0.0)
         recipes.append(recipe)
-    local = [r.prune.layers for r in recipes if r.prune.scope == "local" and r.prune.granularity == "channel"]
+    local = [r.prune.layers for r in recipes if r.prune.scope == "local" and r.prune.granularity == "channel"
+             and r.student.family == "teacher"]
     assert {r.quantize.bits for r in recipes} == {32, 16, 8, 4, 2}
     assert any(r.quantize.activation_bits == 8 for r in recipes) and any(r.quantize.kmeans for r in recipes)
     assert {r.prune.scope for r in recipes} == {"local", "global"} and {r.prune.rounds for r in recipes} == {1, 2}
@@ -95,7 +98,8 @@ def test_the_compact_space_derives_per_layer_choices_from_the_sensitivity_map(sm
     layers = ["conv1", "conv2", "fc1", "fc2"]
     dims = space.dimensions(prunable, "digits", layers)
     free = [name for name, param in dims.items() if not param.fixed]
-    assert len(free) <= 12 and not any(".share" in n or n.count(".") > 1 for n in free)  # nothing per layer
+    compression = [name for name in free if not name.startswith("student.")]  # a new network's own knobs apart
+    assert len(compression) <= 12 and not any(set(name.split(".")) & {*layers, "share"} for name in free)
     guide = small_guide()
     base = {name: param.candidates()[0] for name, param in dims.items()}
 

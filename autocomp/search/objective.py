@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ from autocomp.allocation import Guide
 from autocomp.measure import with_ratios
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, student_counts
 from autocomp.proxy import ProxyScore
-from autocomp.recipe import Recipe, canonical
+from autocomp.recipe import Recipe
 from autocomp.space import SearchSpace
 from autocomp.storage import this_worker
 from autocomp.study import StudySpec
@@ -33,14 +34,31 @@ class Objective:
         self.prunable, self.quantizable, self.seed, self.guide = prunable, quantizable, seed, guide
         Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
         self.store = FileSystemArtifactStore(spec.artifacts)
+        self._dimensions = space.dimensions(prunable, spec.task, quantizable)
         self._scores: dict[str, ProxyScore] = {}
+        self._latency: proxy.LatencyModel | None = None
+
+    def latency_model(self) -> proxy.LatencyModel | None:
+        """The cheap rung's latency: the machine's per-layer table (``autocomp.latency_table``, at batch 1 and the
+        study's threads), where the study minimises latency at batch 1; else None (MACs stand in)."""
+        measure = self.spec.measure
+        if self._latency is None and "latency_ms" in self.spec.objectives and measure.batch_size == 1:
+            from autocomp.latency_table import LatencyTable
+
+            self._latency = LatencyTable(threads=measure.threads).predict
+        return self._latency
 
     def recipe(self, values: dict[str, Any]) -> Recipe:
         """The recipe of ``values`` (fixed dimensions at their value)."""
-        dims = self.space.dimensions(self.prunable, self.spec.task, self.quantizable)
-        return self.space.decode({name: values.get(name, param.candidates()[0]) for name, param in dims.items()},
+        return self.space.decode({name: values.get(name, param.candidates()[0])
+                                  for name, param in self._dimensions.items()},
                                  self.spec.task, self.prunable, self.seed, self.spec.measure, self.quantizable,
                                  self.guide)
+
+    def recipe_key(self, values: dict[str, Any]) -> str:
+        """What ``values`` build (``Recipe.canonical``): values that differ only in dimensions their recipe does not
+        use (another family's knobs) build the same."""
+        return self.recipe(values).canonical()
 
     def proxy(self, values: dict[str, Any]) -> ProxyScore:
         return self._proxy(self.recipe(values))
@@ -49,7 +67,7 @@ class Objective:
         """The cheap rung's score of ``recipe``, once per recipe in this process (the sampler's pick is scored)."""
         key = recipe.canonical()
         if key not in self._scores:
-            self._scores[key] = proxy.score(recipe, self.task)
+            self._scores[key] = proxy.score(recipe, self.task, self.latency_model())
         return self._scores[key]
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
@@ -85,12 +103,13 @@ def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    key = recipe.canonical()
+    key = hashlib.sha256(recipe.canonical().encode()).hexdigest()[:16]
+    trial.set_user_attr("recipe_key", key)  # what later trials compare with: no stored recipe is read again
 
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
     for other in trial.study.get_trials(deepcopy=False, states=states):
         if other.number != trial.number and "duplicate_of" not in other.user_attrs \
-                and canonical(other.user_attrs.get("recipe", {})) == key:
+                and other.user_attrs.get("recipe_key") == key:
             trial.set_user_attr("duplicate_of", other.number)
             raise optuna.TrialPruned(f"the recipe of trial {other.number} again: not run twice")
 

@@ -48,7 +48,7 @@ def make_sampler(spec: StudySpec, seed: int, objective: Objective | None = None)
     if spec.sampler == "proxy" and objective is not None:
         from autocomp.search.proxy_sampler import ProxySampler
 
-        return ProxySampler(objective.proxy, spec.objectives, seed=seed)
+        return ProxySampler(objective.proxy, spec.objectives, seed=seed, key=objective.recipe_key)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

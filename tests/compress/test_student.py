@@ -15,7 +15,7 @@ from autocomp.compress.student import STUDENTS, build_student
 from autocomp.errors import ConfigError
 from autocomp.features import layer_names
 from autocomp.pipeline import teacher_facts
-from autocomp.recipe import Student
+from autocomp.recipe import Prune, Student
 from autocomp.space import Param, SearchSpace
 from autocomp.tasks.check import check_task
 from tests import zoo
@@ -117,7 +117,7 @@ def test_a_space_samples_every_family_in_every_trial_and_decodes_its_students():
         free = {name for name, param in space.dimensions(prunable, "t").items() if not param.fixed}
         assert set(trial.params) == free  # the same dimensions in every trial
         if recipe.student.family != "teacher":
-            assert recipe.student.init == "scratch" and recipe.prune.scope == "global"
+            assert recipe.student.init == "scratch" and recipe.prune == Prune()  # its widths are its knobs
         assert dataclasses.replace(recipe.student) == Student(**dataclasses.asdict(recipe.student))
     assert seen == {"teacher", "cnn", "mlp", "transformer"}
     assert {t.params["student.cnn.stages"] for t in study.trials} == {1, 2}
