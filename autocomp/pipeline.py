@@ -123,8 +123,14 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
               progress=r / len(schedule))
         qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
-        trained.append(fine_tune(student, task, recipe, hint_pairs, epochs, seed=recipe.seed + r - 1, qat=qat,
-                                  progress=progress))
+        # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
+        # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)
+        fp32_first = epochs // 2 if qat and recipe.student.init == "scratch" else 0
+        seed = recipe.seed + r - 1
+        ran = fine_tune(student, task, recipe, hint_pairs, fp32_first, seed, qat=False, progress=progress) \
+            if fp32_first else 0
+        trained.append(ran + fine_tune(student, task, recipe, hint_pairs, epochs - fp32_first, seed, qat=qat,
+                                       progress=progress))
     finalize_masks(student)
     clock.append(time.perf_counter())
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),

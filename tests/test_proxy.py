@@ -72,8 +72,8 @@ def test_the_proxy_scores_the_quantized_model(digits) -> None:
 
 def test_a_student_from_scratch_is_scored_after_a_short_distillation_which_ranks_it(digits) -> None:
     """A new network has no weights to recalibrate: the cheap rung distils it for ``SCRATCH_EPOCHS`` first, so its
-    score says how fast it learns (on digits a wider flattening CNN learns faster than a narrow pooled one, as
-    after the full 30-epoch distillation: 0.94 against 0.31 here, 0.989 against 0.964 there)."""
+    score says how fast it learns: on digits a wider flattening CNN learns faster than a narrow pooled one, and
+    ends better after the full distillation too (0.989 against 0.964 validation accuracy after 30 epochs)."""
     def student(width: list[int], head: str) -> Recipe:
         return Recipe(task="digits", student=Student(family="cnn", config={"depth": [1, 1], "width": width,
                                                                              "head": head}, init="scratch"))
