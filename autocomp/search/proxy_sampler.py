@@ -97,8 +97,10 @@ class ProxySampler(BaseSampler):
         predictor = Predictor(self._fitted(complete, front), self._objectives)
         measured = np.array([_loss_point(t.user_attrs["metrics"], self._objectives) for t in front])
         reference = self._reference(study.user_attrs["teacher"])
+        scores = [score for _, score in candidates]
+        mean, sd = predictor.accuracy(np.array([_features(score) for score in scores]))
         for optimism in OPTIMISM:  # more optimistic only where no candidate adds hypervolume at the last
-            predicted = predictor.points([s for _, s in candidates], optimism)
+            predicted = predictor.points(scores, mean + optimism * sd)
             # the best is among the candidates no other candidate dominates: one that does adds at least as much
             kept = np.flatnonzero(_is_pareto_front(predicted, assume_unique_lexsorted=False))
             gains = _improvements(measured, predicted[kept], reference)
@@ -106,7 +108,7 @@ class ProxySampler(BaseSampler):
                 best = int(kept[np.argmax(gains)])
                 break
         else:  # nothing would add any: learn where the predictor knows least
-            best = int(np.argmax(predictor.accuracy(np.array([_features(s) for _, s in candidates]))[1]))
+            best = int(np.argmax(sd))
         return {name: candidates[best][0][name] for name in search_space if name in candidates[best][0]}
 
     def _fitted(self, complete: list[FrozenTrial], front: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -172,15 +174,14 @@ class Predictor:
                                         np.array([m["val_accuracy"] for m in metrics]))
         self.best = max(m["val_accuracy"] for m in metrics)
 
-    def points(self, scores: list[ProxyScore], optimism: float = 1.0) -> np.ndarray:
-        """(N, objectives) predicted loss points (``_loss_point``'s space), accuracy optimistic by ``optimism`` sd
-        but never above the best measured (a compressed model that beats every trial and the teacher is noise, not
-        a find)."""
-        mean, sd = self.accuracy(np.array([_features(s) for s in scores]))
+    def points(self, scores: list[ProxyScore], accuracy: np.ndarray) -> np.ndarray:
+        """(N, objectives) predicted loss points (``_loss_point``'s space) of ``scores`` whose accuracy is predicted
+        as ``accuracy`` (from ``self.accuracy``, made optimistic by the caller), never above the best measured (a
+        compressed model that beats every trial and the teacher is noise, not a find)."""
         columns = []
         for name, direction in self.objectives.items():
             if name == "val_accuracy":
-                value = np.minimum(mean + optimism * sd, self.best)
+                value = np.minimum(accuracy, self.best)
                 columns.append(-value if direction == "maximize" else value)
             else:
                 slope, intercept = self.lines[name]
@@ -215,8 +216,7 @@ def _accuracy_model(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], tupl
         is not promising because trials scatter)."""
         z = (q - center) / scale
         mean, sd = gp.predict(z, return_std=True)
-        return np.minimum(line.predict(_line_features(q)) + unit * mean, 1.0), \
-            unit * np.sqrt(np.maximum(sd**2 - noise, 0.0))
+        return line.predict(_line_features(q)) + unit * mean, unit * np.sqrt(np.maximum(sd**2 - noise, 0.0))
 
     return predict
 
