@@ -30,10 +30,10 @@ $(PEER): $(STAMP)  # the peer (NVIDIA Model Optimizer's FastNAS) for the search 
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,peer]"
 	touch $(PEER)
 
-bench-search: setup $(PEER)  # about 3 hours here: 3 tasks x (grid, autocomp x 2 seeds, proxy x 2 seeds, FastNAS)
+bench-search: setup $(PEER)  # about 2 hours here: 3 tasks x (grid, autocomp x 2 seeds, FastNAS)
 	$(BIN)/python benchmarks/search_quality.py
 
-bench-search-quick: setup  # about 10 minutes here: digits, the grid against the proxy-guided search
+bench-search-quick: setup  # about 10 minutes here: digits, the grid against autocomp (the shipped study)
 	$(BIN)/python benchmarks/search_quality.py --quick
 
 bench-proxy: setup  # about 30 minutes here: Kendall tau of the cheap rung against full trials

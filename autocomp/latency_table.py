@@ -149,7 +149,8 @@ class Geometry:
             groups = c_in = bucket(layer.in_channels)
         else:  # a grouped convolution keeps its groups: channels in multiples of them
             c_in = _multiple(bucket(layer.in_channels), groups)
-        return cls(type(layer).__name__, (c_in, *in_shape[1:]), _multiple(bucket(layer.out_channels), groups),
+        op = "Conv1d" if isinstance(layer, nn.Conv1d) else "Conv2d"  # a parametrized (masked) one is one too
+        return cls(op, (c_in, *in_shape[1:]), _multiple(bucket(layer.out_channels), groups),
                    layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups, layer.bias is not None, int8)
 
     @property

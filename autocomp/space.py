@@ -137,18 +137,24 @@ class Param:
 class WarmStart:
     """The policies enqueued before anything is sampled (``autocomp.search.warm_start``): a hand-made
     pipeline's uniform recipes, every group pruned to one of ``levels`` (deployed in each of ``formats``, L1, logits
-    distillation, the longest fine-tune), and with ``sensitivity`` the same levels allocated by the
-    teacher's sensitivity map (``autocomp sensitivity``)."""
+    distillation, the longest fine-tune), with ``sensitivity`` the same levels allocated by the
+    teacher's sensitivity map (``autocomp sensitivity``), and each of ``students`` (a new network of the
+    space's families, distilled from scratch) in each format."""
 
     levels: list[float] = field(default_factory=list)
     sensitivity: bool = False
     formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])  # fp32, int8 (kernels), int4 (QAT)
+    students: list[Student] = field(default_factory=list)  # new networks distilled from scratch, in each format
 
     def __post_init__(self) -> None:
         for level in self.levels:
             check_range("levels", level, 0.0, 1.0, high_open=True)
         for fmt in self.formats:
             check_choice("formats", fmt, list(FORMATS))
+        for i, student in enumerate(self.students):
+            if STUDENTS.get(student.family).derived:
+                raise ConfigError(f"must be a new network (not {student.family!r}: the levels prune the teacher).",
+                                  f"students[{i}].family")
 
 
 @dataclass

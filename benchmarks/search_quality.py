@@ -8,9 +8,8 @@ one measurement protocol for all:
   full fine-tune (12 epochs, stopped once validation accuracy stalls for 3), deployed fp32, static int8
   and 4-bit weights trained with QAT; levels from coarse to fine (0.5, 0.8, 0.65, 0.9, 0.35, 0.95, ...), as many
   as the budget holds;
-- ``autocomp``: the shipped study as it is;
-- ``proxy``: the compact space (``search_spaces/compact.yaml``) with its warm start and the proxy-guided sampler
-  (``autocomp.search.proxy_sampler``), no screening;
+- ``autocomp``: the shipped study as it is: the compact space (``search_spaces/compact.yaml``) with its warm start
+  (students included) and the proxy-guided sampler (``autocomp.search.proxy_sampler``);
 - ``gp``, ``tpe``, ``nsga2``, ``random``: the compact space with its warm start and Optuna's sampler, no screening
   (which sampler learns the compact space in tens of trials);
 - ``no_students``: ``autocomp`` without the student choice (``make bench-students``);
@@ -34,7 +33,7 @@ validation and reported on test:
   the teacher's baseline), and measurement's share (accuracy and latency of artifacts).
 
     .venv/bin/python benchmarks/search_quality.py            # the full suite, about 3 hours here
-    .venv/bin/python benchmarks/search_quality.py --quick    # digits, uniform against proxy, about 10 minutes
+    .venv/bin/python benchmarks/search_quality.py --quick    # digits, uniform against autocomp, about 10 minutes
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ from autocomp.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("uniform", "autocomp", "proxy", "gp", "tpe", "nsga2", "random", "no_students", "fastnas")
-DEFAULT_METHODS = ["uniform", "autocomp", "proxy", "fastnas"]
+METHODS = ("uniform", "autocomp", "gp", "tpe", "nsga2", "random", "no_students", "fastnas")
+DEFAULT_METHODS = ["uniform", "autocomp", "fastnas"]
 COMPACT = ROOT / "search_spaces" / "compact.yaml"
 GRID_LEVELS = [0.5, 0.8, 0.65, 0.9, 0.35, 0.95, 0.7, 0.85, 0.6, 0.75, 0.2, 0.55, 0.45]  # coarse to fine
 GRID_FORMATS = ["fp32", "int8", "int4"]
@@ -81,7 +80,7 @@ TARGETS = {"size_vs_uniform": 1.5, "speedup_vs_uniform": 1.3, "hv_vs_uniform": 1
 
 def method_spec(base: StudySpec, method: str, seed: int, folder: Path) -> StudySpec:
     """The study one method runs: the shipped study, its space and sampler changed as the method says."""
-    compact = method in ("uniform", "proxy", "gp", "tpe", "nsga2", "random")
+    compact = method in ("uniform", "gp", "tpe", "nsga2", "random")
     space = read_yaml(COMPACT if compact else base.space, "search space")
     spec = dataclasses.replace(base, study_name=f"{base.study_name}-{method}-{seed}", seed=seed, measure=MEASURE,
                                storage=f"sqlite:///{folder / 'studies.db'}",
@@ -226,14 +225,13 @@ def summarise(runs: dict) -> dict:
                                        "sd": statistics.stdev(v) if len(v) > 1 else 0.0} for k, v in values.items()}
         rows = table[task]
         mean = {m: {k: v["mean"] for k, v in rows[m].items()} for m in rows}
-        for method in ("autocomp", "proxy"):
-            if {method, "uniform"} <= set(rows):
-                vs = {"size_vs_uniform": mean[method]["best_size"] / mean["uniform"]["best_size"],
-                      "speedup_vs_uniform": mean[method]["best_speedup"] / mean["uniform"]["best_speedup"],
-                      "hv_vs_uniform": mean[method]["hypervolume"] / max(mean["uniform"]["hypervolume"], 1e-9)}
-                if "fastnas" in rows:
-                    vs["hv_vs_fastnas"] = mean[method]["hypervolume"] / max(mean["fastnas"]["hypervolume"], 1e-9)
-                table[task][f"vs_{method}"] = vs
+        if {"autocomp", "uniform"} <= set(rows):
+            vs = {"size_vs_uniform": mean["autocomp"]["best_size"] / mean["uniform"]["best_size"],
+                  "speedup_vs_uniform": mean["autocomp"]["best_speedup"] / mean["uniform"]["best_speedup"],
+                  "hv_vs_uniform": mean["autocomp"]["hypervolume"] / max(mean["uniform"]["hypervolume"], 1e-9)}
+            if "fastnas" in rows:
+                vs["hv_vs_fastnas"] = mean["autocomp"]["hypervolume"] / max(mean["fastnas"]["hypervolume"], 1e-9)
+            table[task]["vs_autocomp"] = vs
         if {"autocomp", "no_students"} <= set(rows):
             table[task]["autocomp_vs_no_students"] = {
                 key: rows["autocomp"][key]["mean"] / max(rows["no_students"][key]["mean"], 1e-9)
@@ -265,11 +263,9 @@ def markdown(table: dict, settings: dict) -> str:
                          f"({f('size_test_drop_pp')} pp) | {f('best_speedup')}x ({f('speedup_test_drop_pp')} pp) | "
                          f"{f('time_to_90_s', '.0f')} | {f('overhead', '.1f', 100)}% | "
                          f"{f('measure_share', '.1f', 100)}% |")
-        for method in ("autocomp", "proxy"):
-            vs = rows.get(f"vs_{method}")
-            if not vs:
-                continue
-            lines += ["", f"| target ({method}) | wanted | measured |", "|---|---|---|"]
+        vs = rows.get("vs_autocomp")
+        if vs:
+            lines += ["", "| target (autocomp) | wanted | measured |", "|---|---|---|"]
             for key, wanted in TARGETS.items():
                 if key in vs:
                     ok = "met" if vs[key] >= wanted else "missed"
@@ -295,7 +291,7 @@ def plot(task: str, methods: dict, path: Path) -> None:
         front = seeds[0]["front"]
         for ax, key in zip(axes, ("compression_ratio", "speedup"), strict=True):
             ax.scatter([p[key] for p in front], [100 * p["test_accuracy"] for p in front], label=method, s=22,
-                       marker="o" if method in ("autocomp", "proxy") else "x")
+                       marker="o" if method == "autocomp" else "x")
     for ax, label in zip(axes, ("size ratio (teacher / artifact)", "speedup (ONNX Runtime, batch 1)"), strict=True):
         ax.axhline(100 * teacher["test_accuracy"] - WITHIN_PP, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log", base=2)
@@ -311,7 +307,7 @@ def plot(task: str, methods: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits, one seed, uniform against proxy, 5 min each")
+    parser.add_argument("--quick", action="store_true", help="digits, one seed, uniform against autocomp, 5 min each")
     parser.add_argument("--tasks", nargs="+", default=["digits", "mnist1d", "mnist1d_lean"])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -320,7 +316,7 @@ def main() -> None:
     parser.add_argument("--name", default="search_quality", help="results file name (a subset of methods)")
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.seeds, args.methods, args.budget = ["digits"], [0], ["uniform", "proxy"], 300.0
+        args.tasks, args.seeds, args.methods, args.budget = ["digits"], [0], ["uniform", "autocomp"], 300.0
     budgets: dict = {}
     maps: dict = {}  # task -> seconds its sensitivity map took, once
     begun = time.time()

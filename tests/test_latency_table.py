@@ -125,6 +125,21 @@ def test_predict_times_each_geometry_once(tmp_path: Path):
     assert model.training is False and len(model._forward_pre_hooks) == 0
 
 
+class Mask(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (weight.abs() > 0.1)
+
+
+def test_a_weight_masked_layer_is_predicted_as_the_dense_layer_it_runs_as(tmp_path: Path):
+    """Weight pruning masks through a parametrization, whose class is ``ParametrizedConv1d``."""
+    table = lt.LatencyTable(tmp_path / "table.json", timer=FakeTimer())
+    model = conv1d_net(10)
+    for layer in (model[0], model[2], model[5]):
+        nn.utils.parametrize.register_parametrization(layer, "weight", Mask())
+    assert type(model[0]).__name__ == "ParametrizedConv1d"
+    assert table.predict(model, X, []) == pytest.approx(by_hand(10, int8=False))
+
+
 def test_int8_layers_are_entries_of_their_own(tmp_path: Path):
     timer = FakeTimer()
     table = lt.LatencyTable(tmp_path / "table.json", timer=timer)

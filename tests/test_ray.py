@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
 from autocomp.errors import AutocompError
@@ -42,6 +43,10 @@ def _journal(study_yaml: Path) -> str:
 @pytest.mark.slow
 def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what_the_local_backend_writes(
         quick_study, ray_cluster):
+    space = yaml.safe_load((quick_study.parent / "space.yaml").read_text())
+    space["warm_start"] = {"levels": [0.5], "formats": ["int8", "int4"]}  # two trials, then the proxy sampler's
+    (quick_study.parent / "space.yaml").write_text(yaml.safe_dump(space))
+    quick_study.write_text(quick_study.read_text() + "sampler: proxy\n")  # it asks in the workers, on the objective
     command = [AUTOCOMP, "search", str(quick_study), "--backend", "ray", "--address", ray_cluster, "--no-progress"]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -82,7 +87,8 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
         with store.open_reader(meta.artifact_id) as reader:
             assert reader.read(4)
     assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
-    assert "warm_start" in trials[0].user_attrs  # the hand-made policies came first, as in the local backend
+    assert ["warm_start" in t.user_attrs for t in trials] == [True, True, False, False]  # the hand-made ones first
+    assert all("proxy" in t.user_attrs for t in trials)  # the workers' proxy sampler scored what they ran
     out = autocomp("pareto", str(quick_study), "--storage", _journal(quick_study)).stdout
     assert "Pareto front on val_accuracy" in out
 

@@ -10,10 +10,11 @@ from tests.conftest import ROOT
 def test_demo_study_resolves_paths_next_to_its_file():
     spec = StudySpec.load(ROOT / "studies" / "digits.yaml")
     assert spec.storage == f"sqlite:///{ROOT / 'studies' / 'digits.db'}"
-    assert spec.space == str(ROOT / "search_spaces" / "joint.yaml")
+    assert spec.space == str(ROOT / "search_spaces" / "compact.yaml")
     assert spec.artifacts == str(ROOT / "studies" / "digits_artifacts")
     assert list(spec.objectives.items()) == [("val_accuracy", "maximize"), ("size_bytes", "minimize"),
                                              ("latency_ms", "minimize")]
+    assert (spec.sampler, spec.timeout, spec.screening) == ("proxy", 300.0, None)  # the benchmark's winner
 
 
 @pytest.mark.parametrize(

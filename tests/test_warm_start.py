@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from autocomp import sensitivity
+from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
+from autocomp.errors import ConfigError
 from autocomp.search.warm_start import group_sizes, warm_start
 from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
@@ -121,3 +123,27 @@ def test_a_warm_start_may_open_with_4_bit_weights_trained_with_qat(digits_space)
     assert [(r.quantize.bits, r.quantize.activation_bits, r.quantize.qat) for r in recipes] == [
         (32, 32, False), (8, 8, False), (4, 32, True)]
     assert recipes[2].quantize.layers == dict.fromkeys(prunable, 4)  # every layer at 4 bits, none left wider
+
+
+def test_warm_start_students_decode_to_the_networks_named_unpruned_in_each_format():
+    space = SearchSpace.load(ROOT / "search_spaces" / "compact.yaml")
+    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    dims = space.dimensions(prunable, "digits")
+    students = space.warm_start.students
+    assert [s.family for s in students] == ["cnn", "cnn", "mlp"]
+    policies = warm_start(dims, [], formats=("fp32", "int4"), students=students)
+    groups = {name: layer.group for name, layer in prunable.items()}
+    guide = Guide(Sensitivity(0.99, {g: {"0.5": 0.9} for g in set(groups.values())}, {}), {})
+    recipes = [space.decode({name: policy.get(name, param.candidates()[0]) for name, param in dims.items()},
+                            "digits", prunable, guide=guide) for policy in policies]
+    assert [r.student for r in recipes] == [s for s in students for _ in range(2)]
+    assert [(r.quantize.bits, r.quantize.qat) for r in recipes] == [(32, False), (4, True)] * 3
+    assert all(r.prune.layers == {} and r.student.init == "scratch" for r in recipes)
+    space.narrow_choices("student", "family", "cnn", "cannot take", "digits")  # a task the CNNs do not fit
+    narrowed = warm_start(space.dimensions(prunable, "digits"), [], formats=("int4",), students=students)
+    assert [policy["student.family"] for policy in narrowed] == ["mlp"]
+
+
+def test_a_warm_start_student_must_be_a_new_network():
+    with pytest.raises(ConfigError, match=r"`space.warm_start.students\[0\].family` must be a new network"):
+        SearchSpace.from_dict({"schema_version": 1, "warm_start": {"students": [{"family": "teacher"}]}})

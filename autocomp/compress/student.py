@@ -70,6 +70,17 @@ class Family:
             config[knob] = [values[f"{knob}.{i}"] for i in range(1, values[self.count] + 1)]
         return self.finish(config)
 
+    def encode(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The dimension values (knob names as ``dimensions`` gives them) of a config that ``decode`` would give,
+        where its fields are the knobs: one per stage of each per-item knob, the count from their length, the
+        other knobs as they are; a knob the config has no field for is left out."""
+        values = {knob: config[knob] for knob in self.space if knob in config and knob not in self.per_item}
+        for knob in self.per_item:
+            values |= {f"{knob}.{i}": value for i, value in enumerate(config[knob], start=1)}
+            if self.count:
+                values[self.count] = len(config[knob])
+        return values
+
 
 STUDENTS: Registry[Family] = Registry("student family")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +81,8 @@ class Objective:
         _check_caps(trial, recipe, task, spec.constraints)
         _check_duplicate(trial, recipe)
         if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
-            trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
+            with _reason_recorded(trial):
+                trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
             _screen(trial, screen, task, self.baseline, spec)
@@ -148,17 +151,24 @@ def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline,
         raise optuna.TrialPruned(f"screened out after {screen.finetune.epochs} epochs of fine-tune")
 
 
+@contextlib.contextmanager
+def _reason_recorded(trial: optuna.Trial) -> Iterator[None]:
+    """Store an error raised inside as the trial's failure reason (``error``), and raise it on."""
+    try:
+        yield
+    except Exception as err:
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        raise
+
+
 def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
                store: object | None = None) -> CompressedModel:
     """``apply`` one recipe; store its artifact and recipe in ``store`` (if any), or its error as the failure reason."""
     from optuna.artifacts import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        try:
+        with _reason_recorded(trial):
             result = apply(recipe, task, tmp, progress=False, reference=reference)
-        except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            raise
         for name in (ARTIFACT, RECIPE) if store is not None else ():
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)
     return result

@@ -125,9 +125,6 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
                             "pass --storage journal:///<file> (one machine) or postgresql://... (README).")
     if ray is not None:
         ray.check()
-        if spec.sampler == "proxy":
-            raise AutocompError("sampler 'proxy' runs with the local backend (--workers N on one machine); "
-                                "--backend ray does not take it yet.")
     space, task, prunable, quantizable, narrowed = _prepare(spec)
     for line in narrowed:
         print(f"autocomp: {line}")
@@ -289,7 +286,8 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task
     groups = {layer: p.group for layer, p in prunable.items()}
     dims = space.dimensions(prunable, name, quantizable)
     for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups,
-                             group_sizes(task.teacher, groups), space.warm_start.formats):
+                             group_sizes(task.teacher, groups), space.warm_start.formats,
+                             space.warm_start.students):
         study.enqueue_trial(policy, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 

@@ -141,8 +141,7 @@ def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict
     number = config["optuna_trial"]
     if study._storage.get_trial(config["optuna_trial_id"]).state.name != "RUNNING":  # the driver failed it
         return {"optuna_trial": number, "state": "already told"}
-    study.sampler = make_sampler(run.spec, run.seed + 7919 * number)  # what a retry samples again, alike
-    trial = optuna.Trial(study, config["optuna_trial_id"])
+    trial = optuna.Trial(study, config["optuna_trial_id"])  # samples at its first suggest, with the sampler below
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "teacher.onnx"
         reference.write_bytes(teacher_onnx)
@@ -151,7 +150,9 @@ def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict
             attempt = trial.user_attrs.get("ray", {}).get("attempt", 0) + 1  # Tune retries a trial whose worker died
             trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
             check_shared(Path(run.spec.artifacts), marker)
-            return make_objective(replace(run, reference=reference), study)(trial)
+            scored = make_objective(replace(run, reference=reference), study)  # the proxy sampler scores through it
+            study.sampler = make_sampler(run.spec, run.seed + 7919 * number, scored)  # a retry samples again, alike
+            return scored(trial)
 
         state = tell(study, trial, objective)
     return {"optuna_trial": number, "state": state}

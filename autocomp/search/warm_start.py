@@ -10,7 +10,9 @@ one saves little and costs much): the first third gets the space's next share ab
 next share below 1, the rest the level itself. Static int8 keeps fp32 the layers whose int8 alone costs
 more than ``INT8_TOLERANCE`` of validation accuracy. A space with a ``policy`` (``autocomp.allocation``) gets the
 same two kinds through its knobs: ``follow`` 0 and nothing protected (uniform), or ``follow`` ``FOLLOW`` and
-``protect`` at ``INT8_TOLERANCE`` (allocated by sensitivity).
+``protect`` at ``INT8_TOLERANCE`` (allocated by sensitivity). A space whose student families include new networks
+can name some (``warm_start.students``): each runs in each format, distilled from scratch, so the sampler sees
+from the start what a small network of its own shape reaches.
 
 A policy names only values the space can take; any dimension it cannot set is sampled as usual.
 """
@@ -22,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from autocomp.compress.student import STUDENTS
+from autocomp.recipe import Student
 from autocomp.sensitivity import Sensitivity
 from autocomp.space import FORMATS, Param
 
@@ -87,6 +91,16 @@ def sensitivity_policy(dims: dict[str, Param], level: float, fmt: str, sensitivi
     return policy
 
 
+def student_policy(dims: dict[str, Param], student: Student, fmt: str) -> dict[str, Any]:
+    """``uniform_policy`` with ``student``, a new network distilled from scratch, in place of the pruned teacher."""
+    family = STUDENTS.get(student.family)
+    knobs = {f"student.{student.family}.{knob}": value for knob, value in family.encode(student.config).items()}
+    policy = uniform_policy(dims, 0.0, fmt)
+    wanted = {"student.family": student.family, "student.init": student.init, **knobs}
+    return policy | {name: value for name, value in wanted.items()
+                     if name in dims and not dims[name].fixed and dims[name].admits(value)}
+
+
 def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
     """Each group's parameter count: the parameters of its member layers (``groups`` maps a layer to its group)."""
     sizes = dict.fromkeys(groups.values(), 0)
@@ -97,12 +111,16 @@ def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
 
 def warm_start(dims: dict[str, Param], levels: list[float], sensitivity: Sensitivity | None = None,
                groups: dict[str, str] | None = None, sizes: dict[str, int] | None = None,
-               formats: Sequence[str] = ("fp32", "int8")) -> list[dict[str, Any]]:
-    """The distinct policies of a warm start: uniform at each level in each format, then allocated by sensitivity."""
+               formats: Sequence[str] = ("fp32", "int8"), students: Sequence[Student] = ()) -> list[dict[str, Any]]:
+    """The distinct policies of a warm start: uniform at each level in each format, then allocated by sensitivity,
+    then each student the space can draw (``dims["student.family"]`` offers its family) in each format."""
     policies = [uniform_policy(dims, level, fmt) for level in levels for fmt in formats]
     if sensitivity is not None and groups is not None:
         policies += [sensitivity_policy(dims, level, fmt, sensitivity, groups, sizes or {}) for level in levels
                      for fmt in formats]
+    family = dims.get("student.family")
+    policies += [student_policy(dims, student, fmt) for student in students
+                 if family is not None and family.admits(student.family) for fmt in formats]
     distinct: list[dict[str, Any]] = []
     for policy in policies:
         if policy not in distinct:

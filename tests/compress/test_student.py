@@ -55,6 +55,14 @@ def test_every_sampled_config_builds_and_runs_on_the_task_input(name, layout):
             assert model(x).shape == (4, task.teacher(x).shape[1]), (name, config)
 
 
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_a_config_encodes_to_the_dimension_values_that_decode_back_to_it(name):
+    family = STUDENTS.get(name)
+    for config in configs(name, samples=4):
+        values = family.encode(config)
+        assert family.decode(values) == config
+
+
 def test_a_derived_student_of_a_residual_model_runs_after_dropping_blocks():
     task = zoo.resnet()
     blocks = residual_blocks(task.teacher, task.example_input)
