@@ -162,7 +162,24 @@ def run_study(task: str, method: str, seed: int, budget: float, folder: Path) ->
     stages = {stage: sum(s.get(stage, 0.0) for t in study.trials
                          for s in (t.user_attrs.get("seconds", {}), t.user_attrs.get("screen", {}).get("seconds", {})))
               for stage in ("compress", "deploy", "measure")}
-    return evaluate(points, study.user_attrs["teacher"], started, wall, stages, [t.state.name for t in study.trials])
+    result = evaluate(points, study.user_attrs["teacher"], started, wall, stages, [t.state.name for t in study.trials])
+    return {**result, "proxy_tau": proxy_tau(study.trials)}
+
+
+def proxy_tau(trials: list) -> dict:
+    """Kendall's tau of the cheap rung (``proxy`` user attribute) against the full trial, over a run's complete
+    trials that hold both: validation accuracy, size and latency (MACs where the proxy predicted none)."""
+    from scipy.stats import kendalltau
+
+    pairs = [(t.user_attrs["proxy"], t.user_attrs["metrics"]) for t in trials
+             if t.state.name == "COMPLETE" and "proxy" in t.user_attrs]
+    if len(pairs) < 3:
+        return {"n": len(pairs)}
+    speed = "latency_ms" if all(p["latency_ms"] is not None for p, _ in pairs) else "macs"
+    tau = {name: float(kendalltau([p[key] for p, _ in pairs], [m[full] for _, m in pairs]).statistic)
+           for name, key, full in (("accuracy", "val_accuracy", "val_accuracy"), ("size", "size_bytes", "size_bytes"),
+                                   ("latency", speed, "latency_ms"))}
+    return {"n": len(pairs), "latency_from": speed, **tau}
 
 
 def run_fastnas(task: str, seed: int, folder: Path) -> dict:
@@ -232,6 +249,9 @@ def summarise(runs: dict) -> dict:
             if "fastnas" in rows:
                 vs["hv_vs_fastnas"] = mean["autocomp"]["hypervolume"] / max(mean["fastnas"]["hypervolume"], 1e-9)
             table[task]["vs_autocomp"] = vs
+        taus = [r["proxy_tau"] for r in methods.get("autocomp", []) if r.get("proxy_tau", {}).get("n", 0) >= 3]
+        if taus:
+            table[task]["proxy_tau"] = taus
         if {"autocomp", "no_students"} <= set(rows):
             table[task]["autocomp_vs_no_students"] = {
                 key: rows["autocomp"][key]["mean"] / max(rows["no_students"][key]["mean"], 1e-9)
@@ -270,6 +290,10 @@ def markdown(table: dict, settings: dict) -> str:
                 if key in vs:
                     ok = "met" if vs[key] >= wanted else "missed"
                     lines.append(f"| {key.replace('_', ' ')} | >= {wanted}x | {vs[key]:.2f}x {ok} |")
+        if "proxy_tau" in rows:
+            per = "; ".join(f"seed {i}: accuracy {t['accuracy']:.2f}, size {t['size']:.2f}, latency {t['latency']:.2f} "
+                            f"(from {t['latency_from']}), {t['n']} trials" for i, t in enumerate(rows["proxy_tau"]))
+            lines += ["", f"The cheap rung against autocomp's full trials, Kendall's tau: {per}."]
         if "autocomp_vs_no_students" in rows:
             ratios = ", ".join(f"{key.replace('_', ' ')} {v:.2f}x"
                                for key, v in rows["autocomp_vs_no_students"].items())
