@@ -30,7 +30,7 @@ $(PEER): $(STAMP)  # the peer (NVIDIA Model Optimizer's FastNAS) for the search 
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,peer]"
 	touch $(PEER)
 
-bench-search: setup $(PEER)  # about 2 hours here: 3 tasks x (grid, autocomp x 2 seeds, FastNAS)
+bench-search: setup $(PEER)  # about 1.5 hours here: 3 tasks x (grid, autocomp x 2 seeds, FastNAS)
 	$(BIN)/python benchmarks/search_quality.py
 
 bench-search-quick: setup  # about 10 minutes here: digits, the grid against autocomp (the shipped study)

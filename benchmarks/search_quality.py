@@ -32,7 +32,7 @@ validation and reported on test:
 - **overhead**: the share of the run's wall-clock time spent outside ``apply`` (sampling, the cheap rung, storage,
   the teacher's baseline), and measurement's share (accuracy and latency of artifacts).
 
-    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 3 hours here
+    .venv/bin/python benchmarks/search_quality.py            # the full suite, about 1.5 hours here
     .venv/bin/python benchmarks/search_quality.py --quick    # digits, uniform against autocomp, about 10 minutes
 """
 
@@ -300,8 +300,8 @@ def markdown(table: dict, settings: dict) -> str:
                     ok = "met" if vs[key] >= wanted else "missed"
                     lines.append(f"| {key.replace('_', ' ')} | >= {wanted}x | {vs[key]:.2f}x {ok} |")
         if "proxy_tau" in rows:
-            per = "; ".join(f"seed {i}: accuracy {t['accuracy']:.2f}, size {t['size']:.2f}, latency {t['latency']:.2f} "
-                            f"(from {t['latency_from']}), {t['n']} trials" for i, t in enumerate(rows["proxy_tau"]))
+            per = "; ".join(f"run {i}: accuracy {t['accuracy']:.2f}, size {t['size']:.2f}, latency {t['latency']:.2f} "
+                            f"(from {t['latency_from']}), {t['n']} trials" for i, t in enumerate(rows["proxy_tau"], 1))
             lines += ["", f"The cheap rung against autocomp's full trials, Kendall's tau: {per}."]
         if "autocomp_vs_no_students" in rows:
             ratios = ", ".join(f"{key.replace('_', ' ')} {v:.2f}x"

@@ -61,6 +61,11 @@ def uniform_policy(dims: dict[str, Param], level: float, fmt: str) -> dict[str, 
             wanted.setdefault(name, bits if name.endswith(".bits") else activation_bits)
         elif name in ("finetune.epochs", "policy.protect"):  # the longest fine-tune; no layer protected
             wanted[name] = max(param.candidates())
+    return _settable(dims, wanted)
+
+
+def _settable(dims: dict[str, Param], wanted: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``wanted`` a policy can set: free dimensions of ``dims`` that admit them."""
     return {name: value for name, value in wanted.items()
             if name in dims and not dims[name].fixed and dims[name].admits(value)}
 
@@ -97,8 +102,7 @@ def student_policy(dims: dict[str, Param], student: Student, fmt: str) -> dict[s
     knobs = {f"student.{student.family}.{knob}": value for knob, value in family.encode(student.config).items()}
     policy = uniform_policy(dims, 0.0, fmt)
     wanted = {"student.family": student.family, "student.init": student.init, **knobs}
-    return policy | {name: value for name, value in wanted.items()
-                     if name in dims and not dims[name].fixed and dims[name].admits(value)}
+    return policy | _settable(dims, wanted)
 
 
 def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
