@@ -22,7 +22,8 @@ The encoding (README, "How the search space is encoded"), built so every sampler
   not pruned (its widths are its family's knobs; pruning untrained weights would narrow it at random) and is
   quantized uniformly: the per-layer shares, bits and int8 kernels name the teacher's layers.
 - **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
-  and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune; weights
+  and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune at the highest
+  learning rate; weights
   of 4 bits or fewer train with QAT where the space allows QAT (not with k-means sharing).
 """
 
@@ -320,8 +321,12 @@ class SearchSpace:
         finetune = sections["finetune"]
         epochs = self.sections["finetune"].get("epochs")  # enough to recover the level asked, where searched
         enough = math.ceil(values["prune.sparsity"] * max(epochs.candidates()) - 1e-9) if epochs else 0
-        if epochs and student.get("init", "teacher") == "scratch":  # nothing to recover: all to learn
+        scratch = student.get("init", "teacher") == "scratch"
+        if epochs and scratch:  # nothing to recover: all to learn
             enough = max(epochs.candidates())
+        lr = self.sections["finetune"].get("lr")
+        if lr and scratch:  # random weights learn at the highest rate offered, not a fine-tune's
+            finetune["lr"] = max(lr.candidates())
         least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0, enough)
         finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
         return Recipe(task=task, prune=prune, seed=seed,

@@ -72,8 +72,8 @@ def test_a_student_over_the_studys_caps_is_never_trained(digits_task, tmp_path):
 student:
   family: [mlp]
   mlp: {depth: [1], width: [8, 512], norm: [none]}
-finetune: {epochs: 1, lr: {low: 1.0e-3, high: 2.0e-3}}
-distill: {kind: logits}
+finetune: {epochs: 1}
+distill: {kind: logits, alpha: {low: 0.5, high: 0.9}}
 """)
     path = tmp_path / "s.yaml"  # 64 inputs: 8 hidden units hold 610 parameters, 512 hold 38,410
     path.write_text("schema_version: 1\nstudy_name: s\ntask: digits\nspace: space.yaml\ntrials: 8\nsampler: random\n"

@@ -7,15 +7,18 @@ import dataclasses
 import optuna
 import pytest
 import torch
+from torch import nn
 
 from autocomp import sensitivity
 from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
-from autocomp.search.warm_start import group_sizes, warm_start
+from autocomp.search.warm_start import group_sizes, smaller_students, warm_start
 from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
+from autocomp.tasks import Task
 from autocomp.tasks.digits import DigitsCNN
+from autocomp.train import Split
 from tests.conftest import ROOT
 from tests.tasks import fragile_bottleneck
 
@@ -130,15 +133,19 @@ def test_warm_start_students_decode_to_the_networks_named_unpruned_in_each_forma
     prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
     dims = space.dimensions(prunable, "digits")
     students = space.warm_start.students
-    assert [s.family for s in students] == ["cnn", "cnn", "mlp"]
+    assert [s.family for s in students] == ["cnn", "cnn", "cnn", "mlp"]
     policies = warm_start(dims, [], formats=("fp32", "int4"), students=students)
     groups = {name: layer.group for name, layer in prunable.items()}
     guide = Guide(Sensitivity(0.99, {g: {"0.5": 0.9} for g in set(groups.values())}, {}), {})
     recipes = [space.decode({name: policy.get(name, param.candidates()[0]) for name, param in dims.items()},
                             "digits", prunable, guide=guide) for policy in policies]
     assert [r.student for r in recipes] == [s for s in students for _ in range(2)]
-    assert [(r.quantize.bits, r.quantize.qat) for r in recipes] == [(32, False), (4, True)] * 3
+    assert [(r.quantize.bits, r.quantize.qat) for r in recipes] == [(32, False), (4, True)] * 4
     assert all(r.prune.layers == {} and r.student.init == "scratch" for r in recipes)
+    assert {r.finetune.lr for r in recipes} == {3e-3}  # from scratch: the space's highest learning rate
+    teacher = warm_start(dims, [0.5], formats=("int4",))[0]
+    assert space.decode({name: teacher.get(name, param.candidates()[0]) for name, param in dims.items()},
+                        "digits", prunable, guide=guide).finetune.lr == 1e-3  # a fine-tune: the hand-made rate
     space.narrow_choices("student", "family", "cnn", "cannot take", "digits")  # a task the CNNs do not fit
     narrowed = warm_start(space.dimensions(prunable, "digits"), [], formats=("int4",), students=students)
     assert [policy["student.family"] for policy in narrowed] == ["mlp"]
@@ -147,3 +154,13 @@ def test_warm_start_students_decode_to_the_networks_named_unpruned_in_each_forma
 def test_a_warm_start_student_must_be_a_new_network():
     with pytest.raises(ConfigError, match=r"`space.warm_start.students\[0\].family` must be a new network"):
         SearchSpace.from_dict({"schema_version": 1, "warm_start": {"students": [{"family": "teacher"}]}})
+
+
+@pytest.mark.parametrize("hidden, kept", [(0, []), (4096, ["cnn", "cnn", "cnn", "mlp"])], ids=["small", "large"])
+def test_a_warm_start_student_larger_than_the_teacher_is_left_out(hidden, kept):
+    x = torch.zeros(4, 1, 8, 8)
+    layers = [nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)] if hidden else [nn.Linear(64, 10)]
+    data = Split(x, torch.zeros(4, dtype=torch.long))
+    task = Task("t", nn.Sequential(nn.Flatten(), *layers).eval(), data, data, data, x[:1], students=("cnn", "mlp"))
+    students = SearchSpace.load(ROOT / "search_spaces" / "compact.yaml").warm_start.students
+    assert [s.family for s in smaller_students(students, task)] == kept

@@ -18,7 +18,7 @@ from autocomp.compress.student import STUDENTS, can_build
 from autocomp.errors import AutocompError
 from autocomp.pipeline import Baseline, teacher_baseline, teacher_facts
 from autocomp.search.objective import Objective
-from autocomp.search.warm_start import group_sizes, warm_start
+from autocomp.search.warm_start import group_sizes, smaller_students, warm_start
 from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
 from autocomp.storage import fail_dead_trials, local_path, open_storage
@@ -287,7 +287,7 @@ def _enqueue_warm_start(study: optuna.Study, space: SearchSpace, name: str, task
     dims = space.dimensions(prunable, name, quantizable)
     for policy in warm_start(dims, space.warm_start.levels, sensitivity, groups,
                              group_sizes(task.teacher, groups), space.warm_start.formats,
-                             space.warm_start.students):
+                             smaller_students(space.warm_start.students, task)):
         study.enqueue_trial(policy, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 

@@ -12,7 +12,8 @@ more than ``INT8_TOLERANCE`` of validation accuracy. A space with a ``policy`` (
 same two kinds through its knobs: ``follow`` 0 and nothing protected (uniform), or ``follow`` ``FOLLOW`` and
 ``protect`` at ``INT8_TOLERANCE`` (allocated by sensitivity). A space whose student families include new networks
 can name some (``warm_start.students``): each runs in each format, distilled from scratch, so the sampler sees
-from the start what a small network of its own shape reaches.
+from the start what a small network of its own shape reaches. A named student with at least the teacher's
+parameters compresses nothing and is left out (a small teacher's warm start is its levels).
 
 A policy names only values the space can take; any dimension it cannot set is sampled as usual.
 """
@@ -24,10 +25,11 @@ from typing import Any
 
 from torch import nn
 
-from autocomp.compress.student import STUDENTS
+from autocomp.compress.student import STUDENTS, build_student, can_build
 from autocomp.recipe import Student
 from autocomp.sensitivity import Sensitivity
 from autocomp.space import FORMATS, Param
+from autocomp.tasks import Task
 
 UNIFORM: dict[str, Any] = {
     "prune.scope": "local", "prune.granularity": "channel", "prune.criterion": "l1", "prune.rounds": 1,
@@ -103,6 +105,15 @@ def student_policy(dims: dict[str, Param], student: Student, fmt: str) -> dict[s
     policy = uniform_policy(dims, 0.0, fmt)
     wanted = {"student.family": student.family, "student.init": student.init, **knobs}
     return policy | _settable(dims, wanted)
+
+
+def smaller_students(students: Sequence[Student], task: Task) -> list[Student]:
+    """The ``students`` that take ``task``'s input with fewer parameters than its teacher."""
+    def params(model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    return [student for student in students
+            if can_build(student.family, task) and params(build_student(student, task)) < params(task.teacher)]
 
 
 def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
