@@ -19,6 +19,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check autocomp tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 bench: setup
@@ -50,6 +51,7 @@ bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ra
 
 lint: setup
 	$(BIN)/ruff check autocomp tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*.journal studies/*_artifacts .pytest_cache

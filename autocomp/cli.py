@@ -148,14 +148,15 @@ def _spec(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from autocomp.search.optuna_runner import load_study
+    from autocomp.search.trials import load_study
 
     spec = _spec(args)
     return spec, load_study(spec.storage, spec.study_name)
 
 
 def _search(args: argparse.Namespace) -> int:
-    from autocomp.search.optuna_runner import failure, run_search, summary
+    from autocomp.search.optuna_runner import run_search
+    from autocomp.search.trials import failure, summary
     from autocomp.storage import JOURNAL, local_path
 
     spec = _spec(args)
@@ -222,7 +223,7 @@ def _apply(args: argparse.Namespace) -> int:
     from autocomp.measure import with_ratios
     from autocomp.pipeline import apply, teacher_baseline
     from autocomp.recipe import Recipe
-    from autocomp.search.optuna_runner import fingerprint_mismatch
+    from autocomp.search.trials import fingerprint_mismatch
     from autocomp.tasks import load_task
 
     recipe = Recipe.load(args.recipe)

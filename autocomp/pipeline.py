@@ -125,7 +125,7 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
         qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
         # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
         # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)
-        fp32_first = epochs // 2 if qat and recipe.student.init == "scratch" else 0
+        fp32_first = epochs // 2 if qat and recipe.student.scratch else 0
         seed = recipe.seed + r - 1
         ran = fine_tune(student, task, recipe, hint_pairs, fp32_first, seed, qat=False, progress=progress) \
             if fp32_first else 0

@@ -130,7 +130,7 @@ def compressed(recipe: Recipe, task: Task) -> nn.Module:
     recipe.check_layers(facts.prunable, facts.layers, facts.blocks, facts.attention)
     restructure(student, recipe, task)
     prune(student, task.example_input, recipe.prune, facts.prunable, task.train, seed=recipe.seed)
-    if recipe.student.init == "scratch":
+    if recipe.student.scratch:
         pairs = distillation_pairs(recipe, task, facts.prunable, set(layer_names(student)))
         fine_tune(student, task, dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, patience=0)),
                   pairs, SCRATCH_EPOCHS, seed=recipe.seed, qat=False, progress=False)
@@ -156,4 +156,4 @@ def score(recipe: Recipe, task: Task, latency: LatencyModel | None = None) -> Pr
     size += graph_bytes(task, q, layers)
     return ProxyScore(accuracy, size, None if latency is None else latency(student, task.example_input, int8),
                       counts["macs"], counts["params"], round(time.perf_counter() - started, 4),
-                      recipe.student.init == "scratch")
+                      recipe.student.scratch)

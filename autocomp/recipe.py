@@ -16,8 +16,27 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
 ACTIVATION_BITS = (32, 8)
+QAT_BELOW = 5  # weights of fewer bits recover only with quantization-aware training
 SCOPES = ("local", "global")
 GRANULARITIES = ("channel", "weight")
+
+
+# Rules across a recipe's fields, each in one place: the Recipe validates with them, a search space decodes with
+# them (``autocomp.space``) and screening shortens fine-tunes with them (``autocomp.search.fidelity``).
+def least_epochs(rounds: int, qat: bool) -> int:
+    """The fewest fine-tune epochs a recipe may hold: one after each pruning round where it prunes in rounds
+    (``rounds`` > 1), and one to train with the quantizers in place where it uses ``qat``."""
+    return max(rounds if rounds > 1 else 0, 1 if qat else 0)
+
+
+def qat_allowed(bits: int) -> bool:
+    """Quantization-aware training needs weights on an integer grid (2-8 bits)."""
+    return bits <= 8
+
+
+def kmeans_allowed(bits: int, activation_bits: int, qat: bool) -> bool:
+    """k-means weight sharing replaces the integer grid of weight-only quantization, after training (not QAT)."""
+    return bits <= 8 and activation_bits == 32 and not qat
 
 
 @dataclass
@@ -52,6 +71,11 @@ class Student:
         self.init = self.init or ("teacher" if derived else "scratch")
         check_choice("init", self.init, INITS if derived else ("scratch",))
         self.config = to_dict(config_of(self))  # every field, checked by the family's config
+
+    @property
+    def scratch(self) -> bool:
+        """Learns from fresh weights: nothing of the teacher's to recover, all to learn."""
+        return self.init == "scratch"
 
 
 @dataclass
@@ -143,11 +167,6 @@ class Quantize:
                 raise ConfigError(f"8 (int8 kernels) needs 8-bit weights, but the layer's weights have "
                                   f"{self.bits_of(name)} bits.", f"activation_layers.{name}")
         CALIBRATORS.get(self.calibration, field="calibration")
-
-    @property
-    def integer(self) -> bool:
-        """Weights on an integer grid (2-8 bits)."""
-        return self.bits <= 8
 
     def bits_of(self, layer: str) -> int:
         return self.layers.get(layer, self.bits)
@@ -253,15 +272,15 @@ class Recipe:
                               f"got {p.criterion!r}.", "prune.criterion")
         if q.activation_bits == 8 and q.bits != 8:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
-        if q.qat and not q.integer:
+        if q.qat and not qat_allowed(q.bits):
             raise ConfigError(f"needs integer weights (bits 2-8), but got bits {q.bits}.", "quantize.qat")
-        if q.qat and self.finetune.epochs == 0:
-            raise ConfigError("trains with the quantizers in place, so needs finetune.epochs >= 1, but got 0.",
-                              "quantize.qat")
-        if p.rounds > 1 and self.finetune.epochs < p.rounds:
-            raise ConfigError(f"must give each of the {p.rounds} pruning rounds (prune.rounds) at least one epoch, "
-                              f"so must be >= {p.rounds}, but got {self.finetune.epochs}.", "finetune.epochs")
-        if q.kmeans and (not q.integer or q.activation_bits == 8 or q.qat):
+        least = least_epochs(p.rounds, q.qat)
+        if self.finetune.epochs < least:
+            needs = [f"one for each of the {p.rounds} pruning rounds (prune.rounds)"] * (p.rounds > 1) + [
+                "one to train with the quantizers in place (quantize.qat)"] * q.qat
+            raise ConfigError(f"must be >= {least}, {' and '.join(needs)}, but got {self.finetune.epochs}.",
+                              "finetune.epochs")
+        if q.kmeans and not kmeans_allowed(q.bits, q.activation_bits, q.qat):
             raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 

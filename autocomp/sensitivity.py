@@ -26,12 +26,12 @@ from tqdm import tqdm
 from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.qat import quantization_aware
 from autocomp.features import layer_names
+from autocomp.pipeline import CALIBRATION_SAMPLES
 from autocomp.recipe import LayerPrune, Prune
 from autocomp.tasks.base import Task, cache_dir
 
 LEVELS = (0.25, 0.5, 0.75)
 BITS = (8, 4, 2)
-CALIBRATION_SAMPLES = 256
 
 
 @dataclass

@@ -21,10 +21,10 @@ The encoding (README, "How the search space is encoded"), built so every sampler
   every trial and used when its family is drawn. A new network (not the teacher's graph) starts from scratch, is
   not pruned (its widths are its family's knobs; pruning untrained weights would narrow it at random) and is
   quantized uniformly: the per-layer shares, bits and int8 kernels name the teacher's layers.
-- **Values that fit together.** Fine-tune epochs grow with the level (at least ``ceil(level x epochs.high)``,
-  and one per pruning round and for QAT); a student from scratch trains for the longest fine-tune at the highest
-  learning rate; weights
-  of 4 bits or fewer train with QAT where the space allows QAT (not with k-means sharing).
+- **Values that fit together** (the rules of ``autocomp.recipe``). Fine-tune epochs grow with the level (at least
+  ``ceil(level x epochs.high)``, and ``least_epochs``); a student from scratch trains for the longest fine-tune at
+  the highest learning rate; weights of fewer than ``QAT_BELOW`` bits train with QAT where the space allows QAT
+  (not with k-means sharing).
 """
 
 from __future__ import annotations
@@ -41,12 +41,27 @@ from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.student import STUDENTS
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
-from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe, Student
+from autocomp.recipe import (
+    QAT_BELOW,
+    Distill,
+    FineTune,
+    LayerPrune,
+    Measure,
+    Prune,
+    Quantize,
+    Recipe,
+    Student,
+    kmeans_allowed,
+    least_epochs,
+    qat_allowed,
+)
 
 SCHEMA_VERSION = 1
 SECTIONS = {"student": Student, "quantize": Quantize, "distill": Distill, "finetune": FineTune}
 # per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
 PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
+# section -> the per-layer dimensions it holds, named ``<section>.<layer>.<rule>`` (``layer_dimension``)
+LAYER_RULES = {"prune": ("share",), "quantize": tuple(PER_LAYER.values())}
 # a warm-start recipe's deployment: (weight bits, activation bits); 4-bit weights fine-tune with QAT
 FORMATS = {"fp32": (32, 32), "int8": (8, 8), "int4": (4, 32)}
 # a policy's knobs (``autocomp.allocation``) and their defaults: 0 follows no sensitivity, 100 points protects nothing
@@ -56,12 +71,11 @@ PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalt
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
-        "bits": lambda v: v["activation_bits"] == 32,  # static int8 (activation_bits 8) sets bits 8
         "symmetric": lambda v: v["bits"] <= 8,
         "per_channel": lambda v: v["bits"] <= 8,
         "calibration": lambda v: v["activation_bits"] == 8,
-        "qat": lambda v: v["bits"] <= 8,
-        "kmeans": lambda v: v["bits"] <= 8 and v["activation_bits"] == 32 and not v["qat"],
+        "qat": lambda v: qat_allowed(v["bits"]),
+        "kmeans": lambda v: kmeans_allowed(v["bits"], v["activation_bits"], v["qat"]),
     },
     "distill": {
         "alpha": lambda v: v["kind"] != "none",
@@ -74,6 +88,19 @@ DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
     "student": {"init": lambda v: None if STUDENTS.get(v["family"]).derived else "scratch"},  # a new network
     "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
 }
+
+
+def layer_dimension(section: str, layer: str, rule: str) -> str:
+    """The name of one layer's own dimension: its share of the level (``prune``, ``share``) or its weight or
+    activation bits (``quantize``)."""
+    return f"{section}.{layer}.{rule}"
+
+
+def per_layer(name: str) -> tuple[str, str] | None:
+    """(layer, rule) of a dimension ``layer_dimension`` named, else None (a layer's name may hold dots)."""
+    section, _, rest = name.partition(".")
+    layer, _, rule = rest.rpartition(".")
+    return (layer, rule) if layer and rule in LAYER_RULES.get(section, ()) else None
 
 
 @dataclass(frozen=True)
@@ -207,10 +234,10 @@ class SearchSpace:
         for key, param in self.policy.items():
             for value in param.candidates():
                 check_range(f"space.policy.{key}", value, 0.0, 100.0)
-        per_layer = ["space.prune.allocation"] * (self.allocation is not None) + [
+        listed = ["space.prune.allocation"] * (self.allocation is not None) + [
             f"space.quantize.{key}" for section, key in PER_LAYER if key in self.sections["quantize"]]
-        if per_layer:
-            raise ConfigError(f"derives every layer's choice, so the space cannot also search {per_layer}.",
+        if listed:
+            raise ConfigError(f"derives every layer's choice, so the space cannot also search {listed}.",
                               "space.policy")
 
     def _parse_students(self, knobs: dict[str, Any]) -> None:
@@ -272,12 +299,13 @@ class SearchSpace:
         for name, params in self.students.items():
             dims |= {f"student.{name}.{knob}": param for knob, param in STUDENTS.get(name).dimensions(params).items()}
         if self.allocation is not None:
-            dims |= {f"prune.{name}.share": self.allocation for name in self.layer_names(prunable, task)}
+            dims |= {layer_dimension("prune", layer, "share"): self.allocation
+                     for layer in self.layer_names(prunable, task)}
         dims |= {f"policy.{key}": param for key, param in self.policy.items()}
         for section, params in self.sections.items():
             for key, param in params.items():
                 rule = PER_LAYER.get((SECTIONS[section].__name__, key))
-                names = [f"{section}.{layer}.{rule}" for layer in quantizable or prunable] if rule else [
+                names = [layer_dimension(section, layer, rule) for layer in quantizable or prunable] if rule else [
                     f"{section}.{key}"]
                 dims |= {name: param for name in names}
         return dims
@@ -313,11 +341,12 @@ class SearchSpace:
         for key, rule, used in [("layers", "bits", q.get("bits", 32) <= 16 and not static_int8),
                                 ("activation_layers", "activation_bits", static_int8)]:
             if key in self.sections["quantize"] and used and chosen.derived:  # a new network has its own layers
-                q[key] = {name: values[f"quantize.{name}.{rule}"] for name in quantizable or prunable}
+                q[key] = {name: values[layer_dimension("quantize", name, rule)] for name in quantizable or prunable}
         lowest = min([q.get("bits", 32), *q.get("layers", {}).values()])
-        qat = self.sections["quantize"].get("qat")
-        if lowest <= 4 and q.get("bits", 32) <= 8 and not q.get("kmeans") and qat and True in qat.candidates():
-            q["qat"] = True  # low bit widths recover only with quantization-aware training
+        offered = self.sections["quantize"].get("qat")
+        if lowest < QAT_BELOW and qat_allowed(q.get("bits", 32)) and not q.get("kmeans") and offered \
+                and True in offered.candidates():
+            q["qat"] = True
         finetune = sections["finetune"]
         epochs = self.sections["finetune"].get("epochs")  # enough to recover the level asked, where searched
         enough = math.ceil(values["prune.sparsity"] * max(epochs.candidates()) - 1e-9) if epochs else 0
@@ -327,7 +356,7 @@ class SearchSpace:
         lr = self.sections["finetune"].get("lr")
         if lr and scratch:  # random weights learn at the highest rate offered, not a fine-tune's
             finetune["lr"] = max(lr.candidates())
-        least = max(prune.rounds if prune.rounds > 1 else 0, 1 if q.get("qat") else 0, enough)
+        least = max(least_epochs(prune.rounds, bool(q.get("qat"))), enough)
         finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
         return Recipe(task=task, prune=prune, seed=seed,
                       measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in sections.items()})
@@ -357,7 +386,7 @@ class SearchSpace:
         for name in names:
             key = name if granularity == "weight" else prunable[name].group  # a group is named once
             if key not in layers:
-                share = values[f"prune.{name}.share"] if self.allocation is not None else 1.0
+                share = values[layer_dimension("prune", name, "share")] if self.allocation is not None else 1.0
                 sparsity = derived.get(prunable[name].group, round(min(level * share, cap), 6))
                 layers[key] = LayerPrune(sparsity, self._criterion(criterion, prunable[name].criteria(granularity)))
         return Prune(layers=layers, **chosen)

@@ -32,7 +32,7 @@ import torch
 
 from autocomp.proxy import ProxyScore
 from autocomp.search.objective import Objective
-from autocomp.search.optuna_runner import _prepare, make_sampler, study_guide
+from autocomp.search.trials import make_sampler, prepare, study_guide
 from autocomp.study import StudySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def fake_metrics(recipe, rng: random.Random) -> dict[str, float]:
     """Made-up numbers that move with the recipe, as real ones do (accuracy down with the level, size and latency
     down with it and with narrower formats)."""
     level, bits = recipe.prune.sparsity or 0.5, min(recipe.quantize.bits, 32)
-    scratch = recipe.student.init == "scratch"
+    scratch = recipe.student.scratch
     return {"val_accuracy": 0.99 - 0.2 * level ** 4 - 0.02 * scratch + rng.gauss(0, 0.005),
             "size_bytes": TEACHER["size_bytes"] * (1.02 - level) * bits / 32 * (0.1 if scratch else 1.0),
             "latency_ms": TEACHER["latency_ms"] * (1.02 - level) * (0.3 if recipe.quantize.activation_bits == 8 else 1)}
@@ -70,7 +70,7 @@ def filled_study(spec: StudySpec, sampler_name: str, objective: Objective, trial
         metrics = fake_metrics(recipe, rng)
         proxy = ProxyScore(metrics["val_accuracy"] - 0.3 * rng.random(), int(metrics["size_bytes"]),
                            metrics["latency_ms"] * 0.8, int(1e6 * metrics["latency_ms"]), 1000, 0.3,
-                           recipe.student.init == "scratch")
+                           recipe.student.scratch)
         frozen = optuna.trial.FrozenTrial(
             number=number, state=optuna.trial.TrialState.COMPLETE, value=None,
             values=[metrics[k] for k in spec.objectives],
@@ -96,7 +96,8 @@ def main() -> None:
                               f"compact.yaml\nstorage: sqlite:///{tmp}/ask.db\nobjectives: {{val_accuracy: maximize, "
                               f"size_bytes: minimize, latency_ms: minimize}}\n")
         spec = StudySpec.load(study_file)
-        space, task, prunable, quantizable, _ = _prepare(spec)
+        prepared = prepare(spec)
+        space, task, prunable, quantizable = prepared.space, prepared.task, prepared.prunable, prepared.quantizable
         guide = study_guide(optuna.create_study(), space, task, prunable, progress=False)
         rows = []
         for size in SIZES:

@@ -29,7 +29,7 @@ from autocomp import proxy
 from autocomp.allocation import Guide, tied_parameters
 from autocomp.measure import with_ratios
 from autocomp.pipeline import apply, teacher_baseline, teacher_facts
-from autocomp.search.optuna_runner import narrow_to_model
+from autocomp.search.trials import narrow_to_model
 from autocomp.sensitivity import cached
 from autocomp.space import SearchSpace
 from autocomp.tasks import load_task

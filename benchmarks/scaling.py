@@ -30,11 +30,13 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from autocomp.measure import time_artifact
 from autocomp.pipeline import ARTIFACT, teacher_baseline
 from autocomp.recipe import Measure
-from autocomp.search.ray_runner import local_cluster
 from autocomp.storage import open_storage
 from autocomp.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests' Ray cluster helper
+from tests.ray_cluster import local_cluster  # noqa: E402
+
 AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
 
 

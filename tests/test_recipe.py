@@ -53,8 +53,9 @@ def test_quantization_aware_training_of_masked_weights_round_trips():
         ({"finetune": {"epochs": "two"}}, "recipe.finetune.epochs", "must be of type int"),
         ({"finetune": {"patience": -1}}, "recipe.finetune.patience", "must be in [0, 1000], but got -1"),
         ({"schema_version": 7}, "recipe.schema_version", "got 7"),
-        ({"prune": {"rounds": 3}}, "recipe.finetune.epochs", "each of the 3 pruning rounds"),
-        ({"quantize": {"qat": True}, "finetune": {"epochs": 0}}, "recipe.quantize.qat", "finetune.epochs >= 1"),
+        ({"prune": {"rounds": 3}}, "recipe.finetune.epochs", "must be >= 3, one for each of the 3 pruning rounds"),
+        ({"quantize": {"qat": True}, "finetune": {"epochs": 0}}, "recipe.finetune.epochs",
+         "and one to train with the quantizers in place (quantize.qat), but got 0"),
     ],
 )
 def test_bad_values_name_field_rule_and_value(patch, field, fragment):

@@ -115,3 +115,12 @@ def test_a_recipe_is_evaluated_once(tmp_path):
             assert "metrics" not in trial.user_attrs and "fidelity" not in trial.user_attrs  # nothing was trained
     complete = [t for t in study_obj.trials if t.state.name == "COMPLETE"]
     assert {t.user_attrs["recipe"]["quantize"]["bits"] for t in complete} == {32, 16}
+
+
+def test_every_backend_the_cli_offers_is_registered():
+    from autocomp.cli import _parser
+    from autocomp.search.backends import BACKENDS
+
+    search = _parser()._subparsers._group_actions[0].choices["search"]
+    backend = next(a for a in search._actions if a.dest == "backend")
+    assert list(backend.choices) == BACKENDS.names() and backend.default in BACKENDS

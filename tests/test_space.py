@@ -11,9 +11,9 @@ from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
 from autocomp.recipe import Distill, FineTune, Prune, Recipe
-from autocomp.search.optuna_runner import make_sampler, narrow_to_model
+from autocomp.search.trials import make_sampler, narrow_to_model
 from autocomp.sensitivity import Sensitivity
-from autocomp.space import SearchSpace
+from autocomp.space import SearchSpace, layer_dimension, per_layer
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
 from autocomp.tasks.digits import DigitsCNN
@@ -257,3 +257,14 @@ def test_the_shipped_space_is_narrowed_to_what_each_model_can_use(model, x, narr
         with pytest.raises(ConfigError, match="cannot be 'attention_matrix'") as err:
             narrow_to_model(fixed, Task("m", model.eval(), data, data, data, x), "m")
         assert err.value.field == "space.distill.kind"
+
+
+def test_every_per_layer_dimension_names_its_layer_and_rule():
+    space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
+    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    found = [per_layer(name) for name in space.dimensions(prunable, "digits")]
+    for rule, layers in [("share", space.layer_names(prunable, "digits")), ("bits", prunable),
+                         ("activation_bits", prunable)]:
+        assert sorted(layer for layer, r in filter(None, found) if r == rule) == sorted(layers)
+    assert per_layer(layer_dimension("quantize", "blocks.0.conv", "bits")) == ("blocks.0.conv", "bits")
+    assert per_layer("prune.sparsity") is None and per_layer("student.cnn.width.1") is None

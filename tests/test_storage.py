@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from autocomp.errors import ConfigError
-from autocomp.search.optuna_runner import counted
+from autocomp.search.trials import counted
 from autocomp.storage import alive, fail_dead_trials, open_storage, resolve, this_worker
 
 
@@ -55,7 +55,7 @@ def test_a_dead_workers_trial_is_failed_with_the_reason_retried_once_and_counted
 
 def test_pareto_of_a_missing_journal_names_the_file_and_creates_nothing(tmp_path: Path):
     from autocomp.errors import AutocompError
-    from autocomp.search.optuna_runner import load_study
+    from autocomp.search.trials import load_study
 
     with pytest.raises(AutocompError, match="does not exist"):
         load_study(f"journal:///{tmp_path / 'none.journal'}", "x")

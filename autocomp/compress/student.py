@@ -304,7 +304,7 @@ def build_student(spec: Student, task: Task, seed: int = 0) -> nn.Module:
     chosen = family(spec.family)
     torch.manual_seed(seed)
     model = chosen.build(config_of(spec), task)
-    if chosen.derived and spec.init == "scratch":
+    if chosen.derived and spec.scratch:
         reinitialise(model)
     return model
 

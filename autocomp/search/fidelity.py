@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 from autocomp.errors import check_range
-from autocomp.recipe import Recipe
+from autocomp.recipe import Recipe, least_epochs
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Screening:
     def screen(self, recipe: Recipe) -> Recipe | None:
         """The recipe's screen: the same compression with a shorter fine-tune (None: nothing to shorten)."""
         full = recipe.finetune.epochs
-        least = max(recipe.prune.rounds, 1 if recipe.quantize.qat else 0)
+        least = least_epochs(recipe.prune.rounds, recipe.quantize.qat)
         epochs = max(math.ceil(self.epochs * full), least)
         if epochs >= full:
             return None

@@ -2,7 +2,7 @@
 
 The study is the same Optuna study the local backend writes (storage, directions, metric names, user
 attributes, artifacts, constraints, fidelity records), because each Tune trial runs the same objective
-(``optuna_runner.make_objective``) on an Optuna trial of that study and tells the study itself:
+(``trials.make_objective``) on an Optuna trial of that study and tells the study itself:
 
 - **The driver owns the count.** ``StudySearcher``, a Tune ``Searcher``, asks the study for a trial
   (``study.ask``: enqueued warm-start trials first) for each Tune trial, waits while the trials it
@@ -22,15 +22,11 @@ attributes, artifacts, constraints, fidelity records), because each Tune trial r
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +36,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from autocomp.errors import AutocompError
-from autocomp.search.optuna_runner import Run, counted, make_objective, make_sampler, open_study, tell
+from autocomp.search.trials import SEED_STRIDE, Run, counted, make_objective, make_sampler, open_study, tell
 from autocomp.storage import MAX_RETRY, fail_trial
 
 if TYPE_CHECKING:
@@ -151,37 +147,12 @@ def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict
             trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
             check_shared(Path(run.spec.artifacts), marker)
             scored = make_objective(replace(run, reference=reference), study)  # the proxy sampler scores through it
-            study.sampler = make_sampler(run.spec, run.seed + 7919 * number, scored)  # a retry samples again, alike
+            # a retry samples again, alike
+            study.sampler = make_sampler(run.spec, run.seed + SEED_STRIDE * number, scored)
             return scored(trial)
 
         state = tell(study, trial, objective)
     return {"optuna_trial": number, "state": state}
-
-
-@contextlib.contextmanager
-def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
-    """A Ray cluster of ``nodes`` nodes on 127.0.0.1 of this machine (``ray start``: a head, then nodes joining
-    it), without Ray's dashboard or usage statistics, for tests and benchmarks; yields its address and stops
-    every Ray process of this machine after. Token authentication follows the environment (RAY_AUTH_MODE)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    common = ["--num-cpus", str(cpus_per_node), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def ray_command(*args: str) -> None:
-        done = subprocess.run([ray_cli, *args], capture_output=True, text=True, timeout=180, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"ray {args[0]} {args[1]} failed: {done.stderr[-3000:]}")
-
-    try:
-        ray_command("start", "--head", "--port", str(port), "--include-dashboard=false", *common)
-        for _ in range(nodes - 1):
-            ray_command("start", "--address", f"127.0.0.1:{port}", *common)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=180, env=env)
 
 
 def check_shared(artifacts: Path, marker: str) -> None:

@@ -26,9 +26,9 @@ from typing import Any
 from torch import nn
 
 from autocomp.compress.student import STUDENTS, build_student, can_build
-from autocomp.recipe import Student
+from autocomp.recipe import QAT_BELOW, Student
 from autocomp.sensitivity import Sensitivity
-from autocomp.space import FORMATS, Param
+from autocomp.space import FORMATS, Param, layer_dimension, per_layer
 from autocomp.tasks import Task
 
 UNIFORM: dict[str, Any] = {
@@ -55,12 +55,13 @@ def uniform_policy(dims: dict[str, Param], level: float, fmt: str) -> dict[str, 
     """The values of one hand-made recipe: every group at ``level``, deployed as ``fmt`` (``FORMATS``)."""
     bits, activation_bits = FORMATS[fmt]
     wanted = dict(UNIFORM, **{"prune.sparsity": level, "quantize.activation_bits": activation_bits,
-                              "quantize.bits": bits, "quantize.qat": bits <= 4})
+                              "quantize.bits": bits, "quantize.qat": bits < QAT_BELOW})
     for name, param in dims.items():
-        if name.endswith(".share"):
+        _, rule = per_layer(name) or ("", "")
+        if rule == "share":
             wanted[name] = 1.0
-        elif name.startswith("quantize.") and name.rsplit(".", 1)[1] in ("bits", "activation_bits"):  # per layer
-            wanted.setdefault(name, bits if name.endswith(".bits") else activation_bits)
+        elif rule:  # a layer's own weight or activation bits
+            wanted.setdefault(name, bits if rule == "bits" else activation_bits)
         elif name in ("finetune.epochs", "policy.protect"):  # the longest fine-tune; no layer protected
             wanted[name] = max(param.candidates())
     return _settable(dims, wanted)
@@ -79,7 +80,8 @@ def sensitivity_policy(dims: dict[str, Param], level: float, fmt: str, sensitivi
     policy = uniform_policy(dims, level, fmt)
     knobs = {"policy.follow": FOLLOW, "policy.protect": 100 * INT8_TOLERANCE}  # a space with a policy: its knobs
     policy |= {name: _nearest(dims[name], value) for name, value in knobs.items() if name in dims}
-    shares = sorted({p for name, param in dims.items() if name.endswith(".share") for p in param.candidates()})
+    layers = {name: found[0] for name in dims if (found := per_layer(name)) and found[1] == "share"}
+    shares = sorted({p for name in layers for p in dims[name].candidates()})
     if shares:
         ranked = sorted(sensitivity.prune, key=lambda g: (sensitivity.prune_drop(g, level) / max(sizes.get(g, 1), 1),
                                                           -sizes.get(g, 0)))  # the cheapest parameters first
@@ -88,11 +90,10 @@ def sensitivity_policy(dims: dict[str, Param], level: float, fmt: str, sensitivi
         above, below = [s for s in shares if s > middle], [s for s in shares if s < middle]
         share = {g: (above[0] if above else middle) if i < third else (below[-1] if below else middle)
                  if i >= len(ranked) - third else middle for i, g in enumerate(ranked)}
-        policy |= {name: share[groups[name[len("prune."):-len(".share")]]]
-                   for name in dims if name.endswith(".share") and name.startswith("prune.")}
+        policy |= {name: share[groups[layer]] for name, layer in layers.items()}
     if fmt == "int8":
         for layer in sensitivity.quantize:
-            name = f"quantize.{layer}.activation_bits"
+            name = layer_dimension("quantize", layer, "activation_bits")
             if name in dims and dims[name].admits(32) and sensitivity.quantize_drop(layer, 8) > INT8_TOLERANCE:
                 policy[name] = 32
     return policy

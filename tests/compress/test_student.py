@@ -144,7 +144,7 @@ def test_a_bad_student_space_is_refused_in_one_line(student, message):
 
 
 def test_families_a_tabular_input_cannot_take_are_narrowed_out_of_the_shipped_space():
-    from autocomp.search.optuna_runner import narrow_to_model
+    from autocomp.search.trials import narrow_to_model
     from tests.conftest import ROOT
 
     space = SearchSpace.load(ROOT / "search_spaces" / "nas_kd.yaml")
@@ -161,7 +161,7 @@ def test_families_a_tabular_input_cannot_take_are_narrowed_out_of_the_shipped_sp
 
 
 def test_the_shipped_joint_space_is_narrowed_to_the_families_a_task_names_for_its_data():
-    from autocomp.search.optuna_runner import narrow_to_model
+    from autocomp.search.trials import narrow_to_model
     from tests.conftest import ROOT
 
     resnet = zoo.resnet()

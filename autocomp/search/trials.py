@@ -1,0 +1,240 @@
+"""What one trial of a study is, whatever runs it (``autocomp.search.local`` in this process or worker processes,
+``autocomp.search.ray_runner`` on a Ray cluster): the study opened on its storage, its sampler,
+the space narrowed to the task's model, the objective a worker builds, how a trial is told, and the study's books
+(trials counted, fingerprints checked, a run summed up)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autocomp.allocation import Guide, tied_parameters
+from autocomp.compress.distill import hidden_layers
+from autocomp.compress.student import STUDENTS, can_build
+from autocomp.errors import AutocompError
+from autocomp.pipeline import Baseline, teacher_facts
+from autocomp.search.objective import Objective
+from autocomp.sensitivity import Sensitivity, cached
+from autocomp.space import SearchSpace
+from autocomp.storage import local_path, open_storage
+from autocomp.study import StudySpec
+from autocomp.tasks import Task, load_task
+from autocomp.tasks.registry import import_plugins
+
+if TYPE_CHECKING:
+    import optuna
+
+FINISHED = ("COMPLETE", "FAIL", "PRUNED")
+SEED_STRIDE = 7919  # a prime between the sampler seeds of workers or retries: no two draw alike
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every worker of one ``autocomp search`` shares (picklable: a worker process rebuilds the rest)."""
+
+    spec: StudySpec
+    trials: int  # finished trials the study should hold
+    seed: int
+    reference: Path  # the teacher's artifact, timed against
+    deadline: float | None  # time.time() after which no trial starts
+
+
+def make_sampler(spec: StudySpec, seed: int, objective: Objective | None = None):
+    """The study's sampler; the proxy sampler scores candidates through ``objective`` (random sampling without)."""
+    import optuna
+
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=spec.population_size, seed=seed)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.population_size,
+                                         warn_independent_sampling=False)
+    if spec.sampler == "proxy" and objective is not None:
+        from autocomp.search.proxy_sampler import ProxySampler
+
+        return ProxySampler(objective.proxy, spec.objectives, seed=seed, key=objective.recipe_key)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(spec: StudySpec, seed: int = 0, create: bool = True):
+    """Create or continue the study in ``spec.storage`` (the sampler is seeded per continuation)."""
+    import optuna
+
+    if not create:
+        return load_study(spec.storage, spec.study_name)
+    return optuna.create_study(
+        storage=open_storage(spec.storage), study_name=spec.study_name, load_if_exists=True,
+        directions=list(spec.objectives.values()), sampler=make_sampler(spec, seed),
+    )
+
+
+def load_study(storage: str, study_name: str):
+    """Load an existing study, or raise a one-line error listing the studies that do exist."""
+    import optuna
+
+    from autocomp.errors import did_you_mean
+
+    path = local_path(storage)
+    if path is not None and not path.exists():
+        raise AutocompError(f"No study {study_name!r}: {storage} does not exist.")
+    try:
+        return optuna.load_study(storage=open_storage(storage), study_name=study_name)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(storage))]
+        raise AutocompError(f"No study {study_name!r} in {storage}; it holds {names}."
+                            f"{did_you_mean(study_name, names)}") from None
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The finished trials that count towards the study's total: a failed trial that was retried (its worker
+    died) is counted through its retry."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state.name in FINISHED and t.number not in retried]
+
+
+def finished_trials(study) -> int:
+    return len(counted(study.get_trials(deepcopy=False)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A study's space narrowed to its task's model, the task, and the layers every trial's apply reads."""
+
+    space: SearchSpace
+    task: Task
+    prunable: dict
+    quantizable: list[str]
+    narrowed: list[str]  # each narrowing of the space, said as a line
+
+
+def prepare(spec: StudySpec) -> Prepared:
+    """The study's space narrowed to its task's model, with the task and its prunable and quantizable layers."""
+    import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
+    space = SearchSpace.load(spec.space)
+    task = load_task(spec.task)
+    facts = teacher_facts(task)  # found once: every trial's apply reads the same
+    space.layer_names(facts.prunable, spec.task)
+    narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]
+    return Prepared(space, task, facts.prunable, facts.layers, narrowed)
+
+
+def make_objective(run: Run, study: optuna.Study, prepared: Prepared | None = None) -> Objective:
+    """The objective every backend runs: one trial's recipe sampled, applied, measured and stored. A worker that
+    loads the task itself (no ``prepared``) checks it against the study's fingerprint, as ``run_search`` did."""
+    if prepared is None:
+        prepared = prepare(run.spec)
+        check_fingerprint(study.user_attrs.get("fingerprint"), prepared.task.fingerprint(),
+                          f"study {run.spec.study_name!r}")
+    p = prepared
+    baseline = Baseline(run.reference, study.user_attrs["teacher"])
+    guide = study_guide(study, p.space, p.task, p.prunable, progress=False)
+    return Objective(run.spec, p.space, p.task, baseline, p.prunable, p.quantizable, run.seed, guide)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], list[float]]) -> str:
+    """Run ``objective`` on an asked ``trial`` and tell the study, as ``study.optimize`` does: pruned, or failed
+    with its reason (the ``error`` user attribute), or complete; return the state's name."""
+    import optuna
+    from optuna.trial import TrialState
+
+    values = None
+    try:
+        values, state = objective(trial), TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except Exception as err:
+        if "error" not in trial.user_attrs:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        state = TrialState.FAIL
+    study.tell(trial.number, values, state=state)
+    return state.name
+
+
+def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
+    """Narrow ``space`` to what the task's model can use, in place; one line per narrowing."""
+    facts = teacher_facts(task)
+    blocks, attention = facts.blocks, facts.attention
+    no_attention = "has no attention module (nn.MultiheadAttention)"
+    shape = tuple(task.example_input.shape[1:])
+    return list(filter(None, [
+        space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", name),
+        space.narrow("heads", 1.0 if attention else 0.0, no_attention, name),
+        space.narrow_choices("distill", "kind", "attention_matrix", no_attention, name) if not attention else None,
+        space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
+        if not hidden_layers(task.teacher, task.example_input) else None,
+        *(space.narrow_choices("student", "family", family, f"has input {shape}, which {family!r} cannot take", name)
+          for family in space.families() if not can_build(family, task)),
+        *(space.narrow_choices("student", "family", family, f"names {list(task.students)} as the student families "
+                               "that fit its data (Task.students)", name) for family in unfitting(space, task))]))
+
+
+def unfitting(space: SearchSpace, task: Task) -> list[str]:
+    """The new-network families ``space`` offers that ``task`` does not name as fitting its data; none where the
+    task names none, or where the space offers none that it names (what the space writes is then kept)."""
+    offered = [f for f in space.families() if not STUDENTS.get(f).derived]
+    if not task.students or not set(offered) & set(task.students):
+        return []
+    return [f for f in offered if f not in task.students]
+
+
+def study_guide(study: optuna.Study, space: SearchSpace, task: Task, prunable: dict,
+                progress: bool = True) -> Guide | None:
+    """What a space's ``policy`` derives every layer's choice from (``autocomp.allocation``): the teacher's
+    sensitivity map and the parameters tied to each pruning group, stored with the study; None without a policy."""
+    if not space.policy:
+        return None
+    sensitivity = study_sensitivity(study, task, progress)
+    if "tied_parameters" not in study.user_attrs:
+        study.set_user_attr("tied_parameters", tied_parameters(task.teacher, task.example_input, prunable, task.train))
+    return Guide(sensitivity, study.user_attrs["tied_parameters"])
+
+
+def study_sensitivity(study: optuna.Study, task: Task, progress: bool = True, recompute: bool = False) -> Sensitivity:
+    """The teacher's sensitivity map stored with ``study``, stored first where it has none: from the cache of
+    maps (``autocomp.sensitivity.cached``: one analysis per teacher), or analysed afresh with ``recompute``."""
+    if recompute or "sensitivity" not in study.user_attrs:
+        study.set_user_attr("sensitivity", cached(task, progress=progress, recompute=recompute).to_dict())
+    return Sensitivity.from_dict(study.user_attrs["sensitivity"])
+
+
+def fingerprint_mismatch(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> str | None:
+    """One line saying how ``where``'s teacher or data (``recorded``) differ from this task's (``current``);
+    None when both are the same (or nothing was recorded)."""
+    for key in ("teacher_sha256", "data_sha256"):
+        if recorded and recorded.get(key) != current[key]:
+            cpu, used = recorded.get("cpu"), recorded.get("kernels", "unrecorded")
+            elsewhere = key == "teacher_sha256" and cpu and (cpu, used) != (current["cpu"], current["kernels"])
+            hint = (f" It was made on a {cpu} CPU ({used} kernels), this machine is a {current['cpu']} "
+                    f"({current['kernels']}): a teacher trained on another CPU model or with other kernels differs "
+                    "in its last bits." if elsewhere else "")
+            return (f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
+                    f"{current[key][:12]}...: another teacher or other data.{hint}")
+    return None
+
+
+def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> None:
+    """Refuse to mix results of another teacher or other data: ``recorded`` is what ``where`` was made with."""
+    mismatch = fingerprint_mismatch(recorded, current, where)
+    if mismatch:
+        raise AutocompError(mismatch)
+
+
+def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """One line of counts by state, and the most common failure reasons."""
+    counts = Counter(t.state.name for t in trials)
+    reasons = Counter(failure(t) for t in trials if t.state.name == "FAIL")
+    infeasible = sum("infeasible" in t.user_attrs for t in trials)
+    lines = [f"this run: {len(trials)} trial(s): " + ", ".join(f"{counts[s]} {s.lower()}" for s in FINISHED)
+             + (f" ({infeasible} over the study's constraints, not trained)" if infeasible else "")]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(3)]
+    return "\n".join(lines)
+
+
+def failure(trial: optuna.trial.FrozenTrial) -> str:
+    """The first line of a failed trial's reason (the whole reason is its ``error`` user attribute)."""
+    lines = trial.user_attrs.get("error", "no reason recorded (see the Optuna log)").splitlines()
+    return lines[0][:200] if lines else ""
