@@ -80,3 +80,16 @@ def test_past_fit_most_trials_the_predictor_learns_from_the_front_and_a_sample()
     sampler.fit_most = 13
     fitted = {t.number for t in sampler._fitted(complete, _front(complete, OBJECTIVES))}
     assert len(fitted) == 13 and front < fitted  # the front and a sample of the others
+
+
+def test_a_finished_trials_candidate_key_is_computed_once():
+    calls: list[dict] = []  # a key decodes the recipe: at 1,000 trials, decoding all at each ask took 1.6 s
+    sampler = ProxySampler(proxy_of, OBJECTIVES, key=lambda params: calls.append(params) or tuple(params.items()))
+    done = optuna.trial.create_trial(params={"level": 0.5}, values=[0.9, 100.0],
+                                     distributions={"level": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    assert sampler._key_of(done) == sampler._key_of(done) == (("level", 0.5),) and len(calls) == 1
+    running = optuna.trial.create_trial(params={"level": 0.2}, state=optuna.trial.TrialState.RUNNING,
+                                        distributions={"level": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    running.number = 1
+    sampler._key_of(running), sampler._key_of(running)
+    assert len(calls) == 3  # a running trial's values may still change: keyed afresh each time

@@ -125,9 +125,12 @@ class ProxySampler(BaseSampler):
 
     def _key_of(self, trial: FrozenTrial) -> Hashable:
         """The key of a trial's candidate, kept once the trial has finished (its values no longer change)."""
+        if trial.number in self._ran:
+            return self._ran[trial.number]
+        key = self._key(trial.params)  # decodes the recipe: once per finished trial, not at every ask
         if trial.state.is_finished():
-            return self._ran.setdefault(trial.number, self._key(trial.params))
-        return self._key(trial.params)
+            self._ran[trial.number] = key
+        return key
 
     def _reference(self, teacher: dict[str, float]) -> np.ndarray:
         """The hypervolume's reference point: the teacher, ``span`` below it in accuracy (the region a user
