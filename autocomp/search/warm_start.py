@@ -113,8 +113,9 @@ def smaller_students(students: Sequence[Student], task: Task) -> list[Student]:
     def params(model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
 
+    teacher = params(task.teacher)  # counted once, not per student
     return [student for student in students
-            if can_build(student.family, task) and params(build_student(student, task)) < params(task.teacher)]
+            if can_build(student.family, task) and params(build_student(student, task)) < teacher]
 
 
 def group_sizes(model: nn.Module, groups: dict[str, str]) -> dict[str, int]:
