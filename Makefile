@@ -1,11 +1,13 @@
 # `make demo` and `make test` do all set-up themselves: a .venv with the package installed,
-# torch pinned to the 2.13.0 CPU build through constraints.txt.
+# torch pinned to the 2.13.0 CPU build through constraints.txt; `make test` also the OS packages of the
+# services its tests start (scripts/os_packages.sh: PostgreSQL's server, where it can).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-ask bench-students bench-scaling clean
+.PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-ask bench-students bench-scaling \
+	bench-latency bench-latency-table clean
 
 setup: $(STAMP)
 
@@ -18,6 +20,7 @@ demo: setup
 	$(BIN)/autocomp search studies/digits.yaml
 
 test: setup
+	bash scripts/os_packages.sh
 	$(BIN)/ruff check autocomp tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/pytest
@@ -48,6 +51,12 @@ bench-students: setup  # about 20 minutes here: does the shipped space's student
 
 bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
 	$(BIN)/python benchmarks/scaling.py
+
+bench-latency: setup  # about 2 minutes here, on an idle machine: repeatability and load accounting of the protocol
+	$(BIN)/python benchmarks/latency.py
+
+bench-latency-table: setup  # about 10 minutes here: does the latency table rank what the artifacts measure?
+	$(BIN)/python benchmarks/latency_table.py
 
 lint: setup
 	$(BIN)/ruff check autocomp tests benchmarks

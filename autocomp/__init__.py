@@ -19,7 +19,7 @@ _EXPORTS = {
     "SearchSpace": "autocomp.space",
     "StudySpec": "autocomp.study",
     "Task": "autocomp.tasks",
-    "load_task": "autocomp.tasks",
+    "load_task": "autocomp.tasks.load",
     "apply": "autocomp.pipeline",
     "run_search": "autocomp.search.optuna_runner",
     "AutocompError": "autocomp.errors",

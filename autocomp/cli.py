@@ -221,12 +221,12 @@ def _apply(args: argparse.Namespace) -> int:
     import tempfile
 
     from autocomp.measure import with_ratios
+    from autocomp.methods import load_recipe
     from autocomp.pipeline import apply, teacher_baseline
-    from autocomp.recipe import Recipe
     from autocomp.search.trials import fingerprint_mismatch
-    from autocomp.tasks import load_task
+    from autocomp.tasks.load import load_task
 
-    recipe = Recipe.load(args.recipe)
+    recipe = load_recipe(args.recipe)
     task = load_task(recipe.task)
     mismatch = fingerprint_mismatch(recipe.provenance.get("fingerprint"), task.fingerprint(),
                                     f"recipe {str(args.recipe)!r}")

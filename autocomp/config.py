@@ -15,15 +15,19 @@ from autocomp.errors import ConfigError, did_you_mean
 C = TypeVar("C")
 
 
-def from_dict(cls: type[C], data: Any, path: str) -> C:
-    """Build dataclass ``cls`` from ``data``; every error names the dotted field ``path``."""
+def check_keys(data: Any, allowed: list[str], path: str) -> None:
+    """A ConfigError naming the field unless ``data`` is a mapping whose keys are all ``allowed``."""
     if not isinstance(data, dict):
         raise ConfigError(f"must be a mapping, but got {type(data).__name__} {data!r}.", path)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
-        if key not in fields:
-            hint = did_you_mean(key, fields)
-            raise ConfigError(f"is not a known field; expected one of {list(fields)}.{hint}", f"{path}.{key}")
+        if key not in allowed:
+            raise ConfigError(f"is not a known field; expected one of {allowed}.{did_you_mean(key, allowed)}",
+                              f"{path}.{key}")
+
+
+def from_dict(cls: type[C], data: Any, path: str) -> C:
+    """Build dataclass ``cls`` from ``data``; every error names the dotted field ``path``."""
+    check_keys(data, [f.name for f in dataclasses.fields(cls) if f.init], path)
     hints = typing.get_type_hints(cls)
     kwargs = {name: _convert(hints[name], value, f"{path}.{name}") for name, value in data.items()}
     try:

@@ -8,7 +8,20 @@ from torch import Tensor, nn
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-class Tap:
+class Hooks:
+    """Holds hooks on a model: ``close()`` removes them; as a context manager, on leaving it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tap(Hooks):
     """Records, on every forward pass, the output (or the input) of each named module.
 
     Use as a context manager, or call ``close()``; ``values[name]`` holds the latest tensor.
@@ -31,12 +44,6 @@ class Tap:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
-
-    def __enter__(self) -> Tap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def layer_names(model: nn.Module) -> list[str]:

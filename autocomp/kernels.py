@@ -1,10 +1,9 @@
 """The CPU kernels torch trains with, held to one instruction set so CPU models of one vendor train the same bits.
 
 torch picks its vectorised kernels by the CPU it runs on: ATen's (AVX-512 or AVX2), oneDNN's and MKL's code
-paths. Each rounds float sums its own way, and training amplifies the last bits into another teacher: the
-digits teacher trained to other weights on each of three CPU models. Held to AVX2 (``PINNED``, set before torch
-loads), two AMD EPYC models, one with AVX-512 and one without, trained the same digits teacher bit for bit; an
-Intel Xeon still trained another (README, "Training is deterministic").
+paths. Each rounds float sums its own way, and training amplifies the last bits into other weights. Holding all
+three to AVX2 (``PINNED``, set before torch loads) makes CPUs of one vendor run the same code paths, with or without
+AVX-512; which CPUs were tried and what they trained is in the README ("Training is deterministic").
 
 ``AUTOCOMP_NATIVE_KERNELS=1`` keeps the CPU's own kernels (faster where it has AVX-512; teachers then reproduce
 on one CPU model only). A variable already set in the environment is left as it is.

@@ -11,18 +11,19 @@ hour. The protocol (README, "How latency is measured"):
    each block's median: both artifacts are sampled over the same stretch of time.
 3. **Several sessions.** Two sessions of one model, in one process, run at speeds up to 4-7% apart
    (where their buffers land in memory), for as long as they live. Each artifact is timed through
-   ``SESSIONS`` sessions, the rounds taking them in turn, so a measurement averages over that
-   luck instead of inheriting one draw of it.
+   several sessions (``Measure.sessions``), the rounds taking them in turn, so a measurement averages
+   over that luck instead of inheriting one draw of it.
 4. **The undisturbed speed.** This machine is shared: for seconds at a time other work slows both
-   artifacts (here the same block took 0.13 ms, then 0.25 ms), and not by the same factor, so a
-   ratio taken inside such a phase reads 5-15% off. A session's speed is the 10th percentile
-   (``QUANTILE``) of its block medians, the speed it runs at when nothing disturbs it; an artifact's
-   is the mean over its sessions, and the ratio is the candidate's over the reference's.
+   artifacts, and not by the same factor, so a ratio taken inside such a phase reads 5-15% off. A
+   session's speed is the 10th percentile (``QUANTILE``) of its block medians, the speed it runs at
+   when nothing disturbs it; an artifact's is the mean over its sessions, and the ratio is the
+   candidate's over the reference's.
 5. **Adaptive stop.** Rounds go on for at least ``min_seconds`` (so a measurement spans more than one
-   phase of the machine) and ``MIN_ROUNDS`` rounds per session, then stop once the distribution-free 95%
-   confidence interval of the ratio is within ``tolerance`` of it, or after ``max_seconds``. A
-   measurement that did not get there (a slow phase outlasted it) is taken again, up to ``ATTEMPTS``
-   measurements, and the one with the tighter interval kept; flagged ``noisy`` if none got there.
+   phase of the machine) and ``min_rounds`` rounds per session (``Measure.rounds``), then stop once the
+   distribution-free 95% confidence interval of the ratio is within ``tolerance`` of it, or after
+   ``max_seconds``. A measurement that did not get there (a slow phase outlasted it) is taken again, up
+   to ``ATTEMPTS`` measurements, and the one with the tighter interval kept; flagged ``noisy`` if none
+   got there.
 6. **The load it was taken under.** The cores other work kept busy during the measurement (``load``, from
    /proc/stat less the measuring thread's own CPU time: other processes, and other threads of this one) are
    stored with it: a number taken beside other work is not a number of an idle machine, however tight its
@@ -44,15 +45,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.stats import binom
 
+from autocomp.recipe import Measure
+
 MIN_WARMUP_RUNS = 20
-MIN_ROUNDS = 7
 QUANTILE = 0.1  # of the block medians: an artifact's speed when nothing else disturbs it
 BLOCK_SECONDS = 0.02
 MAX_BLOCK_RUNS = 200
 ATTEMPTS = 2  # measurements at most: one caught in a slow phase longer than max_seconds is taken again
-SESSIONS = 4  # per artifact: sessions of one model differ in speed for as long as they live
 
 Runner = Callable[[], object]
+clock = time.perf_counter  # what every duration here is read from (tests run the protocol on a clock of their own)
 
 
 @dataclass(frozen=True)
@@ -124,49 +126,50 @@ def quantile_ratio(a: Sequence[np.ndarray], b: Sequence[np.ndarray], q: float = 
 def _timed(run, count: int) -> list[float]:
     times = []
     for _ in range(count):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
 def compare(candidate: Runner | Sequence[Runner], reference: Runner | Sequence[Runner], *,
-            warmup_seconds: float, tolerance: float, max_seconds: float, min_seconds: float = 0.0) -> Latency:
+            warmup_seconds: float, tolerance: float, max_seconds: float, min_seconds: float = 0.0,
+            min_rounds: int = Measure.rounds) -> Latency:
     """Time ``candidate`` against ``reference``: callables running one inference each, or for each artifact a
     sequence of them, one per session, which the rounds take in turn.
 
-    Pass the same callables twice to time an artifact on its own: ``MIN_ROUNDS`` rounds per session of
+    Pass the same callables twice to time an artifact on its own: ``min_rounds`` rounds per session of
     consecutive blocks, its ratio 1 by definition and its interval the stability of its block speeds.
     """
     same = candidate is reference
     candidates, references = ([run] if callable(run) else list(run) for run in (candidate, reference))
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidate sessions but {len(references)} reference sessions")
-    start, ticks = time.perf_counter(), cpu_ticks()
+    start, ticks = clock(), cpu_ticks()
     warm = 0
-    while warm < MIN_WARMUP_RUNS or time.perf_counter() - start < warmup_seconds:
+    while warm < MIN_WARMUP_RUNS or clock() - start < warmup_seconds:
         for pair in zip(candidates, references, strict=True):
             for run in pair:
                 run()
         warm += 1
-    per_run = (time.perf_counter() - start) / (2 * warm * len(candidates))
+    per_run = (clock() - start) / (2 * warm * len(candidates))
     block = int(np.clip(round(BLOCK_SECONDS / max(per_run, 1e-9)), 3, MAX_BLOCK_RUNS))
-    result = _rounds(candidates, references, block, same, tolerance, max_seconds, min_seconds)
+    result = _rounds(candidates, references, block, same, tolerance, max_seconds, min_seconds, min_rounds)
     for attempt in range(2, ATTEMPTS + 1):  # a slow phase outlasted the rounds: measure afresh, keep the tighter
         if not result.noisy:
             break
-        again = _rounds(candidates, references, block, same, tolerance, max_seconds, min_seconds)
+        again = _rounds(candidates, references, block, same, tolerance, max_seconds, min_seconds, min_rounds)
         result = replace(min(result, again, key=lambda r: r.ratio_ci), attempts=attempt)
-    return replace(result, load=cpu_elsewhere(ticks, cpu_ticks(), time.perf_counter() - start))
+    return replace(result, load=cpu_elsewhere(ticks, cpu_ticks(), clock() - start))
 
 
 def _rounds(candidates: list[Runner], references: list[Runner], block: int, same: bool, tolerance: float,
-            max_seconds: float, min_seconds: float) -> Latency:
+            max_seconds: float, min_seconds: float, min_rounds: int) -> Latency:
     """One measurement: rounds of interleaved blocks until the ratio's interval is within ``tolerance``."""
     times: list[float] = []
     sessions = len(candidates)
     blocks = [([], []) for _ in range(sessions)]  # per session: the candidate's block medians, the reference's
-    begun = time.perf_counter()
+    begun = clock()
     for index in itertools.count():
         session, turn = index % sessions, index // sessions
         pair = (candidates[session], references[session])
@@ -176,8 +179,8 @@ def _rounds(candidates: list[Runner], references: list[Runner], block: int, same
         times += a
         blocks[session][0].append(float(np.median(a)))
         blocks[session][1].append(float(np.median(b)))
-        elapsed = time.perf_counter() - begun
-        if session == sessions - 1 and turn + 1 >= MIN_ROUNDS:
+        elapsed = clock() - begun
+        if session == sessions - 1 and turn + 1 >= min_rounds:
             ratio, ci = quantile_ratio(*([np.asarray(s[k]) for s in blocks] for k in (0, 1)))
             if same or (ci <= tolerance and elapsed >= min(min_seconds, max_seconds)) or elapsed >= max_seconds:
                 break

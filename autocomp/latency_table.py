@@ -51,12 +51,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -67,9 +65,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from autocomp import kernels, latency, runtime
+from autocomp import kernels
 from autocomp.compress.quantize import deploy
 from autocomp.features import LAYER_TYPES
+from autocomp.onnx_timing import Timing, l2_bytes, time_onnx
 from autocomp.recipe import Quantize
 from autocomp.tasks.base import cache_dir, machine_cpu
 
@@ -80,14 +79,6 @@ STEPS_PER_OCTAVE = 4
 INT8 = Quantize(bits=8, activation_bits=8, per_channel=True)
 FP32 = Quantize()
 CALIBRATION_SAMPLES = 16
-TIMING_SECONDS = 0.15  # per graph, after warm-up: about two thirds hot blocks, a third cold runs
-BLOCK_SECONDS = 0.005
-COLD_RUNS = 5  # per round and graph, each after a flush of the L2 cache
-SESSIONS = 3  # per graph
-MIN_ROUNDS = 3  # per session
-WARMUP_RUNS = 20
-
-Timing = tuple[float, float]  # milliseconds per inference: hot (runs back to back), cold (after a cache flush)
 # times ONNX files side by side: [(file, its input at batch 1)] -> a Timing of each
 Timer = Callable[[Sequence[tuple[Path, np.ndarray]]], list[Timing]]
 
@@ -239,76 +230,6 @@ def layer_geometries(model: nn.Module, example_input: Tensor, int8_layers: Colle
         for h in hooks:
             h.remove()
     return found
-
-
-def time_onnx(files: Sequence[tuple[Path, np.ndarray]], threads: int = 1, seconds: float = TIMING_SECONDS
-              ) -> list[Timing]:
-    """Hot and cold milliseconds per inference of each ONNX file on its input, timed side by side in ``SESSIONS``
-    sessions each (``runtime.session``; sessions of one model run a few percent apart for as long as they live,
-    ``autocomp.latency``). After ``WARMUP_RUNS`` runs each, rounds take every file in turn, in the round's session:
-    one block of runs back to back (about ``BLOCK_SECONDS``: its mean is hot) and ``COLD_RUNS`` runs each after a
-    flush of the L2 cache (their median is cold), for ``seconds`` per file and at least ``MIN_ROUNDS`` rounds per
-    session. A session's times are the ``latency.QUANTILE`` quantile of its rounds, the speed undisturbed by other
-    work, and a file's the mean over its sessions; side by side, every file is sampled over the same stretch of
-    time. Holds the machine's latency lock (``measure.LATENCY_LOCK``)."""
-    from filelock import FileLock
-
-    from autocomp.measure import LATENCY_LOCK
-
-    sessions = []
-    for path, x in files:
-        opened = [runtime.session(path, threads=threads) for _ in range(SESSIONS)]
-        sessions.append([functools.partial(sess.run, None, {sess.get_inputs()[0].name: x}) for sess in opened])
-    rounds: list[list[list[Timing]]] = [[[] for _ in range(SESSIONS)] for _ in files]
-    buffer = np.zeros(2 * l2_bytes() // 8)
-    with FileLock(LATENCY_LOCK):
-        counts = [_runs_per_block(runs) for runs in sessions]
-        end = time.perf_counter() + seconds * len(files)
-        for turn in itertools.count():
-            if turn >= MIN_ROUNDS * SESSIONS and time.perf_counter() >= end:
-                break
-            for runs, count, timings in zip(sessions, counts, rounds, strict=True):
-                run = runs[turn % SESSIONS]
-                begun = time.perf_counter()
-                for _ in range(count):
-                    run()
-                hot = (time.perf_counter() - begun) / count
-                cold = float(np.median([_after_flush(run, buffer) for _ in range(COLD_RUNS)]))
-                timings[turn % SESSIONS].append((hot, cold))
-    return [tuple(1e3 * np.mean([np.quantile(t, latency.QUANTILE, axis=0) for t in per_session], axis=0))
-            for per_session in rounds]
-
-
-def _runs_per_block(runs: Sequence[Callable[[], object]]) -> int:
-    """Warm the sessions ``runs`` up (``WARMUP_RUNS`` runs each) and count the runs that fill a block of
-    ``BLOCK_SECONDS``."""
-    for run in runs:
-        for _ in range(WARMUP_RUNS):
-            run()
-    start = time.perf_counter()
-    runs[0]()
-    return max(1, round(BLOCK_SECONDS / (time.perf_counter() - start)))
-
-
-def _after_flush(run: Callable[[], object], buffer: np.ndarray) -> float:
-    """Seconds of one ``run`` after writing ``buffer`` (twice the L2 cache): the weights come from beyond it."""
-    np.add(buffer, 1.0, out=buffer)
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-@functools.cache
-def l2_bytes() -> int:
-    """The L2 cache of one core (Linux sysfs), else 1 MiB."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip()
-                return int(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
-        except (OSError, ValueError):
-            break
-    return 2**20
 
 
 def deploy_graph(graph: Graph, folder: Path) -> tuple[Path, np.ndarray]:

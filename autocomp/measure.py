@@ -29,8 +29,8 @@ def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndar
     """Time ``artifact`` side by side with ``reference`` (or alone) at the study's batch size and threads."""
     x = np.repeat(example_input, spec.batch_size, axis=0)
 
-    def runners(path: Path) -> list[latency.Runner]:  # latency.SESSIONS sessions of one artifact
-        sessions = [runtime.session(path, threads=spec.threads) for _ in range(latency.SESSIONS)]
+    def runners(path: Path) -> list[latency.Runner]:  # the sessions of one artifact
+        sessions = [runtime.session(path, threads=spec.threads) for _ in range(spec.sessions)]
         feed = {sessions[0].get_inputs()[0].name: x}
         return [functools.partial(sess.run, None, feed) for sess in sessions]
 
@@ -38,7 +38,7 @@ def time_artifact(artifact: Path, reference: Path | None, example_input: np.ndar
     with FileLock(LATENCY_LOCK):  # one timing at a time per machine, whatever else trains alongside
         return latency.compare(candidate, candidate if reference is None else runners(reference),
                                warmup_seconds=spec.warmup_seconds, tolerance=spec.tolerance,
-                               max_seconds=spec.max_seconds, min_seconds=spec.min_seconds)
+                               max_seconds=spec.max_seconds, min_seconds=spec.min_seconds, min_rounds=spec.rounds)
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

@@ -1,18 +1,30 @@
-"""Every plug-in family the search can choose from, by the name used in YAML."""
+"""Every plug-in family the search can choose from, by the name used in YAML, and the check of the methods a
+recipe names against them: a recipe is data (``autocomp.recipe``), checked here where it is loaded or applied."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from autocomp.compress.calibrate import CALIBRATORS
+from autocomp.compress.criteria import CRITERIA, applicable
+from autocomp.compress.distill import TRANSFERS
+from autocomp.compress.student import STUDENTS, resolved
+from autocomp.config import read_yaml
+from autocomp.errors import ConfigError
+from autocomp.recipe import Recipe
 from autocomp.registry import Registry
+from autocomp.tasks.load import TASKS
+from autocomp.tasks.registry import import_plugins
+
+# a recipe's field that names a plug-in: (section, field) -> its family (``families``)
+NAMED = {("prune", "criterion"): "prune.criteria", ("quantize", "calibration"): "quantize.calibration",
+         ("distill", "kind"): "distill.kind", ("student", "family"): "student.family"}
 
 
 def families() -> dict[str, Registry]:
     """Family name (as in YAML) -> its registry."""
-    from autocomp.compress.calibrate import CALIBRATORS
-    from autocomp.compress.criteria import CRITERIA
-    from autocomp.compress.distill import TRANSFERS
-    from autocomp.compress.student import STUDENTS
-    from autocomp.tasks import TASKS
-
     return {"prune.criteria": CRITERIA, "quantize.calibration": CALIBRATORS, "distill.kind": TRANSFERS,
             "student.family": STUDENTS, "task": TASKS}
 
@@ -21,3 +33,42 @@ def catalogue() -> dict[str, list[dict[str, str]]]:
     """Every registered method with its one-line description, family by family."""
     return {family: [{"name": e.name, "description": e.description} for e in registry]
             for family, registry in families().items()}
+
+
+def check_name(section: str, key: str, value: Any, path: str) -> None:
+    """A ConfigError naming ``path.key`` unless ``value`` of a section's field that names a plug-in is registered
+    (any other field passes)."""
+    family = NAMED.get((section, key))
+    if family is not None:
+        families()[family].get(value, field=f"{path}.{key}")
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """``recipe`` with every method it names registered (else one ConfigError naming the field) and its student
+    as its family reads it (``autocomp.compress.student.resolved``)."""
+    for section, key in NAMED:
+        check_name(section, key, getattr(getattr(recipe, section), key), f"recipe.{section}")
+    p = recipe.prune
+    for name, layer in p.layers.items():
+        check_name("prune", "criterion", layer.criterion, f"recipe.prune.layers.{name}")
+    if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
+        raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
+                          f"got {p.criterion!r}.", "recipe.prune.criterion")
+    try:
+        student = resolved(recipe.student)
+    except ConfigError as err:
+        raise err.located("recipe.student") from None
+    return dataclasses.replace(recipe, student=student)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """A recipe from its YAML form, checked: a ``"package.module:function"`` task's module is imported first, so
+    the plug-ins it registers are known."""
+    if isinstance(data, dict) and isinstance(data.get("task"), str):
+        import_plugins(data["task"])
+    return check_recipe(Recipe.from_dict(data))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """The recipe file at ``path``, checked (``recipe_from_dict``)."""
+    return recipe_from_dict(read_yaml(path, "recipe"))

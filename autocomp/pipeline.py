@@ -10,59 +10,29 @@ import contextlib
 import copy
 import dataclasses
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
 from autocomp import runtime
-from autocomp.compress.blocks import drop_blocks, residual_blocks
+from autocomp.compress.blocks import drop_blocks
 from autocomp.compress.distill import Distiller, by_depth
-from autocomp.compress.heads import attention_layers, drop_heads, head_counts
-from autocomp.compress.prune import PrunableLayer, finalize_masks, prunable_layers, prune, regrow
+from autocomp.compress.facts import ModelFacts, model_facts, teacher_facts
+from autocomp.compress.heads import drop_heads, head_counts
+from autocomp.compress.prune import PrunableLayer, finalize_masks, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
-from autocomp.compress.student import build_student, family
+from autocomp.compress.student import build_student, family, is_teacher
 from autocomp.features import layer_names
 from autocomp.measure import macs_and_params, measure
-from autocomp.recipe import FineTune, Measure, Recipe, Student
+from autocomp.methods import check_recipe
+from autocomp.recipe import FineTune, Measure, Recipe
 from autocomp.tasks.base import Task
 from autocomp.train import EarlyStopping, fit
 
 ARTIFACT, RECIPE = "model.onnx", "recipe.yaml"
 CALIBRATION_SAMPLES = 256
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What ``apply`` checks a recipe against: a model's prunable layers (``prunable_layers``), its Conv/Linear
-    layers, residual blocks and attention modules; ``left_out`` says which groups cannot be pruned."""
-
-    prunable: dict[str, PrunableLayer]
-    layers: list[str]
-    blocks: list[str]
-    attention: list[str]
-    left_out: list[str]
-
-
-def model_facts(model: nn.Module, example_input: Tensor) -> ModelFacts:
-    """Trace and probe ``model`` (up to a second): the facts a recipe is checked and pruned against."""
-    left_out: list[str] = []
-    return ModelFacts(prunable_layers(model, example_input, left_out=left_out), layer_names(model),
-                      residual_blocks(model, example_input), attention_layers(model), left_out)
-
-
-_FACTS: weakref.WeakKeyDictionary[nn.Module, ModelFacts] = weakref.WeakKeyDictionary()
-
-
-def teacher_facts(task: Task) -> ModelFacts:
-    """The facts of ``task``'s teacher, found once per teacher object while it lives (a search's trials share
-    one teacher, never modified)."""
-    facts = _FACTS.get(task.teacher)
-    if facts is None:
-        facts = _FACTS[task.teacher] = model_facts(task.teacher, task.example_input)
-    return facts
 
 
 def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts]:
@@ -72,7 +42,7 @@ def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts
     layer names, so its recipe may name the teacher's layers (one in a dropped block is skipped); it is pruned
     against its own channels. Any other student is a new network: its recipe names its own layers.
     """
-    if recipe.student == Student():
+    if is_teacher(recipe.student):
         return copy.deepcopy(task.teacher), teacher_facts(task)
     student = build_student(recipe.student, task, seed=recipe.seed)
     facts = model_facts(student, task.example_input)
@@ -85,7 +55,7 @@ def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts
 def student_counts(recipe: Recipe, task: Task) -> dict[str, int]:
     """MACs and parameters of the recipe's student as built, before it is pruned or trained: what a study's caps
     on parameters and MACs are checked against before a trial trains (pruning only lowers them)."""
-    model = copy.deepcopy(task.teacher) if recipe.student == Student() else build_student(recipe.student, task)
+    model = copy.deepcopy(task.teacher) if is_teacher(recipe.student) else build_student(recipe.student, task)
     return macs_and_params(model, task.example_input)
 
 
@@ -107,12 +77,13 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
 
     Latency is timed side by side with the ``reference`` artifact (the teacher's), or alone without one.
     """
+    recipe = check_recipe(recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
     student, facts = student_and_facts(recipe, task)
     prunable = facts.prunable
-    recipe.check_layers(prunable, facts.layers, facts.blocks, facts.attention)
+    facts.check(recipe)
     restructure(student, recipe, task)
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1

@@ -34,6 +34,7 @@ from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.features import layer_names
 from autocomp.measure import macs_and_params
+from autocomp.methods import check_recipe
 from autocomp.pipeline import CALIBRATION_SAMPLES, distillation_pairs, fine_tune, restructure, student_and_facts
 from autocomp.recipe import Quantize, Recipe
 from autocomp.tasks.base import Task
@@ -127,7 +128,7 @@ def compressed(recipe: Recipe, task: Task) -> nn.Module:
     single weights at the whole level, one shot), not fine-tuned, its BatchNorm statistics re-estimated; a student
     from scratch, which has no weights to keep, distilled for ``SCRATCH_EPOCHS`` instead."""
     student, facts = student_and_facts(recipe, task)
-    recipe.check_layers(facts.prunable, facts.layers, facts.blocks, facts.attention)
+    facts.check(recipe)
     restructure(student, recipe, task)
     prune(student, task.example_input, recipe.prune, facts.prunable, task.train, seed=recipe.seed)
     if recipe.student.scratch:
@@ -142,6 +143,7 @@ def compressed(recipe: Recipe, task: Task) -> nn.Module:
 def score(recipe: Recipe, task: Task, latency: LatencyModel | None = None) -> ProxyScore:
     """Score ``recipe`` on the cheap rung (module docstring)."""
     started = time.perf_counter()
+    recipe = check_recipe(recipe)
     with deterministic(threads=1):  # small batches: one thread is as fast, and far faster on a busy machine
         student = compressed(recipe, task)
         q = recipe.quantize

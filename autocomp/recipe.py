@@ -1,42 +1,50 @@
-"""Recipe: the complete, serialisable plan for compressing one model (ARCHITECTURE.md)."""
+"""Recipe: the complete, serialisable plan for compressing one model (ARCHITECTURE.md).
+
+A recipe is data: its sections check their own fields, and the rules across them are here. The methods it names (a
+criterion, a calibrator, a distillation kind, a student family) are plug-ins, checked against their registries where
+a recipe is loaded or applied (``autocomp.methods.check_recipe``), which also fills in the student's defaults from
+its family."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autocomp.config import check_schema_version, from_dict, read_yaml, to_dict, write_yaml
-from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
-
-if TYPE_CHECKING:
-    from autocomp.compress.prune import PrunableLayer
+from autocomp.errors import ConfigError, check_choice, check_range
 
 SCHEMA_VERSION = 1
 BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
 ACTIVATION_BITS = (32, 8)
 QAT_BELOW = 5  # weights of fewer bits recover only with quantization-aware training
 SCOPES = ("local", "global")
+INITS = ("teacher", "scratch")  # a student's weights: the teacher's kept ones, or fresh
 GRANULARITIES = ("channel", "weight")
 
 
 # Rules across a recipe's fields, each in one place: the Recipe validates with them, a search space decodes with
-# them (``autocomp.space``) and screening shortens fine-tunes with them (``autocomp.search.fidelity``).
+# them (``autocomp.space``) and screening shortens fine-tunes with them (``autocomp.fidelity``).
 def least_epochs(rounds: int, qat: bool) -> int:
     """The fewest fine-tune epochs a recipe may hold: one after each pruning round where it prunes in rounds
     (``rounds`` > 1), and one to train with the quantizers in place where it uses ``qat``."""
     return max(rounds if rounds > 1 else 0, 1 if qat else 0)
 
 
-def qat_allowed(bits: int) -> bool:
-    """Quantization-aware training needs weights on an integer grid (2-8 bits)."""
+def integer_weights(bits: int) -> bool:
+    """Weights of ``bits`` lie on an integer grid (2-8 bits), whose symmetry and per-channel scales then apply."""
     return bits <= 8
+
+
+def qat_allowed(bits: int) -> bool:
+    """Quantization-aware training needs weights on an integer grid."""
+    return integer_weights(bits)
 
 
 def kmeans_allowed(bits: int, activation_bits: int, qat: bool) -> bool:
     """k-means weight sharing replaces the integer grid of weight-only quantization, after training (not QAT)."""
-    return bits <= 8 and activation_bits == 32 and not qat
+    return integer_weights(bits) and activation_bits == 32 and not qat
 
 
 @dataclass
@@ -47,10 +55,7 @@ class LayerPrune:
     criterion: str = "l1"
 
     def __post_init__(self) -> None:
-        from autocomp.compress.criteria import CRITERIA
-
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        CRITERIA.get(self.criterion, field="criterion")
 
 
 @dataclass
@@ -58,19 +63,15 @@ class Student:
     """The network the teacher is distilled into (``autocomp.compress.student``): a registered ``family`` built
     from ``config`` (the family's typed config, as a mapping). ``init`` "teacher" starts from the teacher's kept
     weights (families derived from the teacher's graph only), "scratch" from a fresh initialisation; empty: the
-    first the family allows. The default is the teacher itself, pruned and quantized as the other sections say."""
+    first the family allows. The default is the teacher itself, pruned and quantized as the other sections say.
+    Its family fills in ``init`` and every ``config`` field (``autocomp.compress.student.resolved``)."""
 
     family: str = "teacher"
     config: dict[str, Any] = field(default_factory=dict)
     init: str = ""
 
     def __post_init__(self) -> None:
-        from autocomp.compress.student import INITS, config_of, family
-
-        derived = family(self.family, "family").derived
-        self.init = self.init or ("teacher" if derived else "scratch")
-        check_choice("init", self.init, INITS if derived else ("scratch",))
-        self.config = to_dict(config_of(self))  # every field, checked by the family's config
+        check_choice("init", self.init, ("", *INITS))
 
     @property
     def scratch(self) -> bool:
@@ -116,15 +117,12 @@ class Prune:
     heads: float = 0.0
 
     def __post_init__(self) -> None:
-        from autocomp.compress.criteria import CRITERIA
-
         check_choice("scope", self.scope, SCOPES)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_range("regrow", self.regrow, 0.0, 0.5)
         check_range("drop_blocks", self.drop_blocks, 0, 1000)
         check_range("heads", self.heads, 0.0, 1.0, high_open=True)
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        CRITERIA.get(self.criterion, field="criterion")
         check_range("min_keep", self.min_keep, 0.0, 1.0)
         check_range("rounds", self.rounds, 1, 100)
         check_range("bn_penalty", self.bn_penalty, 0.0, 1.0)
@@ -155,8 +153,6 @@ class Quantize:
     activation_layers: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from autocomp.compress.calibrate import CALIBRATORS
-
         check_choice("bits", self.bits, BITS)
         for name, bits in self.layers.items():
             check_choice(f"layers.{name}", bits, BITS)
@@ -166,7 +162,6 @@ class Quantize:
             if bits == 8 and self.bits_of(name) != 8:
                 raise ConfigError(f"8 (int8 kernels) needs 8-bit weights, but the layer's weights have "
                                   f"{self.bits_of(name)} bits.", f"activation_layers.{name}")
-        CALIBRATORS.get(self.calibration, field="calibration")
 
     def bits_of(self, layer: str) -> int:
         return self.layers.get(layer, self.bits)
@@ -189,9 +184,6 @@ class Distill:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        from autocomp.compress.distill import TRANSFERS
-
-        TRANSFERS.get(self.kind, field="kind")
         check_range("temperature", self.temperature, 0.05, 100.0)
         check_range("alpha", self.alpha, 0.0, 1.0)
         check_range("weight", self.weight, 0.0, 1e6)
@@ -225,10 +217,11 @@ class FineTune:
 
 @dataclass
 class Measure:
-    """How latency is measured (``autocomp.latency``): at the deployed batch size and thread count,
-    after ``warmup_seconds`` of warm-up, in blocks interleaved with the teacher's artifact for at least
-    ``min_seconds`` (at most ``max_seconds``) and until the 95% interval of the latency ratio is within
-    ``tolerance`` of it, or ``max_seconds`` have passed."""
+    """How latency is measured (``autocomp.latency``): at the deployed batch size and thread count, through
+    ``sessions`` ONNX Runtime sessions per artifact, after ``warmup_seconds`` of warm-up, in blocks interleaved with
+    the teacher's artifact for at least ``rounds`` rounds per session and ``min_seconds`` (at most ``max_seconds``)
+    and until the 95% interval of the latency ratio is within ``tolerance`` of it, or ``max_seconds`` have
+    passed."""
 
     batch_size: int = 1
     threads: int = 1
@@ -236,6 +229,8 @@ class Measure:
     tolerance: float = 0.02
     max_seconds: float = 10.0
     min_seconds: float = 5.0  # spans the phases of a shared machine (README "How latency is measured")
+    sessions: int = 4  # sessions of one model run a few percent apart for as long as they live: averaged over
+    rounds: int = 7
 
     def __post_init__(self) -> None:
         check_range("batch_size", self.batch_size, 1, 65536)
@@ -244,6 +239,8 @@ class Measure:
         check_range("tolerance", self.tolerance, 0.001, 0.5)
         check_range("max_seconds", self.max_seconds, 0.1, 3600.0)
         check_range("min_seconds", self.min_seconds, 0.0, 3600.0)
+        check_range("sessions", self.sessions, 1, 64)
+        check_range("rounds", self.rounds, 3, 10000)
 
 
 @dataclass
@@ -261,15 +258,10 @@ class Recipe:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # rules across fields; each field is checked by its own section
-        from autocomp.compress.criteria import CRITERIA, applicable
-
         p, q = self.prune, self.quantize
         if p.regrow > 0 and p.granularity != "weight":
             raise ConfigError(f"regrows single weights, so needs granularity 'weight', but got {p.granularity!r}.",
                               "prune.regrow")
-        if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
-            raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
-                              f"got {p.criterion!r}.", "prune.criterion")
         if q.activation_bits == 8 and q.bits != 8:
             raise ConfigError(f"8 (static int8) needs bits 8, but got bits {q.bits}.", "quantize.activation_bits")
         if q.qat and not qat_allowed(q.bits):
@@ -284,39 +276,6 @@ class Recipe:
             raise ConfigError(f"needs weight-only integer bits (2-8, activation_bits 32, no qat), but got bits "
                               f"{q.bits}, activation_bits {q.activation_bits}, qat {q.qat}.", "quantize.kmeans")
 
-    def check_layers(self, prunable: dict[str, PrunableLayer], quantizable: list[str] | None = None,
-                     blocks: list[str] | None = None, attention: list[str] | None = None) -> None:
-        """Reject layers that the model this recipe is applied to cannot prune (or quantize) as asked."""
-        if blocks is not None and self.prune.drop_blocks > len(blocks):
-            raise ConfigError(f"must be at most the {len(blocks)} residual blocks of the {self.task!r} model "
-                              f"{blocks}, but got {self.prune.drop_blocks}.", "recipe.prune.drop_blocks")
-        if attention is not None and self.prune.heads > 0 and not attention:
-            raise ConfigError(f"must be 0: the {self.task!r} model has no attention module whose heads can leave "
-                              f"(nn.MultiheadAttention), but got {self.prune.heads}.", "recipe.prune.heads")
-        for key in ("layers", "activation_layers"):
-            for name in getattr(self.quantize, key):
-                if quantizable is not None and name not in quantizable:
-                    raise ConfigError(f"is not a Conv/Linear layer of the {self.task!r} model {quantizable}."
-                                      f"{did_you_mean(name, quantizable)}", f"recipe.quantize.{key}.{name}")
-        named: dict[str, str] = {}  # pruning group -> the member that names it
-        for name, layer in self.prune.layers.items():
-            field_name = f"recipe.prune.layers.{name}"
-            if name not in prunable:
-                hint = did_you_mean(name, prunable)
-                raise ConfigError(f"is not a prunable layer of the {self.task!r} model; prunable layers "
-                                  f"are {list(prunable)}.{hint}", field_name)
-            group = prunable[name].group
-            if self.prune.granularity == "channel" and group in named:
-                partners = [n for n, other in prunable.items() if other.group == group]
-                raise ConfigError(f"is tied to `{named[group]}` (one pruning group: {partners}); a group's channels "
-                                  f"are pruned once, named by one member, but got both.", field_name)
-            named[group] = name
-            allowed = prunable[name].criteria(self.prune.granularity)
-            if layer.criterion not in allowed:  # bn_scale where no BatchNorm follows; channel-only criteria
-                message = (f"must be one of {allowed} for this layer at granularity {self.prune.granularity!r}, "
-                           f"but got {layer.criterion!r}.")
-                raise ConfigError(message, f"{field_name}.criterion")
-
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **to_dict(self)}
 
@@ -325,11 +284,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        from autocomp.tasks.registry import import_plugins
-
         check_schema_version(data, SCHEMA_VERSION, "recipe")
-        if isinstance(data.get("task"), str):
-            import_plugins(data["task"])
         return from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "recipe")
 
     def save(self, path: str | Path) -> None:

@@ -1,8 +1,7 @@
 """SearchSpace: which parts of a Recipe may vary and how: a fixed set of dimensions, and the Recipe they decode to.
 
-In the YAML each searchable value is one of: a scalar (fixed), a list (categorical choice), or
-a mapping ``{low, high, step?, log?}`` (an int range when low and high are ints, else a float
-range). Every candidate value is checked against the Recipe's own rules when the space loads.
+In the YAML each searchable value is a scalar, a list of choices or a range (``autocomp.dimensions.Param``); every
+candidate value is checked against the Recipe's own rules when the space loads.
 
 The encoding (README, "How the search space is encoded"), built so every sampler can learn from every trial:
 
@@ -38,9 +37,11 @@ from typing import Any
 
 from autocomp.allocation import Guide, group_sparsities, layer_formats
 from autocomp.compress.criteria import CRITERIA, applicable
-from autocomp.compress.student import STUDENTS
-from autocomp.config import check_schema_version, from_dict, read_yaml
+from autocomp.compress.student import STUDENTS, resolved
+from autocomp.config import check_keys, check_schema_version, from_dict, read_yaml
+from autocomp.dimensions import PER_LAYER, Param, layer_dimension
 from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
+from autocomp.methods import check_name, check_recipe
 from autocomp.recipe import (
     QAT_BELOW,
     Distill,
@@ -51,6 +52,7 @@ from autocomp.recipe import (
     Quantize,
     Recipe,
     Student,
+    integer_weights,
     kmeans_allowed,
     least_epochs,
     qat_allowed,
@@ -58,10 +60,6 @@ from autocomp.recipe import (
 
 SCHEMA_VERSION = 1
 SECTIONS = {"student": Student, "quantize": Quantize, "distill": Distill, "finetune": FineTune}
-# per-layer fields of a section whose space lists the choices for every layer: (class, field) -> rule
-PER_LAYER = {("Quantize", "layers"): "bits", ("Quantize", "activation_layers"): "activation_bits"}
-# section -> the per-layer dimensions it holds, named ``<section>.<layer>.<rule>`` (``layer_dimension``)
-LAYER_RULES = {"prune": ("share",), "quantize": tuple(PER_LAYER.values())}
 # a warm-start recipe's deployment: (weight bits, activation bits); 4-bit weights fine-tune with QAT
 FORMATS = {"fp32": (32, 32), "int8": (8, 8), "int4": (4, 32)}
 # a policy's knobs (``autocomp.allocation``) and their defaults: 0 follows no sensitivity, 100 points protects nothing
@@ -71,8 +69,8 @@ PRUNE_KEYS = ["scope", "granularity", "min_keep", "rounds", "regrow", "bn_penalt
 # of the fields before it (the recipe's defaults where those are fixed or not searched)
 CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
     "quantize": {
-        "symmetric": lambda v: v["bits"] <= 8,
-        "per_channel": lambda v: v["bits"] <= 8,
+        "symmetric": lambda v: integer_weights(v["bits"]),
+        "per_channel": lambda v: integer_weights(v["bits"]),
         "calibration": lambda v: v["activation_bits"] == 8,
         "qat": lambda v: qat_allowed(v["bits"]),
         "kmeans": lambda v: kmeans_allowed(v["bits"], v["activation_bits"], v["qat"]),
@@ -88,77 +86,6 @@ DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
     "student": {"init": lambda v: None if STUDENTS.get(v["family"]).derived else "scratch"},  # a new network
     "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
 }
-
-
-def layer_dimension(section: str, layer: str, rule: str) -> str:
-    """The name of one layer's own dimension: its share of the level (``prune``, ``share``) or its weight or
-    activation bits (``quantize``)."""
-    return f"{section}.{layer}.{rule}"
-
-
-def per_layer(name: str) -> tuple[str, str] | None:
-    """(layer, rule) of a dimension ``layer_dimension`` named, else None (a layer's name may hold dots)."""
-    section, _, rest = name.partition(".")
-    layer, _, rule = rest.rpartition(".")
-    return (layer, rule) if layer and rule in LAYER_RULES.get(section, ()) else None
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searchable value: fixed, categorical, or an int/float range."""
-
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-
-    @classmethod
-    def parse(cls, spec: Any, path: str) -> Param:
-        if isinstance(spec, list):
-            if not spec:
-                raise ConfigError("must list at least one choice, but got [].", path)
-            return cls(choices=tuple(spec))
-        if not isinstance(spec, dict):
-            return cls(choices=(spec,))
-        unknown = set(spec) - {"low", "high", "step", "log"}
-        if unknown or not {"low", "high"} <= set(spec):
-            raise ConfigError(f"must be a value, a list of choices or {{low, high, step?, log?}}, but got {spec!r}.",
-                              path)
-        low, high, step, log = spec["low"], spec["high"], spec.get("step"), bool(spec.get("log", False))
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-            raise ConfigError(f"range bounds must be numbers, but got (low={low!r}, high={high!r}).", path)
-        if low > high:
-            raise ConfigError(f"`low <= high` must hold, but got (low={low}, high={high}).", path)
-        if log and (low <= 0 or step is not None):
-            raise ConfigError(f"a log range needs low > 0 and no step, but got (low={low}, step={step}).", path)
-        return cls(low=low, high=high, step=step, log=log)
-
-    @property
-    def fixed(self) -> bool:
-        return self.choices is not None and len(self.choices) == 1
-
-    def admits(self, value: Any) -> bool:
-        """Whether ``value`` is one this parameter can take (a choice, or a point of the range's grid)."""
-        if self.choices is not None:
-            return any(c == value and isinstance(c, bool) == isinstance(value, bool) for c in self.choices)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
-            return False
-        if self.step:
-            return abs((value - self.low) / self.step - round((value - self.low) / self.step)) < 1e-6
-        return not (isinstance(self.low, int) and isinstance(self.high, int)) or float(value).is_integer()
-
-    def candidates(self) -> list[Any]:
-        """The values to validate: every choice, or both range ends."""
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
-
-    def suggest(self, trial, name: str) -> Any:
-        if self.choices is not None:
-            return self.choices[0] if self.fixed else trial.suggest_categorical(name, list(self.choices))
-        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
-            return trial.suggest_int(name, self.low, self.high, step=self.step or 1, log=self.log)
-        value = trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
-        return round(value, 10) if self.step else value  # 0.7000000000000001 -> 0.7
 
 
 @dataclass
@@ -180,9 +107,13 @@ class WarmStart:
         for fmt in self.formats:
             check_choice("formats", fmt, list(FORMATS))
         for i, student in enumerate(self.students):
-            if STUDENTS.get(student.family).derived:
+            if STUDENTS.get(student.family, field=f"students[{i}].family").derived:
                 raise ConfigError(f"must be a new network (not {student.family!r}: the levels prune the teacher).",
                                   f"students[{i}].family")
+            try:
+                self.students[i] = resolved(student)  # its family's defaults filled in
+            except ConfigError as err:
+                raise err.located(f"students[{i}]") from None
 
 
 @dataclass
@@ -207,14 +138,14 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: dict) -> SearchSpace:
         check_schema_version(data, SCHEMA_VERSION, "space")
-        _check_keys(data, ["schema_version", "prune", "warm_start", "policy", *SECTIONS], "space")
+        check_keys(data, ["schema_version", "prune", "warm_start", "policy", *SECTIONS], "space")
         student = data.get("student", {})  # the family's and init's choices, and each family's knobs
         knobs = {k: v for k, v in student.items() if k in STUDENTS} if isinstance(student, dict) else {}
         student = {k: v for k, v in student.items() if k not in knobs} if isinstance(student, dict) else student
         if isinstance(student, dict) and "config" in student:
             raise ConfigError("is searched per family (space.student.<family>: its knobs), not as one mapping.",
                               "space.student.config")
-        space = cls(sections={name: _section(student if name == "student" else data.get(name, {}), SECTIONS[name],
+        space = cls(sections={name: _section(name, student if name == "student" else data.get(name, {}),
                                              f"space.{name}") for name in SECTIONS},
                     warm_start=from_dict(WarmStart, data.get("warm_start", {}), "space.warm_start"))
         space._parse_students(knobs)
@@ -228,7 +159,7 @@ class SearchSpace:
         ``quantize.activation_layers``), not both."""
         if policy is None:
             return
-        _check_keys(policy, list(POLICY), "space.policy")
+        check_keys(policy, list(POLICY), "space.policy")
         self.policy = {key: Param.parse(policy.get(key, default), f"space.policy.{key}")
                        for key, default in POLICY.items()}
         for key, param in self.policy.items():
@@ -252,7 +183,7 @@ class SearchSpace:
         for name in searched:
             chosen = STUDENTS.get(name)
             given = knobs.get(name, {})
-            _check_keys(given, list(chosen.space), f"space.student.{name}")
+            check_keys(given, list(chosen.space), f"space.student.{name}")
             params = {knob: Param.parse(given.get(knob, default), f"space.student.{name}.{knob}")
                       for knob, default in chosen.space.items()}
             dims = chosen.dimensions(params)
@@ -263,7 +194,7 @@ class SearchSpace:
             self.students[name] = params
 
     def _parse_prune(self, prune: dict) -> None:
-        _check_keys(prune, ["layers", "sparsity", "criteria", "allocation", *PRUNE_KEYS], "space.prune")
+        check_keys(prune, ["layers", "sparsity", "criteria", "allocation", *PRUNE_KEYS], "space.prune")
         if "sparsity" in prune:
             self.sparsity = Param.parse(prune["sparsity"], "space.prune.sparsity")
         if "criteria" in prune:
@@ -358,8 +289,8 @@ class SearchSpace:
             finetune["lr"] = max(lr.candidates())
         least = max(least_epochs(prune.rounds, bool(q.get("qat"))), enough)
         finetune["epochs"] = max(finetune.get("epochs", FineTune().epochs), least)
-        return Recipe(task=task, prune=prune, seed=seed,
-                      measure=measure or Measure(), **{s: SECTIONS[s](**v) for s, v in sections.items()})
+        return check_recipe(Recipe(task=task, prune=prune, seed=seed, measure=measure or Measure(),
+                                   **{s: SECTIONS[s](**v) for s, v in sections.items()}))
 
     def _decode_prune(self, values: dict[str, Any], prunable: dict, task: str, own_graph: bool = True,
                       guide: Guide | None = None) -> Prune:
@@ -455,21 +386,14 @@ def _decode_section(section: str, params: dict[str, Param], values: dict[str, An
     return chosen
 
 
-def _section(data: Any, cls: type, path: str) -> dict[str, Param]:
+def _section(section: str, data: Any, path: str) -> dict[str, Param]:
+    cls = SECTIONS[section]
     if not isinstance(data, dict):
         raise ConfigError(f"must be a mapping, but got {data!r}.", path)
-    _check_keys(data, [f.name for f in dataclasses.fields(cls)], path)
+    check_keys(data, [f.name for f in dataclasses.fields(cls)], path)
     params = {key: Param.parse(spec, f"{path}.{key}") for key, spec in data.items()}
     for key, param in params.items():
-        for value in param.candidates():  # the Recipe dataclass's own rules; per-layer values as their field's
+        for value in param.candidates():  # the Recipe's own rules; per-layer values as their field's
             from_dict(cls, {PER_LAYER.get((cls.__name__, key), key): value}, path)
+            check_name(section, key, value, path)
     return params
-
-
-def _check_keys(data: dict, allowed: list[str], path: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"must be a mapping, but got {data!r}.", path)
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(f"is not a known field; expected one of {allowed}.{did_you_mean(key, allowed)}",
-                              f"{path}.{key}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from autocomp.config import check_schema_version, from_dict, read_yaml
 from autocomp.errors import ConfigError, check_choice, check_range
+from autocomp.fidelity import Screening
 from autocomp.recipe import Measure
-from autocomp.search.fidelity import Screening
 from autocomp.storage import resolve as resolve_storage
 
 SCHEMA_VERSION = 1
@@ -44,7 +44,7 @@ class StudySpec:
     storage: str | None = None  # default: sqlite:///<study folder>/<study_name>.db
     artifacts: str | None = None  # default: <study folder>/<study_name>_artifacts
     measure: Measure = field(default_factory=Measure)
-    screening: Screening | None = None  # multi-fidelity (``autocomp.search.fidelity``); None: every trial full
+    screening: Screening | None = None  # multi-fidelity (``autocomp.fidelity``); None: every trial full
     constraints: dict[str, float] = field(default_factory=dict)  # metric -> the most a feasible trial may have
 
     def __post_init__(self) -> None:

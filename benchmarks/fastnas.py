@@ -34,12 +34,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from autocomp.compress.facts import teacher_facts
 from autocomp.compress.prune import PrunableLayer, channels_to_remove
 from autocomp.measure import with_ratios
-from autocomp.pipeline import apply, teacher_baseline, teacher_facts
+from autocomp.pipeline import apply, teacher_baseline
 from autocomp.recipe import Distill, FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
-from autocomp.tasks import load_task
 from autocomp.tasks.base import Task
+from autocomp.tasks.load import load_task
 from autocomp.train import deterministic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import kendalltau
 
+from autocomp.compress.facts import teacher_facts
 from autocomp.features import layer_names
 from autocomp.latency import cpu_elsewhere, cpu_ticks
 from autocomp.latency_table import INT8, LatencyTable
-from autocomp.pipeline import apply, teacher_baseline, teacher_facts
+from autocomp.pipeline import apply, teacher_baseline
 from autocomp.recipe import FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (0.0, 0.3, 0.5, 0.7, 0.85)

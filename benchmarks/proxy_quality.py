@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 from autocomp import proxy
 from autocomp.allocation import Guide, tied_parameters
+from autocomp.compress.facts import teacher_facts
 from autocomp.measure import with_ratios
-from autocomp.pipeline import apply, teacher_baseline, teacher_facts
+from autocomp.pipeline import apply, teacher_baseline
 from autocomp.search.trials import narrow_to_model
 from autocomp.sensitivity import cached
 from autocomp.space import SearchSpace
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

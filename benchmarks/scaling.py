@@ -31,7 +31,7 @@ from autocomp.measure import time_artifact
 from autocomp.pipeline import ARTIFACT, teacher_baseline
 from autocomp.recipe import Measure
 from autocomp.storage import open_storage
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' Ray cluster helper

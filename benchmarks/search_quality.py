@@ -55,11 +55,11 @@ from tqdm import tqdm
 
 from autocomp import sensitivity
 from autocomp.config import read_yaml, write_yaml
+from autocomp.fidelity import non_domination_ranks
 from autocomp.recipe import Measure
-from autocomp.search.fidelity import non_domination_ranks
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -18,7 +18,7 @@ from autocomp import runtime
 from autocomp.compress.quantize import deploy
 from autocomp.measure import time_artifact
 from autocomp.recipe import Measure, Quantize
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 STORAGES = {
     "fp32": Quantize(),

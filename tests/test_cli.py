@@ -11,17 +11,33 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
 from autocomp.tasks.base import machine_cpu
-from tests.conftest import short_joint_space
+from tests.conftest import QUICK_MEASURE_YAML, short_joint_space
 
 AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
 
 
 def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    """``autocomp ARGS`` as a user runs it: the console script, in a process of its own."""
     result = subprocess.run([AUTOCOMP, *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == expect, result.stderr[-3000:]
     return result
+
+
+def autocomp_here(capsys: pytest.CaptureFixture, *args: str, expect: int = 0) -> tuple[str, str]:
+    """``autocomp ARGS`` run by the console script's own entry point in this process (no interpreter to start):
+    its stdout and stderr, the exit code checked."""
+    from autocomp.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == expect, err[-3000:]
+    return out, err
 
 
 @pytest.fixture
@@ -30,12 +46,12 @@ def study_yaml(tmp_path: Path) -> Path:
     short_joint_space(tmp_path, 2)  # the shipped space with short fine-tunes
     path.write_text("schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: space.yaml\n"
                     "trials: 3\npopulation_size: 4\n"
-                    "measure: {min_seconds: 1.0, max_seconds: 2.0, warmup_seconds: 0.5}\n")
+                    + QUICK_MEASURE_YAML)
     return path
 
 
 @pytest.mark.slow
-def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
+def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, capsys):
     out = autocomp("search", str(study_yaml), "--no-progress").stdout
     assert "Pareto front on val_accuracy" in out and "teacher: val" in out and "3 complete, 0 fail" in out
     storage = f"sqlite:///{tmp_path / 'e2e.db'}"
@@ -47,19 +63,26 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
     assert {(e["sparsity"], e["criterion"]) for e in first["prune"]["layers"].values()} == {(0.5, "l1")}
     assert first["distill"]["kind"] == "logits" and first["quantize"]["activation_bits"] == 32
     assert study.trials[1].user_attrs["recipe"]["quantize"]["activation_bits"] == 8
-    out = autocomp("sensitivity", str(study_yaml), "--png", str(tmp_path / "map.png"), "--no-progress").stdout
+    out, _ = autocomp_here(capsys, "sensitivity", str(study_yaml), "--png", str(tmp_path / "map.png"), "--no-progress")
     assert "group pruned alone" in out and (tmp_path / "map.png").stat().st_size > 5000
     assert set(study.user_attrs["sensitivity"]["prune"]) == {"conv1", "conv2", "conv3", "conv4", "fc1"}
-    assert len(list((tmp_path / "e2e_artifacts").rglob("*"))) >= 6  # artifact + recipe per trial
+    store = FileSystemArtifactStore(str(tmp_path / "e2e_artifacts"))
+    for trial in study.trials[:3]:  # each trial's artifact and recipe, as it measured and ran them
+        stored = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(trial, storage=study._storage)}
+        assert sorted(stored) == ["model.onnx", "recipe.yaml"]
+        with store.open_reader(stored["model.onnx"]) as reader:
+            assert len(reader.read()) == trial.user_attrs["metrics"]["size_bytes"]
+        with store.open_reader(stored["recipe.yaml"]) as reader:
+            assert yaml.safe_load(reader.read())["prune"] == trial.user_attrs["recipe"]["prune"]
 
-    autocomp("pareto", "--storage", storage, "--study-name", "e2e", "--csv", str(tmp_path / "front.csv"))
+    autocomp_here(capsys, "pareto", "--storage", storage, "--study-name", "e2e", "--csv", str(tmp_path / "front.csv"))
     front = pd.read_csv(tmp_path / "front.csv")
     assert set(front["trial"]) == {t.number for t in study.best_trials}
     assert list(front.columns[:8]) == ["trial", "val_%", "test_%", "test_drop_pp", "size_kb", "ratio_x",
                                        "latency_ms", "speedup_x"]
 
     number = int(front["trial"][0])
-    autocomp("export", str(study_yaml), "--trial", str(number), "-o", str(tmp_path / "recipe.yaml"))
+    autocomp_here(capsys, "export", str(study_yaml), "--trial", str(number), "-o", str(tmp_path / "recipe.yaml"))
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["provenance"]["trial"] == number and recipe["provenance"]["versions"]["torch"]
     assert len(recipe["provenance"]["fingerprint"]["teacher_sha256"]) == 64
@@ -77,26 +100,31 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path):
     recipe["provenance"]["fingerprint"]["teacher_sha256"] = "0" * 64  # as if made for another teacher,
     recipe["provenance"]["fingerprint"]["cpu"] = "GenuineIntel family 6 model 85, avx512f"  # on another CPU
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(recipe))
-    result = autocomp("apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"), expect=2)
-    assert "teacher_sha256 000000000000..." in result.stderr and "another teacher" in result.stderr
-    assert "made on a GenuineIntel family 6 model 85, avx512f CPU" in result.stderr and result.stderr.count("\n") == 1
+    _, err = autocomp_here(capsys, "apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"), expect=2)
+    assert "teacher_sha256 000000000000..." in err and "another teacher" in err
+    assert "made on a GenuineIntel family 6 model 85, avx512f CPU" in err and err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
-    out = autocomp("apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"), "--allow-other-teacher").stdout
+    out, _ = autocomp_here(capsys, "apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"),
+                           "--allow-other-teacher")
     assert "warning: the recipe was made for another teacher" in out
 
 
-def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(study_yaml.read_text().replace("task: digits", "task: digts"))
-    result = autocomp("search", str(bad), expect=2)
-    assert result.stderr.strip() == (
+    _, err = autocomp_here(capsys, "search", str(bad), expect=2)
+    assert err == (
         "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', 'mnist1d_lean', "
-        "'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?")
+        "'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?\n")
     assert not (tmp_path / "e2e.db").exists()  # nothing was created for a study that never started
-    result = autocomp("pareto", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study-name", "x", expect=2)
-    assert "No study 'x'" in result.stderr and "Traceback" not in result.stderr
-    result = autocomp("apply", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o"), expect=2)
-    assert "cannot be read" in result.stderr
+    _, err = autocomp_here(capsys, "pareto", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study-name", "x",
+                           expect=2)
+    assert "No study 'x'" in err and err.count("\n") == 1
+    _, err = autocomp_here(capsys, "apply", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o"), expect=2)
+    assert "cannot be read" in err and err.count("\n") == 1
+    result = autocomp("search", str(bad), expect=2)  # the console script itself: the same one line
+    assert result.stderr == "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', " \
+                            "'mnist1d_lean', 'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?\n"
 
 
 def test_dashboard_serves_the_study_on_loopback(tmp_path):

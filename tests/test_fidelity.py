@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from autocomp.errors import AutocompError, ConfigError
+from autocomp.fidelity import Screening, non_domination_ranks
 from autocomp.pareto import export_recipe, front_table
 from autocomp.recipe import FineTune, Prune, Quantize, Recipe
-from autocomp.search.fidelity import Screening, non_domination_ranks
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
+from tests.conftest import QUICK_MEASURE_YAML
 
 DIRECTIONS = ["maximize", "minimize"]
 
@@ -51,7 +52,7 @@ def test_a_multi_fidelity_search_fronts_only_full_fidelity_trials(tmp_path):
     path.write_text("schema_version: 1\nstudy_name: s\ntask: 'tests.tasks:fragile_bottleneck'\nspace: space.yaml\n"
                     "trials: 10\nsampler: random\nobjectives: {val_accuracy: maximize, size_bytes: minimize}\n"
                     "screening: {epochs: 0.25, promote: 0.34, grace: 2}\n"
-                    "measure: {warmup_seconds: 0.05, max_seconds: 0.5}\n")
+                    + QUICK_MEASURE_YAML)
     study, trials = run_search(StudySpec.load(path), progress=False)
     states = [t.state.name for t in trials]
     assert len(trials) == 10 and "FAIL" not in states and states.count("PRUNED") >= 3 and "COMPLETE" in states

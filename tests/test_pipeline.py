@@ -10,9 +10,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from autocomp import runtime
+from autocomp.compress.facts import teacher_facts
 from autocomp.compress.prune import prunable_layers
 from autocomp.features import layer_names
-from autocomp.pipeline import apply, teacher_baseline, teacher_facts
+from autocomp.methods import check_recipe
+from autocomp.pipeline import apply, teacher_baseline
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe, Student
 from autocomp.tasks import Task
 from tests.conftest import QUICK_MEASURE
@@ -20,7 +22,7 @@ from tests.tasks import plateau
 
 
 def teacher_metrics(task, out_dir) -> dict[str, float]:
-    return teacher_baseline(task, Recipe(task=task.name).measure, out_dir).metrics
+    return teacher_baseline(task, QUICK_MEASURE, out_dir).metrics
 
 
 def recipe(bits: int) -> Recipe:
@@ -34,7 +36,7 @@ def test_apply_measures_the_artifact_itself(digits_task, tmp_path):
     result = apply(recipe(8), digits_task, tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "recipe.yaml"]
     assert result.metrics["size_bytes"] == (tmp_path / "model.onnx").stat().st_size
-    assert Recipe.load(tmp_path / "recipe.yaml") == recipe(8)
+    assert Recipe.load(tmp_path / "recipe.yaml") == check_recipe(recipe(8))  # as applied: its student resolved
     # the file alone reproduces the recorded accuracy
     logits = runtime.run(runtime.session(tmp_path / "model.onnx"), digits_task.test.x.numpy())
     assert np.mean(logits.argmax(1) == digits_task.test.y.numpy()) == result.metrics["test_accuracy"]

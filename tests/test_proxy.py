@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from autocomp import proxy
+from autocomp.compress.facts import teacher_facts
 from autocomp.compress.prune import prune
 from autocomp.compress.quantize import deploy
-from autocomp.pipeline import teacher_facts
 from autocomp.recipe import LayerPrune, Prune, Quantize, Recipe, Student
-from autocomp.tasks import load_task
+from autocomp.tasks.load import load_task
 
 
 @pytest.fixture(scope="module")

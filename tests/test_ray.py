@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import optuna
 import pytest
 import yaml
@@ -21,7 +22,7 @@ from autocomp.search.ray_runner import check_shared
 from autocomp.storage import open_storage
 from tests.conftest import free_port
 from tests.ray_cluster import local_cluster
-from tests.test_cli import AUTOCOMP, autocomp
+from tests.test_cli import AUTOCOMP, autocomp, autocomp_here
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +83,12 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     for trial in trials:
         assert {"recipe", "metrics", "worker", "fidelity", "ray"} <= trial.user_attrs.keys()
         assert trial.values == [trial.user_attrs["metrics"][m] for m in study.metric_names]
-        names = sorted(meta.filename for meta in get_all_artifact_meta(trial, storage=study._storage))
-        assert names == ["model.onnx", "recipe.yaml"]
-        meta = get_all_artifact_meta(trial, storage=study._storage)[0]
-        with store.open_reader(meta.artifact_id) as reader:
-            assert reader.read(4)
+        stored = {meta.filename: meta for meta in get_all_artifact_meta(trial, storage=study._storage)}
+        assert sorted(stored) == ["model.onnx", "recipe.yaml"]
+        with store.open_reader(stored["model.onnx"].artifact_id) as reader:
+            model = reader.read()  # the whole artifact a node wrote, the one the trial measured
+        assert len(model) == trial.user_attrs["metrics"]["size_bytes"]
+        onnx.checker.check_model(onnx.load_from_string(model))
     assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
     assert ["warm_start" in t.user_attrs for t in trials] == [True, True, False, False]  # the hand-made ones first
     assert all("proxy" in t.user_attrs for t in trials)  # the workers' proxy sampler scored what they ran
@@ -94,13 +96,13 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     assert "Pareto front on val_accuracy" in out
 
 
-def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study):
-    err = autocomp("search", str(quick_study), "--address", "auto", expect=2).stderr
+def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study, capsys):
+    _, err = autocomp_here(capsys, "search", str(quick_study), "--address", "auto", expect=2)
     assert err == "autocomp: error: --address is an option of --backend ray, but the backend is 'local'.\n"
-    err = autocomp("search", str(quick_study), "--backend", "ray", "--workers", "2", expect=2).stderr
+    _, err = autocomp_here(capsys, "search", str(quick_study), "--backend", "ray", "--workers", "2", expect=2)
     assert err.endswith("with --backend ray use --max-concurrent, but got --workers 2.\n")
     nobody = f"127.0.0.1:{free_port()}"
-    err = autocomp("search", str(quick_study), "--backend", "ray", "--address", nobody, expect=2).stderr
+    _, err = autocomp_here(capsys, "search", str(quick_study), "--backend", "ray", "--address", nobody, expect=2)
     assert err.startswith(f"autocomp: error: --address must be 'auto' or the HOST:PORT of a running Ray cluster's "
                           f"head, but nothing answers at '{nobody}'") and err.count("\n") == 1
     assert sorted(p.name for p in quick_study.parent.iterdir()) == ["quick.yaml", "space.yaml"]  # nothing stored

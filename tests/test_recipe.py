@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autocomp.compress.prune import prunable_layers
+from autocomp.compress.facts import model_facts
 from autocomp.errors import ConfigError
+from autocomp.methods import recipe_from_dict
 from autocomp.recipe import Distill, LayerPrune, Prune, Quantize, Recipe
 
 
@@ -63,23 +64,26 @@ def test_bad_values_name_field_rule_and_value(patch, field, fragment):
     for key, value in patch.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
     with pytest.raises(ConfigError) as err:
-        Recipe.from_dict(data)
+        recipe_from_dict(data)  # the loader: the recipe's own rules, then the methods it names (autocomp.methods)
     assert err.value.field == field
     assert fragment in str(err.value)
 
 
-def test_check_layers_against_the_model(small_cnn):
-    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
-    assert list(prunable) == ["conv1", "conv2", "fc1"]  # the head fc2 is never pruned
-    make_recipe().check_layers(prunable)
+def test_a_recipe_is_checked_against_the_models_layers(small_cnn):
+    facts = model_facts(small_cnn, torch.zeros(1, 1, 8, 8))
+    assert list(facts.prunable) == ["conv1", "conv2", "fc1"]  # the head fc2 is never pruned
+    assert facts.layers == ["conv1", "conv2", "fc1", "fc2"]
+    facts.check(make_recipe())
     with pytest.raises(ConfigError, match="Did you mean 'conv2'") as err:
-        Recipe(task="digits", prune=Prune(layers={"conv9": LayerPrune(0.5)})).check_layers(prunable)
+        facts.check(Recipe(task="digits", prune=Prune(layers={"conv9": LayerPrune(0.5)})))
     assert err.value.field == "recipe.prune.layers.conv9"
     with pytest.raises(ConfigError, match="Did you mean 'fc2'") as err:
-        Recipe(task="digits", quantize=Quantize(bits=4, layers={"fc3": 8})).check_layers(prunable, ["fc1", "fc2"])
+        facts.check(Recipe(task="digits", quantize=Quantize(bits=4, layers={"fc3": 8})))
     assert err.value.field == "recipe.quantize.layers.fc3"
     with pytest.raises(ConfigError, match="bn_scale"):  # fc1 has no BatchNorm to read gamma from
-        Recipe(task="digits", prune=Prune(layers={"fc1": LayerPrune(0.5, "bn_scale")})).check_layers(prunable)
+        facts.check(Recipe(task="digits", prune=Prune(layers={"fc1": LayerPrune(0.5, "bn_scale")})))
+    with pytest.raises(ConfigError, match="no attention module"):
+        facts.check(Recipe(task="digits", prune=Prune(heads=0.5)))
 
 
 @pytest.mark.parametrize(("epochs", "rounds", "schedule"), [(5, 2, [3, 2]), (2, 2, [1, 1]), (4, 1, [4]), (0, 1, [0]),

@@ -10,6 +10,7 @@ import torch
 
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
+from autocomp.fidelity import Screening
 from autocomp.recipe import (
     ACTIVATION_BITS,
     BITS,
@@ -18,11 +19,11 @@ from autocomp.recipe import (
     Prune,
     Quantize,
     Recipe,
+    integer_weights,
     kmeans_allowed,
     least_epochs,
     qat_allowed,
 )
-from autocomp.search.fidelity import Screening
 from autocomp.space import SearchSpace
 from autocomp.tasks.digits import DigitsCNN
 
@@ -78,3 +79,14 @@ def test_qat_and_kmeans_follow_their_rules(prunable):
     assert {(b, q, k) for b, q, k in seen if q} == {(b, True, False) for b in BITS if qat_allowed(b)}
     assert {b for b, q, k in seen if k} == {b for b in BITS if kmeans_allowed(b, 32, False)}
     assert all(q.qat for r in recipes if (q := r.quantize).bits < QAT_BELOW and not q.kmeans)  # low bits train QAT
+
+
+def test_the_grids_symmetry_and_scales_are_searched_only_for_integer_weights(prunable):
+    space = SearchSpace.from_dict({"schema_version": 1, "prune": {"scope": "global", "sparsity": 0.0},
+                                   "quantize": {"bits": list(BITS), "symmetric": [False, True],
+                                                "per_channel": [False, True]}, "finetune": {"epochs": 1}})
+    seen = {(r.quantize.bits, r.quantize.symmetric, r.quantize.per_channel) for r in decode_all(space, prunable)}
+    default = Quantize()
+    assert seen == {(b, s, c) for b in BITS for s, c in itertools.product([False, True], repeat=2)
+                    if integer_weights(b)} | {(b, default.symmetric, default.per_channel) for b in BITS
+                                              if not integer_weights(b)}

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from autocomp.storage import open_storage
-from tests.test_cli import AUTOCOMP, autocomp
+from tests.test_cli import AUTOCOMP, autocomp, autocomp_here
 
 
 def _check_count(storage: str, count: int) -> list[optuna.trial.FrozenTrial]:
@@ -36,14 +36,14 @@ def _study_stored(db: Path, name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_journal_one_count_and_one_teacher_baseline(quick_study, tmp_path):
+def test_two_workers_share_one_journal_one_count_and_one_teacher_baseline(quick_study, tmp_path, capsys):
     out = autocomp("search", str(quick_study), "--workers", "2", "--no-progress").stdout
     journal = tmp_path / "quick.journal"
     assert f"2 workers share the study in journal:///{journal}" in out and "4 complete, 0 fail" in out
     trials = _check_count(f"journal:///{journal}", 4)
     pids = {t.user_attrs["worker"]["pid"] for t in trials if t.state.name == "COMPLETE"}
     assert len(pids) == 2  # both workers ran trials
-    out = autocomp("pareto", str(quick_study), "--storage", f"journal:///{journal}").stdout
+    out, _ = autocomp_here(capsys, "pareto", str(quick_study), "--storage", f"journal:///{journal}")
     assert "Pareto front on val_accuracy" in out
 
 

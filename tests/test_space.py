@@ -1,19 +1,23 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import optuna
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from autocomp.allocation import Guide
+from autocomp.compress.facts import ModelFacts, model_facts
 from autocomp.compress.prune import prunable_layers
+from autocomp.dimensions import layer_dimension, per_layer
 from autocomp.errors import ConfigError
 from autocomp.recipe import Distill, FineTune, Prune, Recipe
 from autocomp.search.trials import make_sampler, narrow_to_model
 from autocomp.sensitivity import Sensitivity
-from autocomp.space import SearchSpace, layer_dimension, per_layer
+from autocomp.space import SearchSpace
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
 from autocomp.tasks.digits import DigitsCNN
@@ -22,16 +26,24 @@ from tests.conftest import ROOT
 from tests.zoo import Encoder, TabularMLP
 
 
+def layer_facts(model: nn.Module) -> ModelFacts:
+    """The model's facts, with as many residual blocks and attention modules as a space may ask to drop: these tests
+    check the layers a sampled recipe names (a study narrows drop_blocks and heads to its model, narrow_to_model)."""
+    facts = model_facts(model, torch.zeros(1, 1, 8, 8))
+    return dataclasses.replace(facts, blocks=[f"block{i}" for i in range(16)], attention=["attention"])
+
+
 def test_joint_space_samples_valid_recipes_on_fixed_dimensions(small_cnn):
     space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")
-    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    facts = layer_facts(small_cnn)
+    prunable = facts.prunable
     free = {name for name, param in space.dimensions(prunable, "digits").items() if not param.fixed}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     recipes = []
     for _ in range(400):
         trial = study.ask()
         recipe = space.sample(trial, "digits", prunable, seed=1)
-        recipe.check_layers(prunable)
+        facts.check(recipe)
         assert Recipe.from_dict(recipe.to_dict()) == recipe  # valid by the Recipe's own rules
         assert set(trial.params) == free  # every trial samples every dimension, used or not
         p, q, values = recipe.prune, recipe.quantize, trial.params
@@ -137,7 +149,8 @@ def test_the_samplers_learn_every_dimension(small_cnn, path, sampler):
     """NSGA-II and TPE (without ``group``) evolve only the intersection of the trials' parameters: it must
     hold every free dimension of a shipped space after 20 trials."""
     space = SearchSpace.load(path)
-    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    facts = layer_facts(small_cnn)
+    prunable = facts.prunable
     free = {name for name, param in space.dimensions(prunable, "digits").items() if not param.fixed}
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(
         StudySpec("s", "digits", str(path), sampler=sampler, population_size=4), seed=0))
@@ -205,12 +218,13 @@ def test_a_space_fixes_or_searches_the_fine_tunes_patience(small_cnn, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_space_loads_and_samples_valid_recipes(small_cnn, path):
     space = SearchSpace.load(path)
-    prunable = prunable_layers(small_cnn, torch.zeros(1, 1, 8, 8))
+    facts = layer_facts(small_cnn)
+    prunable = facts.prunable
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
         trial = study.ask()
         recipe = space.sample(trial, "digits", prunable, guide=small_guide())
-        recipe.check_layers(prunable)
+        facts.check(recipe)
         assert Recipe.from_dict(recipe.to_dict()) == recipe
         study.tell(trial, 0.0)
 
@@ -225,7 +239,7 @@ def test_local_scope_prunes_each_pruning_group_once(granularity, named):
         "granularity": granularity, "sparsity": [0.4, 0.8], "allocation": [0.5, 1.0], "criteria": ["l1", "l2"]}})
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     recipe = space.sample(trial, "digits", prunable)
-    recipe.check_layers(prunable)
+    layer_facts(DigitsCNN()).check(recipe)
     assert list(recipe.prune.layers) == named
     assert [k for k in trial.params if k.endswith(".share")] == [f"prune.{n}.share" for n in prunable]
     level = trial.params["prune.sparsity"]

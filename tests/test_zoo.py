@@ -18,16 +18,16 @@ from autocomp.pipeline import ARTIFACT
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
 from tests import zoo
-from tests.conftest import ROOT, short_joint_space
+from tests.conftest import QUICK_MEASURE_YAML, ROOT, short_joint_space
 from tests.test_cli import AUTOCOMP
 
 
 def zoo_study(tmp_path: Path, name: str) -> StudySpec:
-    """The shipped joint space on the zoo's task ``name``, with fine-tunes of at most two epochs."""
+    """The shipped joint space on the zoo's task ``name``, with one-epoch fine-tunes."""
     path = tmp_path / "zoo.yaml"
     path.write_text(f"schema_version: 1\nstudy_name: {name}\ntask: 'tests.zoo:{name}'\n"
-                    f"space: {short_joint_space(tmp_path, 2)}\ntrials: 3\n"
-                    "measure: {warmup_seconds: 0.1, max_seconds: 1.0}\n")
+                    f"space: {short_joint_space(tmp_path, 1)}\ntrials: 3\n"
+                    + QUICK_MEASURE_YAML)
     return StudySpec.load(path)
 
 
@@ -70,7 +70,7 @@ def test_a_model_autocomp_cannot_compress_is_refused_in_one_line_before_the_stud
 
 
 def test_the_readme_example_task_loads_and_scores_with_its_own_metric():
-    from autocomp.tasks import load_task
+    from autocomp.tasks.load import load_task
     from examples.byo_model import balanced_accuracy
 
     task = load_task("examples.byo_model:task")

@@ -6,7 +6,7 @@ deployed ONNX Runtime int8 artifact, so what is searched is what is deployed.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,11 +61,16 @@ def fake_quantize(x: Tensor, lo: Tensor | float, hi: Tensor | float, bits: int, 
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
-class Calibrator(ABC):
-    """Chooses the range of one tensor from the batches it took during calibration."""
+class Calibrator:
+    """Chooses the range of one tensor from the batches it took during calibration: by default from all of their
+    values at once (``range_of``); a calibrator that reads the batches in turn overrides ``range``."""
 
-    @abstractmethod
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range: ...
+    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
+        return self.range_of(_all(batches), bits, symmetric)
+
+    def range_of(self, x: Tensor, bits: int, symmetric: bool) -> Range:
+        """The range of the values ``x`` (flat, fp32)."""
+        raise NotImplementedError(f"{type(self).__name__} reads the batches in turn: call range()")
 
 
 CALIBRATORS: Registry[type[Calibrator]] = Registry("calibration method")  # classes: variants are arguments
@@ -77,17 +82,16 @@ def _all(batches: list[Tensor]) -> Tensor:
 
 @CALIBRATORS.register("minmax", "min and max over the calibration set: no clipping, the widest steps")
 class MinMax(Calibrator):
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
-        x = _all(batches)
+    def range_of(self, x: Tensor, bits: int, symmetric: bool) -> Range:
         return float(x.min()), float(x.max())
 
 
 @CALIBRATORS.register("moving_average", "exponential moving average of per-batch min and max (QAT observers)")
+@dataclass
 class MovingAverage(Calibrator):
-    def __init__(self, momentum: float = 0.01) -> None:
-        self.momentum = momentum
+    momentum: float = 0.01
 
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
+    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:  # batch by batch
         lo, hi = float(batches[0].min()), float(batches[0].max())
         for b in batches[1:]:
             lo += self.momentum * (float(b.min()) - lo)
@@ -100,8 +104,7 @@ class Percentile(Calibrator):
     def __init__(self, percentile: float = 99.99) -> None:
         self.q = percentile / 100.0
 
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
-        x = _all(batches)
+    def range_of(self, x: Tensor, bits: int, symmetric: bool) -> Range:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:2**24]]  # quantile's size limit
         if symmetric:
             t = float(torch.quantile(x.abs(), self.q))
@@ -110,12 +113,11 @@ class Percentile(Calibrator):
 
 
 @CALIBRATORS.register("mse", "the clipping of the min-max range that minimises the mean squared quantization error")
+@dataclass
 class MSE(Calibrator):
-    def __init__(self, candidates: int = 100) -> None:
-        self.candidates = candidates
+    candidates: int = 100
 
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
-        x = _all(batches)
+    def range_of(self, x: Tensor, bits: int, symmetric: bool) -> Range:
         lo, hi = float(x.min()), float(x.max())
         if symmetric:
             lo, hi = -max(-lo, hi), max(-lo, hi)
@@ -128,12 +130,11 @@ class MSE(Calibrator):
 
 
 @CALIBRATORS.register("entropy", "the threshold minimising KL(fp32 || quantized) histograms (TensorRT, Migacz 2017)")
+@dataclass
 class Entropy(Calibrator):
-    def __init__(self, bins: int = 2048) -> None:
-        self.bins = bins
+    bins: int = 2048
 
-    def range(self, batches: list[Tensor], bits: int, symmetric: bool) -> Range:
-        x = _all(batches)
+    def range_of(self, x: Tensor, bits: int, symmetric: bool) -> Range:
         magnitudes = x.abs()[x != 0].numpy()  # exact zeros (ReLU outputs) stay exact on any grid holding 0
         hist, edges = np.histogram(magnitudes, bins=self.bins, range=(0.0, float(x.abs().max()) or 1.0))
         levels = 2 ** (bits - 1)  # quantized bins on one side of zero

@@ -16,20 +16,27 @@ from torch import Tensor, nn
 
 from autocomp.compress.blocks import residual_blocks
 from autocomp.compress.heads import HeadAttention
-from autocomp.features import Tap, head_layer
+from autocomp.features import Hooks, Tap, head_layer
 from autocomp.registry import Registry
 
 
 class Transfer(nn.Module, ABC):
     """A knowledge-transfer term between student and teacher features of one batch.
 
-    ``source`` says what it compares: ``"layers"`` (the outputs of the hint layers, one tensor per
-    layer), ``"embedding"`` (the (B, D) input of the head, as a one-element list), ``"hidden"`` (the outputs of
-    the transformer layers or residual blocks) or ``"attention"`` (the attention maps of the
-    ``nn.MultiheadAttention`` layers); hidden states and attention maps pair student and teacher by depth.
+    Each transfer names the (student, teacher) layer pairs it compares (``layer_pairs``; by default the hint layers
+    the pipeline pairs) and records their features (``recorders``; by default the layers' outputs, channels first:
+    the (B, tokens, C) output of a Linear or transformer layer reads as (B, C, tokens)).
     """
 
-    source: ClassVar[str] = "layers"
+    channels_first: ClassVar[bool] = True  # move a channels-last layer's channels to dimension 1
+
+    def layer_pairs(self, student: nn.Module, teacher: nn.Module, example_input: Tensor,
+                    hints: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return list(hints)
+
+    def recorders(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> list:
+        """What records the student's and the teacher's features of ``pairs`` on each forward pass."""
+        return [Tap(student, [s for s, _ in pairs]), Tap(teacher, [t for _, t in pairs])]
 
     def build(self, student: list[Tensor], teacher: list[Tensor]) -> None:
         """Create any learned parts (projections) from one batch of example features."""
@@ -94,7 +101,15 @@ def _angles(e: Tensor) -> Tensor:
 @TRANSFERS.register("rkd", "relational KD: match pairwise distances and triplet angles of the "
                            "embeddings (Park et al., CVPR 2019)")
 class RelationalKD(Transfer):
-    source = "embedding"
+    channels_first = False
+
+    def layer_pairs(self, student: nn.Module, teacher: nn.Module, example_input: Tensor,
+                    hints: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(head_layer(student, example_input), head_layer(teacher, example_input))]
+
+    def recorders(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> list:
+        """The embeddings: the (B, D) inputs of the heads."""
+        return [Tap(student, [s for s, _ in pairs], inputs=True), Tap(teacher, [t for _, t in pairs], inputs=True)]
 
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         s, t = student[0].flatten(1), teacher[0].flatten(1)
@@ -118,14 +133,18 @@ class SimilarityPreserving(Transfer):
         return torch.stack(terms).mean()
 
 
-class AttentionMaps:
+def attention_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, HeadAttention))]
+
+
+class AttentionMaps(Hooks):
     """Records the attention probabilities (batch, heads, queries, keys) of each attention module of ``model``
     (``nn.MultiheadAttention``, ``HeadAttention``) on every forward pass: the module runs once more on its own
     inputs and masks with ``need_weights``, per head (in training mode with attention dropout, the weights
     after dropout)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.names = [n for n, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, HeadAttention))]
+        self.names = attention_modules(model)
         self.values: dict[str, Tensor] = {}
         self._busy = False
         self._hooks = [model.get_submodule(n).register_forward_hook(self._recorder(n), with_kwargs=True)
@@ -156,7 +175,14 @@ class AttentionMatrix(Transfer):
     """Per layer pair, sum over keys of (A_student - A_teacher)^2, mean over batch, heads and queries; layers are
     paired by relative depth, and maps with other head counts are compared averaged over heads."""
 
-    source = "attention"
+    channels_first = False
+
+    def layer_pairs(self, student: nn.Module, teacher: nn.Module, example_input: Tensor,
+                    hints: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return by_depth(attention_modules(student), attention_modules(teacher))
+
+    def recorders(self, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]]) -> list:
+        return [AttentionMaps(student), AttentionMaps(teacher)]
 
     def forward(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         terms = [(s - t if s.shape == t.shape else s.mean(1) - t.mean(1)).pow(2).sum(-1).mean()
@@ -167,7 +193,9 @@ class AttentionMatrix(Transfer):
 @TRANSFERS.register("hidden", "hidden states: MSE to the teacher's transformer layer (else residual block) "
                              "outputs through a learned projection where widths differ (TinyBERT, Jiao et al., 2020)")
 class HiddenStates(FitNet):
-    source = "hidden"
+    def layer_pairs(self, student: nn.Module, teacher: nn.Module, example_input: Tensor,
+                    hints: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return by_depth(hidden_layers(student, example_input), hidden_layers(teacher, example_input))
 
 
 def aligned(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +229,7 @@ def by_depth(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
     return [(s, teacher[round(i * (len(teacher) - 1) / last)]) for i, s in enumerate(student)]
 
 
-class Distiller(nn.Module):
+class Distiller(nn.Module, Hooks):
     """The fine-tune loss: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * transfer.
 
     The T^2 factor keeps the soft term's gradient scale independent of the temperature (Hinton
@@ -224,23 +252,11 @@ class Distiller(nn.Module):
         self.transfer = cls() if cls is not None else None
         self._taps: list[Tap | AttentionMaps] = []
         if self.transfer is not None:
-            source = self.transfer.source
-            if source == "attention":
-                self._taps = [AttentionMaps(student), AttentionMaps(teacher)]
-                self._pairs = by_depth(self._taps[0].names, self._taps[1].names)
-            else:
-                if source == "embedding":
-                    self._pairs = [(head_layer(student, example_input), head_layer(teacher, example_input))]
-                elif source == "hidden":
-                    self._pairs = by_depth(hidden_layers(student, example_input), hidden_layers(teacher, example_input))
-                else:
-                    self._pairs = list(pairs)
-                inputs = source == "embedding"
-                self._taps = [Tap(student, [s for s, _ in self._pairs], inputs),
-                              Tap(teacher, [t for _, t in self._pairs], inputs)]
-            features = source in ("layers", "hidden")
-            self._last = ([features and isinstance(student.get_submodule(s), CHANNELS_LAST) for s, _ in self._pairs],
-                          [features and isinstance(teacher.get_submodule(t), CHANNELS_LAST) for _, t in self._pairs])
+            self._pairs = self.transfer.layer_pairs(student, teacher, example_input, list(pairs))
+            self._taps = self.transfer.recorders(student, teacher, self._pairs)
+            moved = self.transfer.channels_first
+            self._last = ([moved and isinstance(student.get_submodule(s), CHANNELS_LAST) for s, _ in self._pairs],
+                          [moved and isinstance(teacher.get_submodule(t), CHANNELS_LAST) for _, t in self._pairs])
             with torch.no_grad():
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
                 teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
@@ -280,9 +296,3 @@ class Distiller(nn.Module):
         """Remove the hooks (the teacher is shared across trials)."""
         for tap in self._taps:
             tap.close()
-
-    def __enter__(self) -> Distiller:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

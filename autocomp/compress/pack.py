@@ -285,54 +285,98 @@ def _int8_weights(model, inits: dict) -> dict[str, np.ndarray]:
     return weights
 
 
+@dataclass
+class _Rewrite:
+    """What packing does to a graph: ``constants`` added, decoding nodes put in ``front`` of it, and nodes
+    ``replaced`` (by ``id``) with the kernel that runs on the packed weight."""
+
+    constants: list = field(default_factory=list)
+    front: list = field(default_factory=list)
+    replaced: dict[int, object] = field(default_factory=dict)
+
+    def store(self, constants: list, decoder: list) -> None:
+        self.constants += constants
+        self.front += decoder
+
+
 def pack_weights(prepared: Path, out_path: Path, bits: dict[str, int], symmetric: bool = True,
                  per_channel: bool = True, kmeans: bool = False, sparse: bool = False) -> Path:
     """Rewrite the weights of ``prepared`` (a BN-folded fp32 ONNX model, maybe with static int8 layers): each
     fp32 initializer named in ``bits`` at its own width (32 keeps fp32); ``sparse``: weights with zeros, the
     int8 layers' symmetric weights too, stored sparsely where that is smaller."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper, version_converter
 
-    model = onnx.load(str(prepared))
-    widths = [b for b in bits.values() if b <= 8]
-    if widths:
-        model = version_converter.convert_version(model, 25 if min(widths) <= 2 else 21)
-        model.ir_version = min(model.ir_version, 13)  # the newest ONNX Runtime reads
+    model = _for_opset(onnx.load(str(prepared)), min(bits.values(), default=32))
     nodes = weight_names(model)
     inits = {i.name: i for i in model.graph.initializer}
-    front, keep, replaced = [], [], {}
+    rewrite = _Rewrite()
     for name, b in bits.items():
-        w = numpy_helper.to_array(inits[name])
-        mask = (w != 0) if sparse and _sparse_wins(w != 0, b) else None
-        if b == 32 and mask is None:
-            continue
-        del inits[name]
-        if mask is None and b in NBITS and not kmeans and nodes[name].op_type in ("Gemm", "MatMul") and w.ndim == 2:
-            nbits = _nbits_node(nodes[name], w, b, symmetric, per_channel, inits)
-            if nbits is not None:
-                constants, kernel = nbits
-                keep += constants
-                replaced[id(nodes[name])] = kernel
-                continue
-        enc = _encode(name, w, b, nodes[name], symmetric, per_channel, kmeans, mask)
-        constants, decoder = _stored_nodes(name, enc, mask)
-        keep += [*constants, *enc.constants]
-        front += [*decoder, *enc.nodes]
+        _pack_weight(name, b, nodes[name], inits, rewrite, symmetric, per_channel, kmeans, sparse)
     if sparse:
-        for name, codes in _int8_weights(model, inits).items():  # the int8 kernels' weights, zero point 0
-            if _sparse_wins(codes != 0, 8):
-                del inits[name]
-                constants, decoder = _stored_nodes(name, Encoded(codes, 8, True, "int8"), codes != 0)
-                keep += constants
-                front += [*decoder, helper.make_node("Cast", [f"{name}_codes"], [name], to=TensorProto.INT8)]
-    if any(node.op_type == "BitShift" for node in front):
-        keep += _sparse_constants()
-    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    graph = [replaced.get(id(node), node) for node in model.graph.node]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend([*inits.values(), *keep])
-    del model.graph.node[:]
-    model.graph.node.extend([*front, *graph])
+        _pack_int8_weights(model, inits, rewrite)
+    _rewritten(model, inits, rewrite)
     onnx.save(model, str(out_path))
     return out_path
+
+
+def _for_opset(model, lowest_bits: int):
+    """``model`` at the opset whose types hold ``lowest_bits``-bit codes: 21 for INT4, 25 for INT2."""
+    from onnx import version_converter
+
+    if lowest_bits > 8:
+        return model
+    model = version_converter.convert_version(model, 25 if lowest_bits <= 2 else 21)
+    model.ir_version = min(model.ir_version, 13)  # the newest ONNX Runtime reads
+    return model
+
+
+def _pack_weight(name: str, bits: int, node, inits: dict, rewrite: _Rewrite, symmetric: bool, per_channel: bool,
+                 kmeans: bool, sparse: bool) -> None:
+    """Store fp32 weight ``name`` at ``bits``: on MatMulNBits where it runs there (dense 3-4-bit Linear weights),
+    else as codes and their decoder, sparsely where that is smaller; a dense fp32 weight stays."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(inits[name])
+    mask = (w != 0) if sparse and _sparse_wins(w != 0, bits) else None
+    if bits == 32 and mask is None:
+        return
+    del inits[name]
+    if mask is None and bits in NBITS and not kmeans and node.op_type in ("Gemm", "MatMul") and w.ndim == 2:
+        nbits = _nbits_node(node, w, bits, symmetric, per_channel, inits)
+        if nbits is not None:
+            constants, kernel = nbits
+            rewrite.constants += constants
+            rewrite.replaced[id(node)] = kernel
+            return
+    enc = _encode(name, w, bits, node, symmetric, per_channel, kmeans, mask)
+    constants, decoder = _stored_nodes(name, enc, mask)
+    rewrite.store([*constants, *enc.constants], [*decoder, *enc.nodes])
+
+
+def _pack_int8_weights(model, inits: dict, rewrite: _Rewrite) -> None:
+    """The int8 kernels' weights (zero point 0) with zeros, stored as a bitmask and their kept codes where that is
+    smaller."""
+    from onnx import TensorProto, helper
+
+    for name, codes in _int8_weights(model, inits).items():
+        if _sparse_wins(codes != 0, 8):
+            del inits[name]
+            constants, decoder = _stored_nodes(name, Encoded(codes, 8, True, "int8"), codes != 0)
+            rewrite.store(constants, [*decoder, helper.make_node("Cast", [f"{name}_codes"], [name],
+                                                                 to=TensorProto.INT8)])
+
+
+def _rewritten(model, inits: dict, rewrite: _Rewrite) -> None:
+    """Put ``rewrite`` into ``model``: the kept initializers and the new constants, the decoders before the graph's
+    own nodes, replaced nodes swapped, the constants and domain the decoders and kernels need."""
+    from onnx import helper
+
+    if any(node.op_type == "BitShift" for node in rewrite.front):
+        rewrite.constants += _sparse_constants()
+    if rewrite.replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    graph = [rewrite.replaced.get(id(node), node) for node in model.graph.node]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*inits.values(), *rewrite.constants])
+    del model.graph.node[:]
+    model.graph.node.extend([*rewrite.front, *graph])

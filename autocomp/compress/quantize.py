@@ -8,8 +8,6 @@ the deployed model uses the very ranges that the recipe's calibration method def
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from torch import nn
 
 from autocomp import runtime
 from autocomp.compress.calibrate import CALIBRATORS
-from autocomp.compress.pack import input_channels, pack_weights, weight_names
+from autocomp.compress.ort_workarounds import own_float_inputs, pre_process, quiet_quantizer
+from autocomp.compress.pack import pack_weights, weight_names
 from autocomp.recipe import Quantize
 
 ACTIVATION_BITS = 8
@@ -64,7 +63,7 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items()
         }), cache)
-        with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
+        with quiet_quantizer():
             quantize_static(
                 str(prepared), str(out_path), None, calibration_cache_path=str(cache),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -73,59 +72,8 @@ def quantize_int8(prepared: Path, out_path: Path, calibration_x: np.ndarray, cal
                 nodes_to_exclude=[node.name for name, node in weight_names(onnx.load(str(prepared))).items()
                                   if name in keep_fp32],
             )
-    _float_inputs(out_path, keep_fp32)
+    own_float_inputs(out_path, keep_fp32)
     return out_path
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """ONNX Runtime's quantizer warns on the root logger ("Axis 1 is out-of-range for weight 'norm.weight' with
-    rank 1" for a LayerNorm's weight, which it then quantizes per tensor): keep that off the user's terminal."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _float_inputs(path: Path, keep_fp32: tuple[str, ...]) -> None:
-    """Give each fp32 layer whose input is dequantized a DequantizeLinear of its own, with its scale and zero
-    point repeated per channel.
-
-    ONNX Runtime quantizes the float weight of a Conv/Gemm whose input comes from a per-tensor
-    DequantizeLinear and whose output goes on to a QuantizeLinear (its WeightBiasQuantization pass when the
-    session loads), so an fp32 layer between int8 layers would run on int8 kernels after all. A per-channel
-    DequantizeLinear gives the same floats and leaves the layer, and the int8 layer before it, as planned.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    nodes = list(model.graph.node)
-    for name, node in weight_names(model).items():
-        dq = producer.get(node.input[0])
-        if name not in keep_fp32 or dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
-            continue
-        channels = input_channels(node, inits[name].dims)
-        scale, zero_point = (numpy_helper.to_array(inits[i]) for i in dq.input[1:3])
-        own = f"{node.name}_input"
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.full(channels, scale, scale.dtype), f"{own}_scale"),
-            numpy_helper.from_array(np.full(channels, zero_point, zero_point.dtype), f"{own}_zero_point")])
-        nodes.insert(nodes.index(node), helper.make_node(
-            "DequantizeLinear", [dq.input[0], f"{own}_scale", f"{own}_zero_point"], [f"{own}_dequantized"],
-            name=f"{own}_DequantizeLinear", axis=1 if node.op_type == "Conv" else -1))
-        node.input[0] = f"{own}_dequantized"
-    read = {i for node in nodes for i in node.input} | {o.name for o in model.graph.output}
-    del model.graph.node[:]
-    model.graph.node.extend(n for n in nodes if n.op_type != "DequantizeLinear" or read & set(n.output))
-    onnx.save(model, str(path))
 
 
 def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibration_x: np.ndarray,
@@ -137,7 +85,6 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
     zeros (unstructured pruning) outside the int8 layers are stored as a bitmask and their kept codes.
     """
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
@@ -145,11 +92,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
         if spec.bits == 32 and not spec.layers and spec.activation_bits == 32 and not spec.activation_layers:
             prepared = fp32  # nothing quantized: the plain export (weights may still be stored sparsely)
         else:
-            try:  # shape inference + graph optimisation (BN folding)
-                quant_pre_process(str(fp32), str(prepared))
-            except AssertionError:  # ORT's symbolic shapes fail on nn.MultiheadAttention's dynamic Reshape
-                quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)  # ONNX's own inference
-            _restore_weight_names(prepared)
+            pre_process(fp32, prepared)  # shape inference + graph optimisation (BN folding)
         layers = {name: name.removesuffix(".weight") for name in weight_names(onnx.load(str(prepared)))}
         int8_layers = [name for name, layer in layers.items() if spec.activation_bits_of(layer) == 8]
         if int8_layers:
@@ -157,19 +100,3 @@ def deploy(model: nn.Module, example_input: torch.Tensor, spec: Quantize, calibr
                                      spec.symmetric, keep_fp32=tuple(set(layers) - set(int8_layers)))
         bits = {name: spec.bits_of(layer) for name, layer in layers.items() if name not in int8_layers}
         return pack_weights(prepared, path, bits, spec.symmetric, spec.per_channel, spec.kmeans, sparse=sparse)
-
-
-FUSED = "ConvBnFusion_W_"  # ONNX Runtime's name for a Conv weight with its BatchNorm folded in
-
-
-def _restore_weight_names(path: Path) -> None:
-    """Give each Conv weight that ONNX Runtime folded a BatchNorm into its layer's name back (``conv1.weight``,
-    not ``ConvBnFusion_W_conv1.weight``): recipes name layers, and the weights are found by those names."""
-    import onnx
-
-    model = onnx.load(str(path))
-    names = {i.name for i in model.graph.initializer}
-    renamed = {n: n.removeprefix(FUSED) for n in names if n.startswith(FUSED) and n.removeprefix(FUSED) not in names}
-    if renamed:
-        runtime.rename_initializers(model, renamed)
-        onnx.save(model, str(path))

@@ -27,15 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from autocomp.compress.blocks import Residual, drop_blocks, residual_blocks
-from autocomp.config import from_dict
+from autocomp.compress.facts import teacher_facts
+from autocomp.compress.prune import prune
+from autocomp.config import from_dict, to_dict
 from autocomp.errors import ConfigError, check_choice, check_range
+from autocomp.recipe import INITS, LayerPrune, Prune, Student
 from autocomp.registry import Registry
 
 if TYPE_CHECKING:
-    from autocomp.recipe import Student
     from autocomp.tasks.base import Task
-
-INITS = ("teacher", "scratch")
 
 
 @dataclass(frozen=True)
@@ -161,16 +161,12 @@ def _spatial(task: Task, family: str) -> tuple[int, ...]:
 def build_derived(config: TeacherConfig, task: Task) -> nn.Module:
     """A copy of the teacher without its least contributing blocks (round((1 - depth) x blocks)) and with
     round((1 - width) x channels) of every pruning group removed, the lowest L1 norm first."""
-    from autocomp.compress.prune import prune
-    from autocomp.pipeline import teacher_facts  # the teacher's groups, found once per teacher
-    from autocomp.recipe import LayerPrune, Prune
-
     model = copy.deepcopy(task.teacher)
     blocks = residual_blocks(model, task.example_input)
     if config.depth < 1.0 and blocks:
         drop_blocks(model, round((1.0 - config.depth) * len(blocks)), task.train.x[:256])
     if config.width < 1.0:
-        original = teacher_facts(task).prunable
+        original = teacher_facts(task).prunable  # the teacher's groups, found once per teacher
         groups = {layer.group for layer in original.values()}
         plan = Prune(layers={group: LayerPrune(1.0 - config.width) for group in groups})
         prune(model, task.example_input, plan, original, task.train)
@@ -296,6 +292,20 @@ def can_build(name: str, task: Task) -> bool:
 def config_of(spec: Student) -> Any:
     """The typed config of a recipe's student section."""
     return from_dict(family(spec.family).config, spec.config, "config")
+
+
+def resolved(spec: Student) -> Student:
+    """``spec`` as its family reads it: ``init`` the first the family allows where empty ("teacher" for the
+    teacher's graph, else "scratch") and checked, every ``config`` field given (checked by the family's config)."""
+    derived = family(spec.family, "family").derived
+    init = spec.init or ("teacher" if derived else "scratch")
+    check_choice("init", init, INITS if derived else ("scratch",))
+    return Student(spec.family, to_dict(config_of(spec)), init)
+
+
+def is_teacher(spec: Student) -> bool:
+    """Whether ``spec`` is the default student: the teacher itself, whole, with its weights."""
+    return resolved(spec) == resolved(Student())
 
 
 def build_student(spec: Student, task: Task, seed: int = 0) -> nn.Module:

@@ -136,7 +136,7 @@ def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str,
 
 
 def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec) -> None:
-    """Run and store the trial's screen; raise ``TrialPruned`` unless it is promoted (``autocomp.search.fidelity``)."""
+    """Run and store the trial's screen; raise ``TrialPruned`` unless it is promoted (``autocomp.fidelity``)."""
     import optuna
 
     result = _run_trial(trial, screen, task, baseline.artifact)

@@ -27,7 +27,8 @@ from autocomp.sensitivity import Sensitivity
 from autocomp.space import SearchSpace
 from autocomp.storage import fail_dead_trials
 from autocomp.study import StudySpec
-from autocomp.tasks import Task, load_task
+from autocomp.tasks import Task
+from autocomp.tasks.load import load_task
 
 if TYPE_CHECKING:
     import optuna

@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING
 
 from autocomp.allocation import Guide, tied_parameters
 from autocomp.compress.distill import hidden_layers
+from autocomp.compress.facts import teacher_facts
 from autocomp.compress.student import STUDENTS, can_build
 from autocomp.errors import AutocompError
-from autocomp.pipeline import Baseline, teacher_facts
+from autocomp.pipeline import Baseline
 from autocomp.search.objective import Objective
 from autocomp.sensitivity import Sensitivity, cached
 from autocomp.space import SearchSpace
 from autocomp.storage import local_path, open_storage
 from autocomp.study import StudySpec
-from autocomp.tasks import Task, load_task
+from autocomp.tasks import Task
+from autocomp.tasks.load import load_task
 from autocomp.tasks.registry import import_plugins
 
 if TYPE_CHECKING:

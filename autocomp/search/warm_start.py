@@ -26,9 +26,10 @@ from typing import Any
 from torch import nn
 
 from autocomp.compress.student import STUDENTS, build_student, can_build
+from autocomp.dimensions import Param, layer_dimension, per_layer
 from autocomp.recipe import QAT_BELOW, Student
 from autocomp.sensitivity import Sensitivity
-from autocomp.space import FORMATS, Param, layer_dimension, per_layer
+from autocomp.space import FORMATS
 from autocomp.tasks import Task
 
 UNIFORM: dict[str, Any] = {

@@ -1,7 +1,7 @@
-"""Tasks: a trained teacher, its data splits, an example input and a metric."""
+"""Tasks: a trained teacher, its data splits, an example input and a metric (``Task``), and the registry of
+built-in tasks. ``autocomp.tasks.load.load_task`` builds and checks one by name."""
 
-from autocomp.tasks import digits, mnist1d  # noqa: F401  (register the built-in tasks)
 from autocomp.tasks.base import Task, accuracy
-from autocomp.tasks.registry import TASKS, load_task
+from autocomp.tasks.registry import TASKS
 
-__all__ = ["TASKS", "Task", "accuracy", "load_task"]
+__all__ = ["TASKS", "Task", "accuracy"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import platform
 from collections.abc import Callable, Iterable
@@ -87,6 +89,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AUTOCOMP_CACHE", Path.home() / ".cache" / "autocomp"))
 
 
+@functools.cache
+def _training_code() -> str:
+    """A digest of the source that trains a teacher: the module of ``fit`` (``autocomp.train``)."""
+    return hashlib.sha256(inspect.getsource(inspect.getmodule(fit)).encode()).hexdigest()[:12]
+
+
 def cached_teacher(
     key: str,
     build: Callable[[], nn.Module],
@@ -101,15 +109,16 @@ def cached_teacher(
     """Train ``build()`` once with cross-entropy and cache its weights; later calls load them.
 
     The cache key holds the task key, the seed, the architecture, the training settings, a digest of the
-    training data and the kernels in use (``kernels.in_use``), so a change to any of them trains a new
-    teacher instead of loading a stale one. Training is deterministic (``train.fit``), so a fresh machine
-    with a CPU of the same vendor trains the same weights (README, "Training is deterministic").
+    training data, the kernels in use (``kernels.in_use``) and a digest of the training code (``autocomp.train``),
+    so a change to any of them trains a new teacher instead of loading a stale one. Training is deterministic
+    (``train.fit``), so a fresh machine with a CPU of the same vendor trains the same weights (README, "Training is
+    deterministic").
     """
     torch.manual_seed(seed)
     model = build()
     data = digest([train.x, train.y])
     fingerprint = (f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{data}|{getattr(augment, '__name__', None)}"
-                   f"|{kernels.in_use()}")  # other kernels train other bits
+                   f"|{kernels.in_use()}|{_training_code()}")  # other kernels train other bits
     key_digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     path = cache_dir() / "teachers" / f"{key}-seed{seed}-{key_digest}.pt"
     if path.exists():

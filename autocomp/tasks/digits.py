@@ -5,33 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from autocomp.compress.blocks import Residual
 from autocomp.tasks.base import Task, cached_teacher
+from autocomp.tasks.convnet import ConvNet
 from autocomp.tasks.registry import TASKS
 from autocomp.train import Split
 
 
-class DigitsCNN(nn.Module):
+class DigitsCNN(ConvNet):
     """Four 3x3 conv layers with BatchNorm, a residual block and a two-layer head: ~0.8M parameters."""
 
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64)
-        self.conv3, self.bn3 = nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128)
-        self.block = Residual(nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU()))
-        self.conv4, self.bn4 = nn.Conv2d(128, 256, 3, padding=1), nn.BatchNorm2d(256)
-        self.fc1 = nn.Linear(256 * 2 * 2, 256)
-        self.fc2 = nn.Linear(256, num_classes)
-        self.pool, self.drop = nn.MaxPool2d(2), nn.Dropout(0.3)
-
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, 1, 8, 8)
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))  # (B, 64, 4, 4)
-        x = self.block(torch.relu(self.bn3(self.conv3(x))))  # (B, 128, 4, 4)
-        x = self.pool(torch.relu(self.bn4(self.conv4(x))))  # (B, 256, 2, 2)
-        x = self.drop(torch.relu(self.fc1(x.flatten(1))))
-        return self.fc2(x)  # (B, 10)
+    def __init__(self, num_classes: int = 10) -> None:  # (B, 1, 8, 8) -> (B, 64, 4, 4) -> (B, 256, 2, 2)
+        super().__init__(2, (32, 64, 128, 256), first_kernel=3, positions=2 * 2, hidden=256, num_classes=num_classes)
 
 
 def shift(x: Tensor, generator: torch.Generator) -> Tensor:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from autocomp.compress.blocks import Residual, block_scores, drop_blocks, residual_blocks
+from autocomp.compress.facts import model_facts
 from autocomp.errors import ConfigError
 from autocomp.recipe import Prune, Recipe
 from autocomp.space import SearchSpace
@@ -115,9 +116,11 @@ def test_a_block_inside_a_block_is_not_listed():
 
 
 def test_dropping_more_blocks_than_the_model_has_is_rejected():
-    recipe = Recipe(task="t", prune=Prune(drop_blocks=2))
-    with pytest.raises(ConfigError, match="at most the 1 residual blocks") as err:
-        recipe.check_layers({}, [], ["block"])
+    model = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), Residual(body()))
+    facts = model_facts(model, torch.randn(1, 1, 16))
+    assert facts.blocks == ["1"]
+    with pytest.raises(ConfigError, match=r"at most the 1 residual blocks .* but got 2") as err:
+        facts.check(Recipe(task="t", prune=Prune(drop_blocks=2)))
     assert err.value.field == "recipe.prune.drop_blocks"
 
 

@@ -11,6 +11,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autocomp.compress.facts import model_facts
 from autocomp.compress.groups import check_metadata, pruning_groups
 from autocomp.compress.prune import prunable_layers, prune, weight_mask
 from autocomp.errors import ConfigError
@@ -310,12 +311,12 @@ def test_check_metadata_names_every_size_out_of_step_with_the_weights():
 
 
 def test_a_recipe_names_a_group_once():
-    prunable = prunable_layers(DigitsCNN(), torch.zeros(1, 1, 8, 8))
+    facts = model_facts(DigitsCNN(), torch.zeros(1, 1, 8, 8))
     both = {"conv3": LayerPrune(0.5), "block.body.0": LayerPrune(0.3)}
     with pytest.raises(ConfigError) as err:
-        Recipe(task="digits", prune=Prune(layers=both)).check_layers(prunable)
+        facts.check(Recipe(task="digits", prune=Prune(layers=both)))
     assert str(err.value) == (
         "`recipe.prune.layers.block.body.0` is tied to `conv3` (one pruning group: ['conv3', 'block.body.0']); "
         "a group's channels are pruned once, named by one member, but got both.")
-    Recipe(task="digits", prune=Prune(layers={"block.body.0": LayerPrune(0.5)})).check_layers(prunable)
-    Recipe(task="digits", prune=Prune(granularity="weight", layers=both)).check_layers(prunable)  # masks: per layer
+    facts.check(Recipe(task="digits", prune=Prune(layers={"block.body.0": LayerPrune(0.5)})))
+    facts.check(Recipe(task="digits", prune=Prune(granularity="weight", layers=both)))  # masks: per layer

@@ -12,9 +12,10 @@ from torch import nn
 from autocomp.compress.heads import HeadAttention, attention_layers, drop_heads, head_counts
 from autocomp.errors import ConfigError
 from autocomp.pipeline import apply
-from autocomp.recipe import FineTune, LayerPrune, Measure, Prune, Quantize, Recipe
+from autocomp.recipe import FineTune, LayerPrune, Prune, Quantize, Recipe
 from autocomp.runtime import INT8_KERNELS, fp32_fallbacks
 from tests import zoo
+from tests.conftest import QUICK_MEASURE
 from tests.zoo import post_ln_transformer, pre_ln_transformer
 
 
@@ -94,7 +95,7 @@ def test_a_recipe_removes_heads_and_the_stream_width_and_deploys_on_int8_kernels
     task = (pre_ln_transformer if norm_first else post_ln_transformer)()
     recipe = Recipe(task=task.name, prune=Prune(heads=0.5, layers={"embed": LayerPrune(0.25, "l1")}),
                     quantize=Quantize(activation_bits=8, bits=8, per_channel=True),
-                    finetune=FineTune(epochs=4), measure=Measure(warmup_seconds=0.1, max_seconds=0.5))
+                    finetune=FineTune(epochs=4), measure=QUICK_MEASURE)
     result = apply(recipe, task, tmp_path, progress=False)
     for block in result.model.encoder.layers:
         attention = block.self_attn
@@ -122,7 +123,7 @@ def test_multihead_attention_itself_deploys_on_int8_kernels(tmp_path):
     # shape inference takes over, and every projection still runs in int8
     task = post_ln_transformer()
     recipe = Recipe(task=task.name, quantize=Quantize(activation_bits=8, bits=8, per_channel=True),
-                    finetune=FineTune(epochs=0), measure=Measure(warmup_seconds=0.1, max_seconds=0.5))
+                    finetune=FineTune(epochs=0), measure=QUICK_MEASURE)
     result = apply(recipe, task, tmp_path, progress=False)
     assert isinstance(result.model.encoder.layers[0].self_attn, nn.MultiheadAttention)
     assert result.kernels["QLinearMatMul"] >= 2 * 4  # in_proj, the two attention products, linear1, linear2

@@ -11,13 +11,14 @@ from torch import nn
 
 from autocomp.compress.blocks import residual_blocks
 from autocomp.compress.distill import TRANSFERS, Distiller, by_depth
-from autocomp.compress.student import STUDENTS, build_student
+from autocomp.compress.facts import teacher_facts
+from autocomp.compress.student import STUDENTS, build_student, resolved
+from autocomp.dimensions import Param
 from autocomp.errors import ConfigError
 from autocomp.features import layer_names
-from autocomp.pipeline import teacher_facts
 from autocomp.recipe import Prune, Student
-from autocomp.space import Param, SearchSpace
-from autocomp.tasks.check import check_task
+from autocomp.space import SearchSpace
+from autocomp.tasks.load import check_task
 from tests import zoo
 
 LAYOUTS = {"image": zoo.resnet, "rows": zoo.pre_ln_transformer, "signal": zoo.conv1d_flatten, "table": zoo.tabular_mlp}
@@ -90,7 +91,7 @@ def test_init_keeps_the_teachers_weights_or_starts_afresh():
     changed = [n for n, t in task.teacher.named_parameters() if not torch.equal(t, fresh.get_parameter(n))]
     assert len(changed) == len(list(task.teacher.parameters()))  # every parameter drawn afresh
     with pytest.raises(ConfigError, match=r"`init` must be one of \['scratch'\], but got 'teacher'"):
-        Student("cnn", init="teacher")
+        resolved(Student("cnn", init="teacher"))  # a new network has no teacher's weights to keep
 
 
 @pytest.mark.parametrize("kind", [k for k in TRANSFERS.names() if k not in ("none", "logits")])

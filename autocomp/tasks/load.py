@@ -1,24 +1,44 @@
-"""What autocomp needs of a task's teacher, checked once when the task loads: a classifier that returns one
-(batch, classes) tensor of logits for its example input, and that exports to ONNX (the artifact autocomp
-deploys). A teacher that breaks a rule is refused with one line naming the model, its type and the rule."""
+"""Loading a task (``load_task``), and what autocomp needs of its teacher, checked once when the task loads: a
+classifier that returns one (batch, classes) tensor of logits for its example input, and that exports to ONNX (the
+artifact autocomp deploys). A teacher that breaks a rule is refused with one line naming the model, its type and the
+rule."""
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
 
 import torch
 
+from autocomp import runtime
+from autocomp.compress.student import family
 from autocomp.errors import ConfigError
+from autocomp.tasks import digits, mnist1d  # noqa: F401  (register the built-in tasks)
 from autocomp.tasks.base import Task
+from autocomp.tasks.registry import TASKS
+
+
+def load_task(ref: str):
+    """Build the Task named ``ref``: a built-in name, or ``"package.module:function"``."""
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"`task` entry point {ref!r} cannot be loaded: {err}.") from err
+    else:
+        factory = TASKS.get(ref, field="task")
+    task = factory()
+    if not isinstance(task, Task):
+        raise ConfigError(f"`task` {ref!r} must return an autocomp Task, but returned {type(task).__name__}.")
+    check_task(task, ref)
+    return task
 
 
 def check_task(task: Task, ref: str) -> None:
     """Raise ``ConfigError`` if ``task``'s teacher is not one autocomp can compress (module docstring), or if it
     names a student family that is not registered."""
-    from autocomp import runtime
-    from autocomp.compress.student import family
-
     for name in task.students:
         family(name, "Task.students")
 
