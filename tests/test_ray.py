@@ -48,7 +48,10 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     space = yaml.safe_load((quick_study.parent / "space.yaml").read_text())
     space["warm_start"] = {"levels": [0.5], "formats": ["int8", "int4"]}  # two trials, then the proxy sampler's
     (quick_study.parent / "space.yaml").write_text(yaml.safe_dump(space))
-    quick_study.write_text(quick_study.read_text() + "sampler: proxy\n")  # it asks in the workers, on the objective
+    # the proxy sampler asks in the workers, on the objective; latency is left out (the proxy would time its table's
+    # entries afresh in each worker: a cost of this machine's first search, not of the backend)
+    quick_study.write_text(quick_study.read_text() + "sampler: proxy\n"
+                           "objectives: {val_accuracy: maximize, size_bytes: minimize}\n")
     command = [AUTOCOMP, "search", str(quick_study), "--backend", "ray", "--address", ray_cluster, "--no-progress"]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -74,8 +77,8 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     assert "Ray Tune's trials share the study in journal:///" in out and "4 complete, 0 fail" in out, out[-3000:]
 
     study = optuna.load_study(storage=open_storage(_journal(quick_study)), study_name="quick")
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
-    assert study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_accuracy", "size_bytes"]
     trials = [t for t in study.trials if t.state.name != "WAITING"]  # warm-start policies not reached stay queued
     assert [t.state.name for t in trials] == 4 * ["COMPLETE"] and [t.number for t in trials] == list(range(4))
     assert study.trials[killed].user_attrs["ray"]["attempt"] == 2  # Tune ran the same Optuna trial again
