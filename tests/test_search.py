@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 
 import optuna
 
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
-from tests.conftest import QUICK_MEASURE_YAML, ROOT
-from tests.test_cli import AUTOCOMP
+from tests.conftest import QUICK_MEASURE_YAML
+from tests.test_cli import autocomp_here
 
 SPACE = """schema_version: 1
 prune: {scope: local, sparsity: %s, criteria: [l1]}
@@ -40,16 +38,13 @@ def test_trials_are_ranked_on_validation_and_test_is_only_reported(tmp_path):
         assert metrics["test_drop_pp"] == metrics["val_drop_pp"] == 0.0
 
 
-def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path):
+def test_a_run_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path, capsys):
     path = study(tmp_path, "tests.tasks:fixed_view", "0.5")
     (tmp_path / "space.yaml").write_text(SPACE.replace("epochs: 0", "epochs: 1") % "0.5")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([AUTOCOMP, "search", str(path), "--no-progress"], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "this run: 3 trial(s): 0 complete, 3 fail, 0 pruned" in result.stdout
-    assert "3 x ValueError: this model trains with 8 channels after conv1, not 4" in result.stdout
-    assert "every trial of this run failed" in result.stderr
+    out, err = autocomp_here(capsys, "search", str(path), "--no-progress", expect=1)
+    assert "this run: 3 trial(s): 0 complete, 3 fail, 0 pruned" in out
+    assert "3 x ValueError: this model trains with 8 channels after conv1, not 4" in out
+    assert "every trial of this run failed" in err
     stored = optuna.load_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
     assert [t.state.name for t in stored.trials] == ["FAIL"] * 3  # each recorded with its reason
     assert all(t.user_attrs["error"] for t in stored.trials)
