@@ -23,24 +23,29 @@ def test_digits_teacher_is_accurate(digits_task):
     assert (len(digits_task.train), len(digits_task.val), len(digits_task.test)) == (1077, 360, 360)
 
 
-def test_a_teacher_trains_into_an_empty_cache_once_and_as_the_cached_one(mnist1d_lean_task, tmp_path, monkeypatch):
-    """The session's teachers come from a cache kept between runs (conftest); the smallest built-in one trains
-    afresh here."""
-    import autocomp.tasks.base
+def test_a_teacher_trains_once_per_fingerprint_and_is_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The session's teachers come from a cache kept between runs (conftest): what they are read by, here on a small
+    network trained afresh. A teacher trains again when anything that trains it changes, its training code too."""
+    import autocomp.tasks.base as base
 
     trained = []
-    fit = autocomp.tasks.base.fit
-    monkeypatch.setattr(autocomp.tasks.base, "fit", lambda *args, **kwargs: trained.append(kwargs["desc"]) or fit(
-        *args, **kwargs))
+    fit = base.fit
+    monkeypatch.setattr(base, "fit", lambda *args, **kwargs: trained.append(kwargs["epochs"]) or fit(*args, **kwargs))
     monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
-    fresh = load_task("mnist1d_lean")
-    assert trained == ["training mnist1d_lean teacher"]
-    assert [p.name.partition("-")[0] for p in (tmp_path / "teachers").iterdir()] == ["mnist1d_lean"]
-    again = load_task("mnist1d_lean")  # from the cache: no training
-    assert trained == ["training mnist1d_lean teacher"]
-    for a, b, kept in zip(fresh.teacher.parameters(), again.teacher.parameters(),
-                          mnist1d_lean_task.teacher.parameters(), strict=True):
-        assert a.equal(b) and a.equal(kept)  # deterministic: the kept teacher is what training gives today
+    data = Split(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)), torch.arange(256) % 4)
+
+    def teacher(epochs: int = 2) -> nn.Module:
+        return base.cached_teacher("tiny", lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), data,
+                                   epochs=epochs, lr=1e-2, weight_decay=0.0, seed=0)
+
+    fresh = teacher()
+    assert trained == [2] and [p.name.partition("-")[0] for p in (tmp_path / "teachers").iterdir()] == ["tiny"]
+    again = teacher()  # from the cache: no training, the same weights
+    assert trained == [2] and all(a.equal(b) for a, b in zip(fresh.parameters(), again.parameters(), strict=True))
+    teacher(epochs=3)  # other settings: another teacher
+    monkeypatch.setattr(base, "_training_code", lambda: "changed")
+    teacher()  # other training code: trained afresh too
+    assert trained == [2, 3, 2] and len(list((tmp_path / "teachers").iterdir())) == 3
 
 
 @pytest.mark.slow

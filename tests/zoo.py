@@ -1,18 +1,20 @@
 """A zoo of the model shapes users bring, as user tasks (``task: "tests.zoo:NAME"``).
 
-Small teachers, each trained in a few seconds (full batch, deterministic) on data that ships with
-scikit-learn: the digits images (8x8, or their rows as 8 tokens of 8 features, or their 64 pixels as
-one 1-D signal) and the breast cancer table (30 features, 2 classes).
+Small teachers, each trained in a few seconds (full batch, deterministic; cached as the built-in teachers are) on
+data that ships with scikit-learn: the digits images (8x8, or their rows as 8 tokens of 8 features, or their 64
+pixels as one 1-D signal) and the breast cancer table (30 features, 2 classes).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from torch import Tensor, nn
 
 from autocomp.tasks import Task
+from autocomp.tasks.base import cached_model, digest
 from autocomp.train import Split, deterministic
 
 
@@ -203,9 +205,8 @@ def _breast_cancer() -> tuple[Split, Split, Split]:
     return Split(x[:300], y[:300]), Split(x[300:430], y[300:430]), Split(x[430:], y[430:])
 
 
-def _train(name: str, model: nn.Module, splits: tuple[Split, Split, Split], steps: int, lr: float = 3e-3) -> Task:
-    """``model`` trained full batch with Adam for ``steps`` steps, as the task ``name``."""
-    train, val, test = splits
+def _fit(model: nn.Module, train: Split, steps: int, lr: float) -> None:
+    """Full batch Adam for ``steps`` steps."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     with deterministic(threads=1):
@@ -213,7 +214,15 @@ def _train(name: str, model: nn.Module, splits: tuple[Split, Split, Split], step
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(train.x), train.y).backward()
             optimizer.step()
-    return Task(name, model.eval(), train, val, test, example_input=train.x[:1])
+
+
+def _train(name: str, model: nn.Module, splits: tuple[Split, Split, Split], steps: int, lr: float = 3e-3) -> Task:
+    """``model`` trained by ``_fit`` as the task ``name``, its weights cached as a teacher's are (kept between test
+    runs: tests/conftest.py)."""
+    train, val, test = splits
+    trains = f"{steps}|{lr}|{digest([train.x, train.y])}|{inspect.getsource(_fit)}"
+    model = cached_model(f"zoo-{name}", model, trains, lambda m: _fit(m, train, steps, lr))
+    return Task(name, model, train, val, test, example_input=train.x[:1])
 
 
 def _built(name: str, build, layout: str, steps: int) -> Task:

@@ -95,6 +95,27 @@ def _training_code() -> str:
     return hashlib.sha256(inspect.getsource(inspect.getmodule(fit)).encode()).hexdigest()[:12]
 
 
+def cached_model(name: str, model: nn.Module, trains: str, train: Callable[[nn.Module], object]) -> nn.Module:
+    """``model`` (freshly built) trained by ``train`` once, its weights cached; later calls load them.
+
+    The file is named by ``name`` and a digest of the architecture, ``trains`` (everything else that decides the
+    weights: the settings, the data, the training code) and the kernels in use (``kernels.in_use``: other kernels
+    train other bits), so a change to any of them trains afresh instead of loading stale weights. A user's task can
+    cache its own teacher so, trained its own way.
+    """
+    fingerprint = f"{model}|{trains}|{kernels.in_use()}"
+    path = cache_dir() / "teachers" / f"{name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    train(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return model.eval()
+
+
 def cached_teacher(
     key: str,
     build: Callable[[], nn.Module],
@@ -106,28 +127,14 @@ def cached_teacher(
     seed: int,
     augment: Callable | None = None,
 ) -> nn.Module:
-    """Train ``build()`` once with cross-entropy and cache its weights; later calls load them.
-
-    The cache key holds the task key, the seed, the architecture, the training settings, a digest of the
-    training data, the kernels in use (``kernels.in_use``) and a digest of the training code (``autocomp.train``),
-    so a change to any of them trains a new teacher instead of loading a stale one. Training is deterministic
-    (``train.fit``), so a fresh machine with a CPU of the same vendor trains the same weights (README, "Training is
-    deterministic").
-    """
+    """Train ``build()`` once with cross-entropy (``train.fit``) and cache its weights (``cached_model``: keyed by
+    the task key, the seed, the architecture, the training settings, a digest of the training data and of the
+    training code, and the kernels in use). Training is deterministic, so a fresh machine with a CPU of the same
+    vendor trains the same weights (README, "Training is deterministic")."""
     torch.manual_seed(seed)
     model = build()
-    data = digest([train.x, train.y])
-    fingerprint = (f"{model}|{epochs}|{lr}|{weight_decay}|{seed}|{data}|{getattr(augment, '__name__', None)}"
-                   f"|{kernels.in_use()}|{_training_code()}")  # other kernels train other bits
-    key_digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    path = cache_dir() / "teachers" / f"{key}-seed{seed}-{key_digest}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    fit(model, train, cross_entropy, epochs=epochs, lr=lr, weight_decay=weight_decay,
-        augment=augment, seed=seed, desc=f"training {key} teacher")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    return model.eval()
+    trains = (f"{epochs}|{lr}|{weight_decay}|{seed}|{digest([train.x, train.y])}|{getattr(augment, '__name__', None)}"
+              f"|{_training_code()}")
+    return cached_model(f"{key}-seed{seed}", model, trains, lambda m: fit(
+        m, train, cross_entropy, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment, seed=seed,
+        desc=f"training {key} teacher"))
