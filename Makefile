@@ -52,7 +52,7 @@ bench-students: setup  # about 20 minutes here: does the shipped space's student
 bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
 	$(BIN)/python benchmarks/scaling.py
 
-bench-latency: setup  # about 2 minutes here, on an idle machine: repeatability and load accounting of the protocol
+bench-latency: setup  # about a minute here, on an idle machine: repeatability and load accounting of the protocol
 	$(BIN)/python benchmarks/latency.py
 
 bench-latency-table: setup  # about 10 minutes here: does the latency table rank what the artifacts measure?

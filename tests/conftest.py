@@ -24,7 +24,7 @@ QUICK_MEASURE_YAML = ("measure: {warmup_seconds: 0.0, tolerance: 0.5, max_second
 
 
 # trained teachers kept between test runs: a teacher's file is named by the digest of everything that trains it
-# (``autocomp.tasks.base.cached_teacher``), so a changed teacher trains afresh; test_tasks.py trains one anew
+# (``autocomp.tasks.base.cached_model``), so a changed teacher trains afresh; test_tasks.py tests that contract
 TEACHERS = Path(os.environ.get("AUTOCOMP_TEST_TEACHERS") or Path.home() / ".cache" / "autocomp-tests" / "teachers")
 
 
