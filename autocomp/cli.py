@@ -10,6 +10,8 @@ from pathlib import Path
 from autocomp.errors import AutocompError
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+DESCRIPTION = ("Search how to compress a trained PyTorch model (pruning, quantization, distillation, the student's "
+               "architecture), read the Pareto front, export a trial's recipe and apply it again.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autocomp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="autocomp", description=DESCRIPTION)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     search = commands.add_parser("search", help="run (or continue) a compression search")

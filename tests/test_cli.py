@@ -109,6 +109,12 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     assert "warning: the recipe was made for another teacher" in out
 
 
+def test_help_is_plain_text(capsys):
+    out, _ = autocomp_here(capsys, "--help")
+    assert out.startswith("usage: autocomp") and "Search how to compress a trained PyTorch model" in out
+    assert "``" not in out  # no reStructuredText markup from a docstring
+
+
 def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(study_yaml.read_text().replace("task: digits", "task: digts"))
