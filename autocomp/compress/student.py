@@ -303,9 +303,12 @@ def resolved(spec: Student) -> Student:
     return Student(spec.family, to_dict(config_of(spec)), init)
 
 
+TEACHER = resolved(Student())  # the default student: the teacher itself, whole, with its weights
+
+
 def is_teacher(spec: Student) -> bool:
-    """Whether ``spec`` is the default student: the teacher itself, whole, with its weights."""
-    return resolved(spec) == resolved(Student())
+    """Whether ``spec`` is the default student (``TEACHER``)."""
+    return resolved(spec) == TEACHER
 
 
 def build_student(spec: Student, task: Task, seed: int = 0) -> nn.Module:
