@@ -136,6 +136,7 @@ def _study_source(parser: argparse.ArgumentParser) -> None:
 
 def _spec(args: argparse.Namespace):
     """The StudySpec from the YAML, or one built from --storage/--study-name alone."""
+    from autocomp.storage import located
     from autocomp.study import StudySpec
 
     if args.study:
@@ -144,8 +145,8 @@ def _spec(args: argparse.Namespace):
         spec = StudySpec(study_name=args.study_name, task="", space="").resolved(Path.cwd())
     else:
         raise AutocompError("Name the study: give a study YAML, or both --storage and --study-name.")
-    spec.storage = args.storage or spec.storage
     spec.study_name = args.study_name or spec.study_name
+    spec.storage = args.storage or located(spec.storage, spec.study_name)  # where a parallel search moved it
     return spec
 
 
@@ -159,15 +160,15 @@ def _load(args: argparse.Namespace):
 def _search(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import run_search
     from autocomp.search.trials import failure, summary
-    from autocomp.storage import JOURNAL, local_path
+    from autocomp.storage import move_to_shared
 
     spec = _spec(args)
     ray = _ray_options(args)
     if (args.workers > 1 or ray) and not args.storage and spec.storage.startswith("sqlite:///"):
-        spec.storage = f"{JOURNAL}{local_path(spec.storage).with_suffix('.journal')}"
+        sqlite, spec.storage = spec.storage, move_to_shared(spec.storage, spec.study_name)
         who = f"{args.workers} workers" if ray is None else "Ray Tune's trials"
-        print(f"autocomp: {who} share the study in {spec.storage} (SQLite serves one process); "
-              "give pareto, export and dashboard the same --storage")
+        print(f"autocomp: {who} share the study in {spec.storage} (SQLite serves one process; trials of "
+              f"{sqlite} copied); pareto, export and dashboard on the study YAML read it there")
     study, trials = run_search(spec, trials=args.trials, seed=args.seed, progress=not args.no_progress,
                                timeout=args.timeout, workers=args.workers, ray=ray)
     for trial in trials:

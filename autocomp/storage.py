@@ -4,7 +4,9 @@ Which storage for which scale (README, "Scaling out"):
 
 - ``sqlite:///study.db``: one process (the default).
 - ``journal:///study.journal``: many processes on one machine (``autocomp search --workers N``); Optuna's
-  journal file storage, appended to under a file lock.
+  journal file storage, appended to under a file lock. A parallel search on a study YAML's SQLite file runs in the
+  journal beside it (``shared``), its trials copied there first; from then on every command that names the
+  YAML finds the study there (``located``).
 - ``postgresql://user@host/db`` (or ``mysql://``): many machines. Workers send heartbeats; a trial
   whose worker stopped beating for ``GRACE_SECONDS`` is failed by the next worker that starts a trial.
 
@@ -59,6 +61,41 @@ def local_path(url: str) -> Path | None:
     """The file of a SQLite or journal storage; None for a database server."""
     file = _file(url)
     return None if file is None else Path(file[1])
+
+
+def shared(url: str) -> str:
+    """Where processes share a study whose storage is ``url``: the journal file beside a SQLite file (SQLite
+    serves one process); other URLs unchanged."""
+    path = local_path(url)
+    return f"{JOURNAL}{path.with_suffix('.journal')}" if url.startswith("sqlite:///") and path else url
+
+
+def holds(url: str, study_name: str) -> bool:
+    """Whether the storage at ``url`` holds a study of that name (a missing file holds none)."""
+    import optuna
+
+    path = local_path(url)
+    if path is not None and not path.exists():
+        return False
+    return study_name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(url))}
+
+
+def located(url: str, study_name: str) -> str:
+    """The storage a study YAML's ``url`` stands for: the journal beside its SQLite file once a parallel search
+    moved the study there (``move_to_shared``), else ``url``."""
+    journal = shared(url)
+    return journal if journal != url and holds(journal, study_name) else url
+
+
+def move_to_shared(url: str, study_name: str) -> str:
+    """The storage a parallel search runs in for a study YAML's ``url``: the journal beside a SQLite file, the
+    study's trials and attributes copied into it first (once); a database URL unchanged."""
+    import optuna
+
+    journal = shared(url)
+    if journal != url and holds(url, study_name) and not holds(journal, study_name):
+        optuna.copy_study(from_study_name=study_name, from_storage=open_storage(url), to_storage=open_storage(journal))
+    return journal
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:

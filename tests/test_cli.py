@@ -26,6 +26,13 @@ def autocomp(*args: str, expect: int = 0) -> subprocess.CompletedProcess:
     return result
 
 
+def front_trials(pareto_out: str) -> list[int]:
+    """The trial numbers of ``autocomp pareto``'s table, in its order."""
+    lines = pareto_out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["trial"])
+    return [int(line.split()[0]) for line in lines[header + 1:] if line.split()[:1] and line.split()[0].isdigit()]
+
+
 def autocomp_here(capsys: pytest.CaptureFixture, *args: str, expect: int = 0) -> tuple[str, str]:
     """``autocomp ARGS`` run by the console script's own entry point in this process (no interpreter to start):
     its stdout and stderr, the exit code checked."""

@@ -21,8 +21,9 @@ from autocomp.errors import AutocompError
 from autocomp.search.ray_runner import check_shared
 from autocomp.storage import open_storage
 from tests.conftest import free_port
+from tests.dashboard import read_back_without_storage
 from tests.ray_cluster import local_cluster
-from tests.test_cli import AUTOCOMP, autocomp, autocomp_here
+from tests.test_cli import AUTOCOMP, autocomp_here
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def _journal(study_yaml: Path) -> str:
 
 @pytest.mark.slow
 def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what_the_local_backend_writes(
-        quick_study, ray_cluster):
+        quick_study, ray_cluster, capsys):
     space = yaml.safe_load((quick_study.parent / "space.yaml").read_text())
     space["warm_start"] = {"levels": [0.5], "formats": ["int8", "int4"]}  # two trials, then the proxy sampler's
     (quick_study.parent / "space.yaml").write_text(yaml.safe_dump(space))
@@ -95,8 +96,7 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
     assert ["warm_start" in t.user_attrs for t in trials] == [True, True, False, False]  # the hand-made ones first
     assert all("proxy" in t.user_attrs for t in trials)  # the workers' proxy sampler scored what they ran
-    out = autocomp("pareto", str(quick_study), "--storage", _journal(quick_study)).stdout
-    assert "Pareto front on val_accuracy" in out
+    read_back_without_storage(quick_study, quick_study.parent, capsys)
 
 
 def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study, capsys):

@@ -12,7 +12,16 @@ import pytest
 
 from autocomp.errors import ConfigError
 from autocomp.search.trials import counted
-from autocomp.storage import alive, fail_dead_trials, open_storage, resolve, this_worker
+from autocomp.storage import (
+    alive,
+    fail_dead_trials,
+    located,
+    move_to_shared,
+    open_storage,
+    resolve,
+    shared,
+    this_worker,
+)
 
 
 def test_relative_sqlite_and_journal_paths_are_anchored_at_the_study_folder(tmp_path):
@@ -60,3 +69,22 @@ def test_pareto_of_a_missing_journal_names_the_file_and_creates_nothing(tmp_path
     with pytest.raises(AutocompError, match="does not exist"):
         load_study(f"journal:///{tmp_path / 'none.journal'}", "x")
     assert not (tmp_path / "none.journal").exists()
+
+
+def test_a_parallel_search_moves_a_sqlite_study_into_the_journal_beside_it_where_every_command_finds_it(tmp_path):
+    sqlite = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=open_storage(sqlite), study_name="s")
+    study.set_user_attr("teacher", {"val_accuracy": 0.9})
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=3)
+    assert located(sqlite, "s") == sqlite  # no journal yet: the YAML's SQLite file
+    journal = move_to_shared(sqlite, "s")
+    assert journal == f"journal:///{tmp_path / 's.journal'}" and located(sqlite, "s") == journal
+    moved = optuna.load_study(storage=open_storage(journal), study_name="s")
+    assert [t.params for t in moved.trials] == [t.params for t in study.trials]
+    assert moved.user_attrs["teacher"] == {"val_accuracy": 0.9}
+    moved.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+    assert move_to_shared(sqlite, "s") == journal  # copied once: the journal's own trials are kept
+    assert len(optuna.load_study(storage=open_storage(journal), study_name="s").trials) == 4
+    assert located(sqlite, "other") == sqlite  # another study of the same file stays where it is
+    postgres = "postgresql://u@127.0.0.1/db"
+    assert shared(postgres) == postgres and located(postgres, "s") == postgres
