@@ -21,6 +21,7 @@ _EXPORTS = {
     "Task": "autocomp.tasks",
     "load_task": "autocomp.tasks.load",
     "apply": "autocomp.pipeline",
+    "load": "autocomp.deployed",
     "run_search": "autocomp.search.optuna_runner",
     "AutocompError": "autocomp.errors",
     "ConfigError": "autocomp.errors",

@@ -80,3 +80,21 @@ def with_ratios(metrics: dict[str, float], teacher: dict[str, float]) -> dict[st
         "speedup": 1.0 / metrics["latency_ratio"],
         "macs_ratio": teacher["macs"] / max(metrics["macs"], 1),
     }
+
+
+VERIFIED = ("val_accuracy", "test_accuracy", "size_bytes")  # a replay reproduces these exactly
+LATENCY_TOLERANCE = 0.10  # a replay's latency ratio to the teacher within 10% of the recorded one
+
+
+def replay_differences(replayed: dict[str, float], recorded: dict[str, float],
+                       latency_tolerance: float = LATENCY_TOLERANCE) -> list[str]:
+    """How a replay's metrics differ from the ones its recipe recorded, one line each; empty where it reproduces
+    them: the accuracies and the size exactly, the latency ratio to the teacher within ``latency_tolerance``."""
+    lines = [f"{key}: replay {replayed[key]:.6g}, recorded {recorded[key]:.6g}" for key in VERIFIED
+             if key in recorded and abs(replayed[key] - recorded[key]) > 1e-9 * max(1.0, abs(recorded[key]))]
+    if "latency_ratio" in recorded:
+        off = replayed["latency_ratio"] / recorded["latency_ratio"] - 1.0
+        if abs(off) > latency_tolerance:
+            lines.append(f"latency_ratio: replay {replayed['latency_ratio']:.4g}, recorded "
+                         f"{recorded['latency_ratio']:.4g} ({100 * off:+.1f}%, more than {100 * latency_tolerance:g}%)")
+    return lines

@@ -1,10 +1,14 @@
-"""The Pareto front of a study as a table, and the export of one trial's Recipe."""
+"""The Pareto front of a study as a table, its analysis (``autocomp.analysis``), and the export of one trial's
+Recipe."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from autocomp import analysis
 from autocomp.errors import AutocompError
+from autocomp.plot import Series
 from autocomp.recipe import Recipe
 
 COLUMNS = {  # column -> (metric key, scale)
@@ -50,8 +54,82 @@ def format_table(table, teacher: dict[str, float], objectives: list[str]) -> str
     return f"{head}\n{chosen}\n{body}"
 
 
-def export_recipe(study, trial_number: int, path: str | Path, storage: str) -> Recipe:
-    """Write trial ``trial_number``'s Recipe to YAML with its provenance; return it."""
+def complete_metrics(study) -> dict[int, dict[str, float]]:
+    """The metrics of the study's complete trials (full fidelity, measured on their artifact), by trial number."""
+    return {t.number: t.user_attrs["metrics"] for t in study.trials
+            if t.state.name == "COMPLETE" and "metrics" in t.user_attrs}
+
+
+def teacher_of(study) -> dict[str, float]:
+    if "teacher" not in study.user_attrs:
+        raise AutocompError(f"Study {study.study_name!r} was not made by `autocomp search` (no teacher metrics).")
+    return study.user_attrs["teacher"]
+
+
+def report(study) -> dict:
+    """The study's front and its analysis, as ``autocomp pareto --json`` prints it (trial numbers, not indices)."""
+    teacher, trials = teacher_of(study), complete_metrics(study)
+    numbers, points = list(trials), list(trials.values())
+    found = analysis.summary(points, teacher)
+    trial = {key: None if found[key] is None else numbers[found[key]]
+             for key in ("knee", "best_size_within_1pp", "best_speedup_within_1pp")}
+    return {"study": study.study_name, "objectives": study.metric_names or [], "teacher": teacher,
+            "complete": found["complete"], "hypervolume": found["hypervolume"], **trial,
+            "front": json.loads(front_table(study).to_json(orient="records"))}
+
+
+def format_report(found: dict, trials: dict[int, dict[str, float]]) -> str:
+    """The lines under the front table: hypervolume, knee, best within 1 pp of the teacher."""
+    def point(key: str) -> str:
+        n = found[key]
+        if n is None:
+            return "none"
+        m = trials[n]
+        return (f"trial {n} (val drop {m['val_drop_pp']:.2f} pp, {m['size_bytes'] / 1e3:.1f} KB, "
+                f"{m['compression_ratio']:.2f}x smaller, {m['speedup']:.2f}x faster)")
+
+    hv = found["hypervolume"]
+    return "\n".join([
+        f"hypervolume {hv['val']:.3f} on validation, {hv['test']:.3f} on test (normalised to the teacher: 1 is as "
+        "accurate, half the size and twice as fast; points over 5 pp below the teacher count nothing)",
+        f"knee: {point('knee')}",
+        f"best size within {analysis.WITHIN_PP:g} pp: {point('best_size_within_1pp')}",
+        f"best speedup within {analysis.WITHIN_PP:g} pp: {point('best_speedup_within_1pp')}"])
+
+
+def compare_table(reports: list[dict], studies: list) -> str:
+    """``autocomp compare``'s table: one row per study, then each study's front."""
+    import pandas as pd
+
+    def within(found: dict, key: str, metric: str, trials: dict) -> str:
+        n = found[key]
+        return "-" if n is None else f"{trials[n][metric]:.2f}x (trial {n})"
+
+    rows, fronts = [], []
+    for found, study in zip(reports, studies, strict=True):
+        trials = complete_metrics(study)
+        rows.append({"study": found["study"], "complete": found["complete"], "front": len(found["front"]),
+                     "hv_val": found["hypervolume"]["val"], "hv_test": found["hypervolume"]["test"],
+                     "best_size_1pp": within(found, "best_size_within_1pp", "compression_ratio", trials),
+                     "best_speedup_1pp": within(found, "best_speedup_within_1pp", "speedup", trials),
+                     "knee": found["knee"]})
+        fronts.append(f"\n{found['study']}: " + format_table(front_table(study), found["teacher"],
+                                                             found["objectives"]))
+    table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    return table + "\n" + "\n".join(fronts)
+
+
+def series(study, name: str | None = None) -> Series:
+    """The study as a series of ``autocomp.plot``: its complete trials, the listed front highlighted."""
+    trials = complete_metrics(study)
+    listed = {t.number for t in study.best_trials}
+    return Series(name or study.study_name, list(trials.values()),
+                  [i for i, n in enumerate(trials) if n in listed], teacher_of(study))
+
+
+def export_recipe(study, trial_number: int, path: str | Path, storage: str, artifacts: str | None = None) -> Recipe:
+    """Write trial ``trial_number``'s Recipe to YAML with its provenance, and its artifact beside it (``path`` with
+    the suffix ``.onnx``, its digest in the provenance) where the study's artifact folder holds it; return it."""
     trials = {t.number: t for t in study.trials}
     trial = trials.get(trial_number)
     if trial is None or trial.state.name != "COMPLETE" or "recipe" not in trial.user_attrs:
@@ -65,8 +143,31 @@ def export_recipe(study, trial_number: int, path: str | Path, storage: str) -> R
         "fingerprint": study.user_attrs.get("fingerprint", {}), "teacher": study.user_attrs["teacher"],
         "metrics": trial.user_attrs["metrics"], "versions": versions(),
     }
+    artifact = _download_artifact(study, trial, artifacts, Path(path).with_suffix(".onnx")) if artifacts else None
+    if artifact is not None:
+        recipe.provenance["artifact"] = {"file": artifact.name, "sha256": sha256(artifact)}
     recipe.save(path)
     return recipe
+
+
+def _download_artifact(study, trial, artifacts: str, out: Path) -> Path | None:
+    """The trial's deployed artifact copied from the study's artifact folder to ``out``; None where it is not
+    there (another machine's folder, or a study made before artifacts were stored)."""
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+    stored = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(trial, storage=study._storage)}
+    if "model.onnx" not in stored or not (Path(artifacts) / stored["model.onnx"]).exists():
+        return None
+    out.unlink(missing_ok=True)
+    download_artifact(artifact_store=FileSystemArtifactStore(artifacts), file_path=str(out),
+                      artifact_id=stored["model.onnx"])
+    return out
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def versions() -> dict[str, str]:

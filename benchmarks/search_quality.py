@@ -25,7 +25,8 @@ validation and reported on test:
 - **hypervolume** of the validation front's test points, in a space normalised to the teacher: accuracy as
   (test accuracy - teacher's + 5 pp) / 5 pp (the teacher at 1, five points worse at 0), log2 of the size
   ratio and log2 of the speedup, both 0 at the teacher; reference point (0, 0, 0), so a point counts only
-  where it is smaller, faster and within 5 pp of the teacher;
+  where it is smaller, faster and within 5 pp of the teacher (``autocomp.analysis``, which ``autocomp pareto``
+  and ``compare`` report);
 - **best size ratio** and **best speedup** among trials within 1.0 pp of the teacher on validation, with
   their test drop;
 - **time to 90%** of the run's final hypervolume, from the start of the run;
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -50,12 +50,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from autocomp import sensitivity
+from autocomp import analysis, sensitivity
 from autocomp.config import read_yaml, write_yaml
-from autocomp.fidelity import non_domination_ranks
 from autocomp.recipe import Measure
 from autocomp.search.optuna_runner import run_search
 from autocomp.study import StudySpec
@@ -73,8 +71,7 @@ BUDGETS = {"digits": 480.0, "mnist1d": 900.0, "mnist1d_lean": 360.0}  # seconds 
 FASTNAS_CAPS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.03]
 # one protocol for every method, cheaper than a study's (at least 1 s of rounds, not 5): ratios are compared
 MEASURE = Measure(warmup_seconds=0.5, tolerance=0.03, min_seconds=1.0, max_seconds=3.0)
-ACCURACY_SPAN = 0.05  # hypervolume counts points within 5 pp of the teacher
-WITHIN_PP = 1.0
+WITHIN_PP = analysis.WITHIN_PP
 TARGETS = {"size_vs_uniform": 1.5, "speedup_vs_uniform": 1.3, "hv_vs_uniform": 1.15, "hv_vs_fastnas": 1.0}
 SIZE_FLOOR = {"mnist1d_lean": 2.0}  # a task whose target is a point this much smaller than the teacher within 1 pp
 
@@ -100,35 +97,24 @@ def method_spec(base: StudySpec, method: str, seed: int, folder: Path) -> StudyS
     return dataclasses.replace(spec, space=str(path))
 
 
-def test_point(metrics: dict, teacher: dict) -> list[float]:
-    """A trial's test point in the normalised space (maximised): accuracy, log2 size ratio, log2 speedup."""
-    return [(metrics["test_accuracy"] - teacher["test_accuracy"] + ACCURACY_SPAN) / ACCURACY_SPAN,
-            math.log2(metrics["compression_ratio"]), math.log2(metrics["speedup"])]
-
-
 def val_front(points: list[dict]) -> list[dict]:
     """The points no other beats on validation accuracy, size and latency (as the study ranks them)."""
-    losses = [[-p["metrics"]["val_accuracy"], p["metrics"]["size_bytes"], p["metrics"]["latency_ms"]] for p in points]
-    return [p for p, rank in zip(points, non_domination_ranks(losses), strict=True) if rank == 0]
+    return [points[i] for i in analysis.front([p["metrics"] for p in points])]
 
 
 def hypervolume(points: list[dict], teacher: dict) -> float:
-    from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; the public API has none for 3-D
-
-    front = np.array([test_point(p["metrics"], teacher) for p in val_front(points)]).reshape(-1, 3)
-    front = front[(front > 0).all(axis=1)]
-    return float(compute_hypervolume(-front, np.zeros(3))) if len(front) else 0.0
+    """The hypervolume of the validation front's test points, normalised to the teacher (``autocomp.analysis``)."""
+    return analysis.hypervolume([p["metrics"] for p in points], teacher)
 
 
 def best_within(points: list[dict], metric: str) -> dict:
     """The point with the best ``metric`` among those within 1.0 pp of the teacher on validation."""
-    near = [p for p in points if p["metrics"]["val_drop_pp"] <= WITHIN_PP]
-    if not near:
+    best = analysis.best_within([p["metrics"] for p in points], metric, WITHIN_PP)
+    if best is None:
         return {"value": 1.0, "test_drop_pp": 0.0, "trial": None}
-    best = max(near, key=lambda p: p["metrics"][metric])
-    m = best["metrics"]
+    m = points[best]["metrics"]
     return {"value": m[metric], "test_drop_pp": m["test_drop_pp"], "val_drop_pp": m["val_drop_pp"],
-            "trial": best["trial"]}
+            "trial": points[best]["trial"]}
 
 
 def evaluate(points: list[dict], teacher: dict, started: float, wall: float, stages: dict[str, float],

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 
+import autocomp as autocomp_api
 from autocomp.tasks.base import machine_cpu
+from autocomp.tasks.load import load_task
 from tests.conftest import QUICK_MEASURE_YAML, short_joint_space
 
 AUTOCOMP = str(Path(sys.executable).parent / "autocomp")
@@ -88,6 +90,21 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     assert list(front.columns[:8]) == ["trial", "val_%", "test_%", "test_drop_pp", "size_kb", "ratio_x",
                                        "latency_ms", "speedup_x"]
 
+    out, _ = autocomp_here(capsys, "pareto", str(study_yaml), "--json", "--plot", str(tmp_path / "front.png"))
+    found = json.loads(out)
+    assert [row["trial"] for row in found["front"]] == list(front["trial"])  # the table's trials, in its order
+    assert found["knee"] in set(front["trial"]) and found["hypervolume"]["val"] >= 0.0
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
+    out, _ = autocomp_here(capsys, "export", str(study_yaml), "--knee", "-o", str(tmp_path / "knee.yaml"))
+    knee = study.trials[found["knee"]]
+    assert out.startswith(f"trial {knee.number}: the knee") and "its artifact knee.onnx" in out
+    model = autocomp_api.load(tmp_path / "knee.yaml")  # the exported artifact, beside its recipe
+    assert model.path == tmp_path / "knee.onnx" and model.size_bytes == knee.user_attrs["metrics"]["size_bytes"]
+    test = load_task("digits").test
+    assert model(test.x[:3]).shape == (3, 10)  # a torch batch in, logits out
+    assert load_task("digits").metric(model(test.x.numpy()), test.y.numpy()) == \
+        knee.user_attrs["metrics"]["test_accuracy"]  # what the trial measured on its artifact
+
     number = int(front["trial"][0])
     autocomp_here(capsys, "export", str(study_yaml), "--trial", str(number), "-o", str(tmp_path / "recipe.yaml"))
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
@@ -95,11 +112,20 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     assert len(recipe["provenance"]["fingerprint"]["teacher_sha256"]) == 64
     recorded = study.trials[number].user_attrs["metrics"]
 
-    autocomp("apply", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"))
+    tampered = {**recipe, "provenance": {**recipe["provenance"],
+                                         "metrics": {**recorded, "val_accuracy": recorded["val_accuracy"] - 0.01}}}
+    (tmp_path / "tampered.yaml").write_text(yaml.safe_dump(tampered))
+    result = autocomp("apply", str(tmp_path / "tampered.yaml"), "-o", str(tmp_path / "out"), "--verify", expect=1)
+    assert f"autocomp: verify: val_accuracy: replay {recorded['val_accuracy']:.6g}, recorded " \
+           f"{recorded['val_accuracy'] - 0.01:.6g}" in result.stderr
+    assert "test_accuracy" not in result.stderr and "size_bytes" not in result.stderr
     replayed = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("val_accuracy", "test_accuracy", "size_bytes", "macs", "params", "nonzero_params"):
         assert replayed[key] == recorded[key], key  # training is deterministic: the replay is the trial
     assert replayed["size_bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
+    task = load_task("digits")
+    replay = autocomp_api.load(tmp_path / "out")  # apply's folder, in a user's code
+    assert task.metric(replay(task.test.x), task.test.y.numpy()) == replayed["test_accuracy"]
     # latencies are real timings: how close a replay's is to the trial's is measured in benchmarks, not asserted
     # here (this machine read them 29% apart once, idle; README "How latency is measured")
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from autocomp.cli.args import positive, positive_float, spec_of, storage_args, study_source
+from autocomp.cli.study import add_commands, print_front
 from autocomp.errors import AutocompError
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -32,12 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="run (or continue) a compression search")
     search.add_argument("study", help="study YAML, e.g. studies/digits.yaml")
-    _storage_args(search)
-    search.add_argument("--trials", type=_positive, help="total finished trials wanted (default: the YAML's)")
-    search.add_argument("--timeout", type=_positive, help="seconds after which no new trial starts (default: the "
+    storage_args(search)
+    search.add_argument("--trials", type=positive, help="total finished trials wanted (default: the YAML's)")
+    search.add_argument("--timeout", type=positive, help="seconds after which no new trial starts (default: the "
                                                           "YAML's `timeout`, else none)")
     search.add_argument("--seed", type=int, help="sampler and training seed (default: the YAML's)")
-    search.add_argument("--workers", type=_positive, default=1,
+    search.add_argument("--workers", type=positive, default=1,
                         help="processes running trials side by side on this machine (default 1; with the YAML's "
                              "SQLite storage, the study then lives in a journal file beside it)")
     search.add_argument("--backend", choices=("local", "ray"), default="local",
@@ -45,16 +47,16 @@ def _parser() -> argparse.ArgumentParser:
                              "cluster (pip install 'autocomp[ray]'; README 'On a Ray cluster')")
     search.add_argument("--address", help="with --backend ray: the cluster to join, 'auto' or HOST:PORT (default: "
                                           "a Ray of this machine, started for this search)")
-    search.add_argument("--max-concurrent", type=_positive,
+    search.add_argument("--max-concurrent", type=positive,
                         help="with --backend ray: trials at once (default: as many as the cluster's CPUs allow)")
-    search.add_argument("--cpus-per-trial", type=_positive_float, default=1.0,
+    search.add_argument("--cpus-per-trial", type=positive_float, default=1.0,
                         help="with --backend ray: CPUs each trial reserves (default 1)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     search.set_defaults(run=_search)
 
     sensitivity = commands.add_parser("sensitivity", help="the teacher's sensitivity map, stored with the study")
     sensitivity.add_argument("study", help="study YAML, e.g. studies/digits.yaml")
-    _storage_args(sensitivity)
+    storage_args(sensitivity)
     sensitivity.add_argument("--png", type=Path, help="heat map to write (default: <study>_sensitivity.png beside "
                                                       "the study's artifacts)")
     sensitivity.add_argument("--recompute", action="store_true",
@@ -62,22 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     sensitivity.set_defaults(run=_sensitivity)
 
-    pareto = commands.add_parser("pareto", help="print a study's Pareto-optimal trials")
-    _study_source(pareto)
-    pareto.add_argument("--csv", type=Path, help="also write the table to this CSV file")
-    pareto.set_defaults(run=_pareto)
-
-    export = commands.add_parser("export", help="write one trial's recipe to YAML")
-    _study_source(export)
-    export.add_argument("--trial", type=int, required=True, help="trial number (see `autocomp pareto`)")
-    export.add_argument("-o", "--output", type=Path, required=True, help="recipe YAML to write")
-    export.set_defaults(run=_export)
+    add_commands(commands)
 
     apply = commands.add_parser("apply", help="rebuild and measure the artifact of a recipe")
     apply.add_argument("recipe", type=Path, help="recipe YAML (from `autocomp export`)")
     apply.add_argument("-o", "--output", type=Path, required=True, help="folder for model.onnx and metrics.json")
     apply.add_argument("--allow-other-teacher", action="store_true",
                        help="replay even if the task's teacher or data differ from the recipe's (digests)")
+    apply.add_argument("--verify", action="store_true",
+                       help="exit 1 unless the replay reproduces the recorded accuracies and size exactly and the "
+                            "latency ratio to the teacher within 10%%")
     apply.set_defaults(run=_apply)
 
     methods = commands.add_parser("methods", help="list every compression method and task, by family")
@@ -85,25 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     methods.set_defaults(run=_methods)
 
     dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard for a study's storage")
-    _study_source(dashboard)
+    study_source(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1")
     dashboard.add_argument("--port", type=int, default=8080)
     dashboard.set_defaults(run=_dashboard)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, but got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, but got {value}")
-    return value
 
 
 def _ray_options(args: argparse.Namespace):
@@ -124,45 +106,12 @@ def _ray_options(args: argparse.Namespace):
     return RayOptions(args.address, args.max_concurrent, args.cpus_per_trial)
 
 
-def _storage_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", help="Optuna storage URL (overrides the YAML's)")
-    parser.add_argument("--study-name", help="study name (overrides the YAML's)")
-
-
-def _study_source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", nargs="?", help="study YAML (or give --storage and --study-name)")
-    _storage_args(parser)
-
-
-def _spec(args: argparse.Namespace):
-    """The StudySpec from the YAML, or one built from --storage/--study-name alone."""
-    from autocomp.storage import located
-    from autocomp.study import StudySpec
-
-    if args.study:
-        spec = StudySpec.load(args.study)
-    elif args.storage and args.study_name:
-        spec = StudySpec(study_name=args.study_name, task="", space="").resolved(Path.cwd())
-    else:
-        raise AutocompError("Name the study: give a study YAML, or both --storage and --study-name.")
-    spec.study_name = args.study_name or spec.study_name
-    spec.storage = args.storage or located(spec.storage, spec.study_name)  # where a parallel search moved it
-    return spec
-
-
-def _load(args: argparse.Namespace):
-    from autocomp.search.trials import load_study
-
-    spec = _spec(args)
-    return spec, load_study(spec.storage, spec.study_name)
-
-
 def _search(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import run_search
     from autocomp.search.trials import failure, summary
     from autocomp.storage import move_to_shared
 
-    spec = _spec(args)
+    spec = spec_of(args)
     ray = _ray_options(args)
     if (args.workers > 1 or ray) and not args.storage and spec.storage.startswith("sqlite:///"):
         sqlite, spec.storage = spec.storage, move_to_shared(spec.storage, spec.study_name)
@@ -174,7 +123,7 @@ def _search(args: argparse.Namespace) -> int:
     for trial in trials:
         if trial.state.name == "FAIL":
             print(f"trial {trial.number} failed: {failure(trial)}")
-    _print_front(study)
+    print_front(study)
     print(summary(trials))
     if trials and all(t.state.name == "FAIL" for t in trials):
         print("autocomp: error: every trial of this run failed (reasons above).", file=sys.stderr)
@@ -185,38 +134,11 @@ def _search(args: argparse.Namespace) -> int:
 def _sensitivity(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import sensitivity_of
 
-    spec = _spec(args)
+    spec = spec_of(args)
     result = sensitivity_of(spec, recompute=args.recompute, progress=not args.no_progress)
     print(result.table())
     png = result.heat_map(args.png or Path(spec.artifacts).parent / f"{spec.study_name}_sensitivity.png")
     print(f"\nstored with study {spec.study_name!r} in {spec.storage}; wrote {png}")
-    return 0
-
-
-def _print_front(study, csv: Path | None = None) -> None:
-    from autocomp.pareto import format_table, front_table
-
-    if "teacher" not in study.user_attrs:
-        raise AutocompError(f"Study {study.study_name!r} was not made by `autocomp search` (no teacher metrics).")
-    table = front_table(study)
-    print(format_table(table, study.user_attrs["teacher"], study.metric_names or []))
-    if csv is not None:
-        table.to_csv(csv, index=False)
-        print(f"wrote {csv}")
-
-
-def _pareto(args: argparse.Namespace) -> int:
-    _, study = _load(args)
-    _print_front(study, args.csv)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from autocomp.pareto import export_recipe
-
-    spec, study = _load(args)
-    export_recipe(study, args.trial, args.output, spec.storage)
-    print(f"wrote {args.output} (trial {args.trial} of study {spec.study_name!r})")
     return 0
 
 
@@ -257,7 +179,23 @@ def _apply(args: argparse.Namespace) -> int:
         print(f"{'stays fp32':>18}: {layer}: {why}")
     print("the search ranked trials on val_accuracy; test_accuracy is reported only")
     print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
-    return 0
+    return _verified(metrics, trial) if args.verify else 0
+
+
+def _verified(metrics: dict, recorded: dict) -> int:
+    """``apply --verify``: 0 where the replay reproduces the recipe's recorded metrics, else 1, said line by line."""
+    from autocomp.measure import replay_differences
+
+    if not recorded:
+        raise AutocompError("--verify compares with the metrics an exported recipe records (provenance.metrics), "
+                            "but this recipe has none.")
+    differences = replay_differences(metrics, recorded)
+    for line in differences:
+        print(f"autocomp: verify: {line}", file=sys.stderr)
+    print("verify: " + ("the replay differs from the recorded trial" if differences else
+                        "the replay reproduces the recorded accuracies and size exactly, the latency ratio within "
+                        "10%"))
+    return EXIT_FAILED if differences else 0
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -281,7 +219,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     from autocomp.storage import open_storage
 
-    spec = _spec(args)
+    spec = spec_of(args)
     Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {spec.storage} (Ctrl-C stops it)")
     run_server(open_storage(spec.storage), host=args.host, port=args.port,
