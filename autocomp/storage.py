@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.errors import ConfigError
+from autocomp.notes import renote
 
 if TYPE_CHECKING:
     import optuna
@@ -95,6 +96,7 @@ def move_to_shared(url: str, study_name: str) -> str:
     journal = shared(url)
     if journal != url and holds(url, study_name) and not holds(journal, study_name):
         optuna.copy_study(from_study_name=study_name, from_storage=open_storage(url), to_storage=open_storage(journal))
+        renote(optuna.load_study(storage=open_storage(journal), study_name=study_name))  # trial ids changed
     return journal
 
 

@@ -164,30 +164,3 @@ def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path, capsys):
     result = autocomp("search", str(bad), expect=2)  # the console script itself: the same one line
     assert result.stderr == "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', " \
                             "'mnist1d_lean', 'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?\n"
-
-
-def test_dashboard_serves_the_study_on_loopback(tmp_path):
-    import socket
-    import time
-    import urllib.request
-
-    storage = f"sqlite:///{tmp_path / 'd.db'}"
-    optuna.create_study(storage=storage, study_name="dash", directions=["maximize", "minimize"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([AUTOCOMP, "dashboard", "--storage", storage, "--study-name", "dash",
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline, body = time.monotonic() + 60, ""
-        while time.monotonic() < deadline and not body:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
-                    body = response.read().decode()
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                time.sleep(0.5)
-        assert '"study_name": "dash"' in body.replace('":"', '": "')
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -158,3 +158,21 @@ def test_export_by_rule_names_the_trial_and_why_or_the_closest(tmp_path, capsys)
     assert "Say which trial to export: --trial N, --knee, or a rule" in err
     _, err = autocomp_here(capsys, "export", *source, "--max-size", "lots", "-o", "x.yaml", expect=2)
     assert "argument --max-size: must be a size such as 50KB, 1.5MB or 20000 (bytes), but got 'lots'" in err
+
+
+def test_a_trials_note_says_what_its_recipe_does_and_its_numbers_against_the_teacher():
+    from autocomp.notes import describe, flat, trial_note
+    from autocomp.recipe import LayerPrune, Prune, Quantize
+
+    recipe = Recipe(task="digits", prune=Prune(layers={"conv1": LayerPrune(0.5, "l1"), "conv2": LayerPrune(0.8,
+                                                                                                            "fpgm")}),
+                    quantize=Quantize(bits=8, activation_bits=8, per_channel=True))
+    said = describe(recipe)
+    assert said.startswith("The teacher's own architecture. Prunes channels (local): conv1 0.50 l1, conv2 0.80 fpgm.")
+    assert "8-bit weights, int8 activations on ONNX Runtime's int8 kernels (per-channel symmetric, minmax" in said
+    note = trial_note(7, recipe, TRIALS[5], TEACHER)
+    assert note.startswith("## Trial 7: 3.33x smaller, 2.00x faster, -0.50 pp on validation\n")
+    assert "| size (ONNX file) | 100.0 KB | 30.0 KB (3.33x smaller) |" in note
+    attrs = flat(TRIALS[5], recipe, {"size_bytes": 20_000})
+    assert attrs["feasible"] == 0 and attrs["student"] == "teacher" and attrs["size_kb"] == 30.0
+    assert all(isinstance(v, (int, float)) for k, v in attrs.items() if k != "student")  # sortable columns

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from autocomp import proxy
 from autocomp.allocation import Guide
 from autocomp.measure import with_ratios
+from autocomp.notes import annotate
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, student_counts
 from autocomp.proxy import ProxyScore
 from autocomp.recipe import Recipe
@@ -97,6 +98,7 @@ class Objective:
         trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
         for metric, cap in spec.constraints.items():  # feasible at 0 or below (Optuna's convention)
             trial.set_constraint(metric, (metrics[metric] - cap) / cap)
+        annotate(trial, recipe, metrics, self.baseline.metrics, spec.constraints)  # what the dashboard shows
         return [metrics[name] for name in spec.objectives]
 
 

@@ -10,6 +10,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from autocomp.errors import AutocompError
+from autocomp.notes import annotate_study
 from autocomp.pipeline import Baseline, teacher_baseline
 from autocomp.search.backends import BACKENDS, Launch
 from autocomp.search.trials import (
@@ -70,7 +71,9 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         budget = timeout or spec.timeout
         run = Run(spec, trials, seed, baseline.artifact, None if budget is None else started + budget)
         backend = BACKENDS.get("local" if ray is None else "ray")
+        annotate_study(study, spec.task, spec.space, prepared.narrowed)
         backend(run, Launch(study, prepared, workers, ray, progress))
+        annotate_study(study, spec.task, spec.space, prepared.narrowed)
     return study, [t for t in study.trials if t.number not in before and t.state.name in FINISHED]
 
 
