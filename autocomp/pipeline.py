@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from autocomp import runtime
+from autocomp import phase, runtime
 from autocomp.compress.blocks import drop_blocks
 from autocomp.compress.distill import Distiller, by_depth
 from autocomp.compress.facts import ModelFacts, model_facts, teacher_facts
@@ -104,9 +104,11 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
                                        progress=progress))
     finalize_masks(student)
     clock.append(time.perf_counter())
+    phase.step("export and quantize")
     artifact = deploy(student, task.example_input, recipe.quantize, task.train.x[:CALIBRATION_SAMPLES].numpy(),
                       out_dir / ARTIFACT, sparse=recipe.prune.granularity == "weight")
     clock.append(time.perf_counter())
+    phase.step("measure")
     metrics = measure(artifact, student, task, recipe.measure, reference)
     kernels = runtime.kernels(artifact, task.example_input.numpy(), recipe.measure.threads)
     recipe.save(out_dir / RECIPE)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from autocomp import phase
 from autocomp.errors import check_range
 
 # loss(student_logits, inputs, labels, indices of the batch in its split) -> scalar
@@ -166,6 +167,7 @@ def fit(
     model.train()
     with deterministic():
         for epoch in range(epochs):
+            phase.step(f"{desc} epoch {epoch + 1}/{epochs}")
             for idx in data.batch_indices(batch_size, generator):
                 x, y = data.x[idx], data.y[idx]
                 if augment is not None:

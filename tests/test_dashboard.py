@@ -44,7 +44,9 @@ def pareto_traces(dom: str) -> list[int]:
 
 @pytest.mark.slow
 def test_the_dashboard_shows_the_front_and_each_trials_note_and_numbers(quick_study, tmp_path, capsys):
-    autocomp("search", str(quick_study), "--trials", "3", "--no-progress")
+    autocomp("search", str(quick_study), "--trials", "2", "--no-progress")
+    out = autocomp("search", str(quick_study), "--trials", "3", "--no-progress").stdout  # one more, from the queue
+    assert "this run: 1 trial(s): 1 complete" in out  # a warm-start trial queued by the first run counts here
     study = optuna.load_study(storage=open_storage(f"sqlite:///{tmp_path / 'quick.db'}"), study_name="quick")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3

@@ -176,3 +176,14 @@ def test_a_trials_note_says_what_its_recipe_does_and_its_numbers_against_the_tea
     attrs = flat(TRIALS[5], recipe, {"size_bytes": 20_000})
     assert attrs["feasible"] == 0 and attrs["student"] == "teacher" and attrs["size_kb"] == 30.0
     assert all(isinstance(v, (int, float)) for k, v in attrs.items() if k != "student")  # sortable columns
+
+
+def test_the_progress_bar_shows_the_fronts_size_its_hypervolume_and_the_budget_left(tmp_path):
+    import time
+
+    from autocomp.search.trials import front_status
+
+    study = _study(f"sqlite:///{tmp_path / 's.db'}", "s", TRIALS)
+    hv = analysis.hypervolume(list(TRIALS.values()), TEACHER, "val")
+    assert front_status(study) == f"front 4, HV {hv:.3f}"
+    assert front_status(study, time.time() + 125.5) == f"front 4, HV {hv:.3f}, budget left 2m05s"

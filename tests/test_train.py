@@ -102,3 +102,14 @@ def test_the_best_epoch_is_restored_with_its_pruning_mask(qat):
 def test_patience_is_checked():
     with pytest.raises(ConfigError, match="`patience` must be in \\[0, 1000\\], but got -1"):
         EarlyStopping(lambda model: 0.0, patience=-1)
+
+
+def test_a_fit_says_each_epoch_to_whoever_listens_within_the_stage():
+    from autocomp import phase
+
+    seen: list[str] = []
+    phase.stage("trial 4, screen")
+    with phase.listening(seen.append):
+        fit(mlp(), blobs(64, 0), cross_entropy, epochs=2, lr=1e-2, batch_size=16, desc="fine-tune", progress=False)
+    fit(mlp(), blobs(64, 0), cross_entropy, epochs=1, lr=1e-2, batch_size=16, progress=False)  # nobody listens
+    assert seen == ["trial 4, screen: fine-tune epoch 1/2", "trial 4, screen: fine-tune epoch 2/2"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from autocomp import phase
 from autocomp.search.trials import (
     SEED_STRIDE,
     Prepared,
     Run,
     counted,
     finished_trials,
+    front_status,
     make_objective,
     make_sampler,
     open_study,
@@ -39,17 +41,22 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
     objective = make_objective(run, study, prepared)
     study.sampler = make_sampler(run.spec, run.seed + done + SEED_STRIDE * index, objective)  # no two draws alike
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
-    while run.deadline is None or time.time() < run.deadline:
-        fail_dead_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
-        bar.update(done - bar.n)
-        if done >= run.trials:
-            break
-        if done + running >= run.trials:  # the others' trials would complete the count: wait for them
-            time.sleep(1.0)
-            continue
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+    status = front_status(study, run.deadline) if progress else ""
+    with phase.listening(lambda now: bar.set_postfix_str(f"{status} | {now}")):
+        while run.deadline is None or time.time() < run.deadline:
+            fail_dead_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
+            bar.update(done - bar.n)
+            if progress:
+                status = front_status(study, run.deadline)
+                bar.set_postfix_str(status)
+            if done >= run.trials:
+                break
+            if done + running >= run.trials:  # the others' trials would complete the count: wait for them
+                time.sleep(1.0)
+                continue
+            study.optimize(objective, n_trials=1, catch=(Exception,))
     bar.close()
 
 
@@ -69,7 +76,10 @@ def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> 
         while any(p.is_alive() for p in processes):
             for process in processes:
                 process.join(timeout=2.0 / workers)
-            bar.update(finished_trials(study) - bar.n)
+            done = finished_trials(study)
+            if progress and (done != bar.n or run.deadline is not None):
+                bar.update(done - bar.n)
+                bar.set_postfix_str(front_status(study, run.deadline))
     failed = [p for p in processes if p.exitcode != 0]
     if failed:
         print(f"autocomp: {len(failed)} worker(s) stopped early (exit codes {[p.exitcode for p in failed]}); "

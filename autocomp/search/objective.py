@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autocomp import proxy
+from autocomp import phase, proxy
 from autocomp.allocation import Guide
 from autocomp.measure import with_ratios
 from autocomp.notes import annotate
@@ -86,8 +86,10 @@ class Objective:
                 trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
+            phase.stage(f"trial {trial.number}, screen")
             _screen(trial, screen, task, self.baseline, spec)
         trial.set_user_attr("fidelity", "full")
+        phase.stage(f"trial {trial.number}")
         result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store)
         metrics = with_ratios(result.metrics, self.baseline.metrics)
         trial.set_user_attr("metrics", metrics)

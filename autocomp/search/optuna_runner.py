@@ -61,7 +61,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         ray.check()
     prepared = prepare(spec)
     study = _open(spec, seed, prepared)
-    before = {t.number for t in study.trials}
+    before = {t.number for t in study.trials if t.state.name in FINISHED}  # queued trials run now count
     space, task, prunable = prepared.space, prepared.task, prepared.prunable
     with tempfile.TemporaryDirectory() as tmp:
         baseline = _baseline(study, task, spec, tmp)

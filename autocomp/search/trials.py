@@ -225,6 +225,23 @@ def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], 
         raise AutocompError(mismatch)
 
 
+def front_status(study: optuna.Study, deadline: float | None = None) -> str:
+    """The progress bar's view of the study: its front's size and validation hypervolume so far
+    (``autocomp.analysis``), and the time left of the run's budget."""
+    import time
+
+    from autocomp.analysis import front, hypervolume
+
+    points = [t.user_attrs["metrics"] for t in study.get_trials(deepcopy=False)
+              if t.state.name == "COMPLETE" and "metrics" in t.user_attrs]
+    teacher = study.user_attrs.get("teacher")
+    said = [f"front {len(front(points))}"] + ([f"HV {hypervolume(points, teacher, 'val'):.3f}"] if teacher else [])
+    if deadline is not None:
+        left = max(0, int(deadline - time.time()))
+        said.append(f"budget left {left // 60}m{left % 60:02d}s")
+    return ", ".join(said)
+
+
 def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
     """One line of counts by state, and the most common failure reasons."""
     counts = Counter(t.state.name for t in trials)
