@@ -34,12 +34,11 @@ def flat(metrics: Metrics, recipe: Recipe, constraints: dict[str, float]) -> dic
     }
 
 
-def describe(recipe: Recipe) -> str:
-    """What ``recipe`` does, in one paragraph: student, pruning per group, quantization, distillation, fine-tune."""
-    return " ".join([_student(recipe), _prune(recipe), _quantize(recipe),
-                     f"Distils {recipe.distill.kind} (T {recipe.distill.temperature:g}, alpha "
-                     f"{recipe.distill.alpha:g}) and fine-tunes up to {recipe.finetune.epochs} epochs at lr "
-                     f"{recipe.finetune.lr:g}."])
+def describe(recipe: Recipe) -> list[str]:
+    """What ``recipe`` does, a sentence each: student, pruning per group, quantization, distillation, fine-tune."""
+    return [_student(recipe), _prune(recipe), _quantize(recipe),
+            f"Distils {recipe.distill.kind} (T {recipe.distill.temperature:g}, alpha {recipe.distill.alpha:g}) and "
+            f"fine-tunes up to {recipe.finetune.epochs} epochs at lr {recipe.finetune.lr:g}."]
 
 
 def _student(recipe: Recipe) -> str:
@@ -75,7 +74,8 @@ def _quantize(recipe: Recipe) -> str:
 
 
 def trial_note(number: int, recipe: Recipe, metrics: Metrics, teacher: Metrics, fidelity: str = "full") -> str:
-    """A trial's Markdown note: a headline, what its recipe does, and its numbers against the teacher's."""
+    """A trial's Markdown note: a headline, what its recipe does (a short list), and its numbers against the
+    teacher's."""
     m, t = metrics, teacher
     noisy = " (noisy)" if m["latency_noisy"] else ""
     rows = [("validation accuracy", f"{100 * t['val_accuracy']:.2f}%",
@@ -90,7 +90,8 @@ def trial_note(number: int, recipe: Recipe, metrics: Metrics, teacher: Metrics, 
     table = ["| | teacher | this trial |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
     head = (f"## Trial {number}: {m['compression_ratio']:.2f}x smaller, {m['speedup']:.2f}x faster, "
             f"{-m['val_drop_pp']:+.2f} pp on validation")
-    return "\n".join([head, "", describe(recipe), "", *table, "", f"Fidelity: {fidelity}. The recipe is the "
+    said = [f"- {sentence}" for sentence in describe(recipe)]  # a list: the dashboard does not wrap long lines
+    return "\n".join([head, "", *said, "", *table, "", f"Fidelity: {fidelity}. The recipe is the "
                       "`recipe` user attribute and the `recipe.yaml` artifact; `autocomp export --trial "
                       f"{number}` writes it."])
 

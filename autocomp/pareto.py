@@ -56,7 +56,7 @@ def format_table(table, teacher: dict[str, float], objectives: list[str]) -> str
 
 def complete_metrics(study) -> dict[int, dict[str, float]]:
     """The metrics of the study's complete trials (full fidelity, measured on their artifact), by trial number."""
-    return {t.number: t.user_attrs["metrics"] for t in study.trials
+    return {t.number: t.user_attrs["metrics"] for t in study.get_trials(deepcopy=False)
             if t.state.name == "COMPLETE" and "metrics" in t.user_attrs}
 
 
@@ -123,7 +123,7 @@ def series(study, name: str | None = None) -> Series:
     """The study as a series of ``autocomp.plot``: its complete trials, the listed front highlighted."""
     trials = complete_metrics(study)
     listed = {t.number for t in study.best_trials}
-    return Series(name or study.study_name, list(trials.values()),
+    return Series(name or study.study_name, list(trials.values()), list(trials),
                   [i for i, n in enumerate(trials) if n in listed], teacher_of(study))
 
 

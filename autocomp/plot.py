@@ -17,10 +17,12 @@ AXES = (("size_bytes", 1e-3, "size (KB, ONNX file)"), ("latency_ms", 1.0, "laten
 
 @dataclass(frozen=True)
 class Series:
-    """One study on the plot: its complete trials' metrics, the indices of its front, its teacher's metrics."""
+    """One study on the plot: its complete trials' metrics and numbers, the indices of its front, its teacher's
+    metrics."""
 
     name: str
     points: list[dict[str, float]]
+    numbers: list[int]
     front: list[int]
     teacher: dict[str, float]
 
@@ -47,9 +49,12 @@ def front_plot(series: list[Series], path: Path, title: str) -> Path:
             name = f"{s.name}: " if len(series) > 1 else ""
             ax.scatter([m[key] * scale for m in s.points], [100 * m["val_accuracy"] for m in s.points], s=12,
                        color=colour, alpha=0.25, label=f"{name}every complete trial")
-            best = sorted((s.points[i] for i in s.front), key=lambda m: m[key])
-            ax.plot([m[key] * scale for m in best], [100 * m["val_accuracy"] for m in best], "o-", ms=5,
-                    color=colour, label=f"{name}Pareto front")
+            best = [s.points[i] for i in s.front]  # the front in every objective: no line, it is not a 2-D front
+            ax.scatter([m[key] * scale for m in best], [100 * m["val_accuracy"] for m in best], s=36,
+                       color=colour, edgecolors="black", linewidths=0.6, label=f"{name}Pareto front")
+            for i in s.front:  # the trial numbers `autocomp pareto` lists
+                ax.annotate(str(s.numbers[i]), (s.points[i][key] * scale, 100 * s.points[i]["val_accuracy"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7, color=colour)
         teacher = series[0].teacher
         ax.scatter([teacher[key] * scale], [100 * teacher["val_accuracy"]], marker="*", s=160, color="black",
                    label="teacher", zorder=5)

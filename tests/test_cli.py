@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,7 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     number = int(front["trial"][0])
     autocomp_here(capsys, "export", str(study_yaml), "--trial", str(number), "-o", str(tmp_path / "recipe.yaml"))
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    readme_snippet_runs(tmp_path, study.trials[number].user_attrs["metrics"], capsys)
     assert recipe["provenance"]["trial"] == number and recipe["provenance"]["versions"]["torch"]
     assert len(recipe["provenance"]["fingerprint"]["teacher_sha256"]) == 64
     recorded = study.trials[number].user_attrs["metrics"]
@@ -140,6 +142,21 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     out, _ = autocomp_here(capsys, "apply", str(tmp_path / "other.yaml"), "-o", str(tmp_path / "o2"),
                            "--allow-other-teacher")
     assert "warning: the recipe was made for another teacher" in out
+
+
+def readme_snippet_runs(folder: Path, recorded: dict, capsys: pytest.CaptureFixture) -> None:
+    """The README's ``autocomp.load`` snippet, run as written beside an exported ``recipe.yaml``: the accuracy it
+    prints is the trial's, measured on its artifact."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = next(block for block in readme.split("```python\n")[1:] if 'autocomp.load("recipe.yaml")' in block)
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        exec(compile(snippet.split("```")[0], "README.md", "exec"), {})
+    finally:
+        os.chdir(here)
+    out, _ = capsys.readouterr()
+    assert f"test accuracy {recorded['test_accuracy']:.4f}" in out and "Deployed('recipe.onnx'" in out
 
 
 def test_help_is_plain_text(capsys):

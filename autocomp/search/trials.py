@@ -231,9 +231,9 @@ def front_status(study: optuna.Study, deadline: float | None = None) -> str:
     import time
 
     from autocomp.analysis import front, hypervolume
+    from autocomp.pareto import complete_metrics
 
-    points = [t.user_attrs["metrics"] for t in study.get_trials(deepcopy=False)
-              if t.state.name == "COMPLETE" and "metrics" in t.user_attrs]
+    points = list(complete_metrics(study).values())
     teacher = study.user_attrs.get("teacher")
     said = [f"front {len(front(points))}"] + ([f"HV {hypervolume(points, teacher, 'val'):.3f}"] if teacher else [])
     if deadline is not None:
