@@ -188,3 +188,30 @@ def test_the_progress_bar_shows_the_fronts_size_its_hypervolume_and_the_budget_l
     hv = analysis.hypervolume(list(TRIALS.values()), TEACHER, "val")
     assert front_status(study) == f"front 4, HV {hv:.3f}"
     assert front_status(study, time.time() + 125.5) == f"front 4, HV {hv:.3f}, budget left 2m05s"
+
+
+def test_load_rebuilds_a_recipe_whose_artifact_is_gone_or_changed(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    import autocomp
+    import autocomp.pipeline
+    from autocomp.runtime import export_onnx
+
+    model = export_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), torch.zeros(1, 2, 2),
+                        tmp_path / "model.onnx")
+    recipe = Recipe(task="digits", provenance={"artifact": {"file": "r.onnx", "sha256": "0" * 64}})
+    recipe.save(tmp_path / "r.yaml")
+    (tmp_path / "r.onnx").write_bytes(model.read_bytes())  # not the artifact the digest names
+    built = []
+    monkeypatch.setattr(autocomp.pipeline, "apply", lambda recipe, task, out, progress: built.append(recipe.task)
+                        or types.SimpleNamespace(artifact=model))
+    loaded = autocomp.load(tmp_path / "r.yaml")
+    assert built == ["digits"] and loaded.path == model  # rebuilt by apply, not the changed file
+    assert loaded(torch.ones(5, 2, 2)).shape == (5, 3) and loaded.predict(torch.ones(5, 2, 2).numpy()).shape == (5,)
+    assert autocomp.load(tmp_path).path == model  # a folder with model.onnx
+    with pytest.raises(AutocompError, match="takes inputs of 3 axes"):
+        loaded(torch.ones(2, 4))
+    with pytest.raises(AutocompError, match="does not exist"):
+        autocomp.load(tmp_path / "missing.yaml")

@@ -52,7 +52,6 @@ def add_commands(commands) -> None:
     export.set_defaults(run=_export)
 
 
-
 def print_front(study, csv: Path | None = None) -> None:
     from autocomp.pareto import complete_metrics, format_report, format_table, front_table, report, teacher_of
 
@@ -123,21 +122,21 @@ def _export(args: argparse.Namespace) -> int:
     from autocomp.pick import CAPS, Rule, pick
 
     caps = {metric: getattr(args, option) for option, metric in CAPS.items() if getattr(args, option) is not None}
-    ranked = ("minimize", args.minimize) if args.minimize else ("maximize", args.maximize) if args.maximize else None
+    ranked = (args.minimize, "minimize") if args.minimize else (args.maximize, "maximize") if args.maximize else None
     if (args.trial is not None or args.knee) and (caps or ranked):
         raise AutocompError("--trial and --knee name the trial; the rule options (--max-*, --minimize, --maximize) "
                             "pick one: give one or the other.")
     if args.trial is None and not args.knee and not (caps or ranked):
         raise AutocompError("Say which trial to export: --trial N, --knee, or a rule such as --max-drop 1.0 "
                             "--minimize latency_ms (autocomp export --help).")
+    rule = Rule(caps, ranked or ("val_accuracy", "maximize")) if caps or ranked else None  # checked first
     spec, study = load_of(args)
     number, why = args.trial, "named with --trial"
     if args.knee:
         number, why = report(study)["knee"], "the knee of the validation front (autocomp pareto)"
         if number is None:
             raise AutocompError(f"Study {spec.study_name!r} has no complete trial, so no knee.")
-    elif args.trial is None:
-        rule = Rule(caps, (ranked[1], ranked[0]) if ranked else ("val_accuracy", "maximize"))
+    elif rule is not None:
         number, why = pick(complete_metrics(study), rule, spec.study_name)
     recipe = export_recipe(study, number, args.output, spec.storage, spec.artifacts)
     artifact = recipe.provenance.get("artifact", {}).get("file")
