@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,21 @@ def quick_study(tmp_path: Path) -> Path:
     path.write_text("schema_version: 1\nstudy_name: quick\ntask: digits\nspace: space.yaml\ntrials: 4\n"
                     "population_size: 4\n" + QUICK_MEASURE_YAML)
     return path
+
+
+@pytest.fixture(scope="session")
+def searched_e2e(tmp_path_factory: pytest.TempPathFactory, teacher_cache: Path) -> tuple[Path, str]:
+    """A study YAML (the shipped joint space with fine-tunes of 1-2 epochs, digits, 3 trials) that `autocomp
+    search` ran once, as a user runs it, and the search's stdout; the end-to-end and the dashboard tests read it."""
+    folder = tmp_path_factory.mktemp("e2e")
+    short_joint_space(folder, 2)
+    path = folder / "e2e.yaml"
+    path.write_text("schema_version: 1\nstudy_name: e2e\ntask: digits\nspace: space.yaml\ntrials: 3\n"
+                    "population_size: 4\n" + QUICK_MEASURE_YAML)
+    command = [str(Path(sys.executable).parent / "autocomp"), "search", str(path), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path, result.stdout
 
 
 @pytest.fixture(scope="session")

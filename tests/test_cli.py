@@ -61,10 +61,10 @@ def study_yaml(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, capsys):
-    out = autocomp("search", str(study_yaml), "--no-progress").stdout
+def test_search_pareto_export_apply_reproduces_the_trial(searched_e2e, tmp_path, capsys):
+    study_yaml, out = searched_e2e
     assert "Pareto front on val_accuracy" in out and "teacher: val" in out and "3 complete, 0 fail" in out
-    storage = f"sqlite:///{tmp_path / 'e2e.db'}"
+    storage = f"sqlite:///{study_yaml.parent / 'e2e.db'}"
     study = optuna.load_study(storage=storage, study_name="e2e")
     states = [t.state.name for t in study.trials]  # the rest of the warm start waits for the next run
     assert states[:3] == ["COMPLETE"] * 3 and set(states[3:]) == {"WAITING"}
@@ -76,7 +76,7 @@ def test_search_pareto_export_apply_reproduces_the_trial(study_yaml, tmp_path, c
     out, _ = autocomp_here(capsys, "sensitivity", str(study_yaml), "--png", str(tmp_path / "map.png"), "--no-progress")
     assert "group pruned alone" in out and (tmp_path / "map.png").stat().st_size > 5000
     assert set(study.user_attrs["sensitivity"]["prune"]) == {"conv1", "conv2", "conv3", "conv4", "fc1"}
-    store = FileSystemArtifactStore(str(tmp_path / "e2e_artifacts"))
+    store = FileSystemArtifactStore(str(study_yaml.parent / "e2e_artifacts"))
     for trial in study.trials[:3]:  # each trial's artifact and recipe, as it measured and ran them
         stored = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(trial, storage=study._storage)}
         assert sorted(stored) == ["model.onnx", "recipe.yaml"]

@@ -16,7 +16,7 @@ from optuna_dashboard import get_note
 
 from autocomp.storage import open_storage
 from tests.dashboard import get, serving
-from tests.test_cli import autocomp, autocomp_here, front_trials
+from tests.test_cli import autocomp_here, front_trials
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAT = ("val_accuracy_pct", "test_accuracy_pct", "val_drop_pp", "test_drop_pp", "size_kb", "compression_x",
@@ -43,11 +43,9 @@ def pareto_traces(dom: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_the_dashboard_shows_the_front_and_each_trials_note_and_numbers(quick_study, tmp_path, capsys):
-    autocomp("search", str(quick_study), "--trials", "2", "--no-progress")
-    out = autocomp("search", str(quick_study), "--trials", "3", "--no-progress").stdout  # one more, from the queue
-    assert "this run: 1 trial(s): 1 complete" in out  # a warm-start trial queued by the first run counts here
-    study = optuna.load_study(storage=open_storage(f"sqlite:///{tmp_path / 'quick.db'}"), study_name="quick")
+def test_the_dashboard_shows_the_front_and_each_trials_note_and_numbers(searched_e2e, tmp_path, capsys):
+    study_yaml, _ = searched_e2e  # the end-to-end test's study, searched once
+    study = optuna.load_study(storage=open_storage(f"sqlite:///{study_yaml.parent / 'e2e.db'}"), study_name="e2e")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 3
     for trial in complete:  # flat scalar attributes (the dashboard sorts numbers) beside the full recipe
@@ -55,15 +53,15 @@ def test_the_dashboard_shows_the_front_and_each_trials_note_and_numbers(quick_st
         assert trial.user_attrs["size_kb"] == pytest.approx(trial.user_attrs["metrics"]["size_bytes"] / 1e3)
         note = get_note(optuna.Trial(study, trial._trial_id))
         assert note.startswith(f"## Trial {trial.number}: ") and "| validation accuracy |" in note
-    assert get_note(study).startswith("## quick\n") and "Trials: " in get_note(study)
-    out, _ = autocomp_here(capsys, "pareto", str(quick_study))
+    assert get_note(study).startswith("## e2e\n") and "Trials: " in get_note(study)
+    out, _ = autocomp_here(capsys, "pareto", str(study_yaml))
     listed = front_trials(out)
     if CHROMIUM is None:
         pytest.skip("no headless browser: Debian's `chromium` package is not installed (scripts/os_packages.sh "
                     "installs it as root)")
 
-    with serving(str(quick_study)) as url:
-        study_id = {s["study_name"]: s["study_id"] for s in get(f"{url}/api/studies")["study_summaries"]}["quick"]
+    with serving(str(study_yaml)) as url:
+        study_id = {s["study_name"]: s["study_id"] for s in get(f"{url}/api/studies")["study_summaries"]}["e2e"]
         page = f"{url}/dashboard/studies/{study_id}"
         traces = pareto_traces(chromium(page, tmp_path, "--dump-dom"))
         assert traces[-1] == len(listed) and sum(traces) == len(complete), traces

@@ -119,3 +119,13 @@ def test_every_backend_the_cli_offers_is_registered():
     search = _parser()._subparsers._group_actions[0].choices["search"]
     backend = next(a for a in search._actions if a.dest == "backend")
     assert list(backend.choices) == BACKENDS.names() and backend.default in BACKENDS
+
+
+def test_a_continued_run_counts_the_queued_trials_it_ran(tmp_path):
+    path = study(tmp_path, "tests.tasks:val_test_disagree", "{low: 0.0, high: 0.9}")
+    (tmp_path / "space.yaml").write_text((SPACE % "{low: 0.0, high: 0.9}") + "warm_start: {levels: [0.3, 0.6]}\n")
+    spec = StudySpec.load(path)
+    stored, first = run_search(spec, trials=1, progress=False)
+    assert len(first) == 1 and set(t.state.name for t in stored.trials[1:]) == {"WAITING"}  # the rest queued
+    stored, second = run_search(StudySpec.load(path), trials=2, progress=False)
+    assert [t.number for t in second] == [1] and second[0].user_attrs.get("warm_start")  # it ran, and counts
