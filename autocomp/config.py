@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,10 @@ def check_keys(data: Any, allowed: list[str], path: str) -> None:
 def from_dict(cls: type[C], data: Any, path: str) -> C:
     """Build dataclass ``cls`` from ``data``; every error names the dotted field ``path``."""
     check_keys(data, [f.name for f in dataclasses.fields(cls) if f.init], path)
+    for f in dataclasses.fields(cls):
+        required = f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise ConfigError("is required, but missing.", f"{path}.{f.name}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _convert(hints[name], value, f"{path}.{name}") for name, value in data.items()}
     try:
@@ -93,7 +98,12 @@ def write_yaml(data: dict, path: str | Path) -> None:
 
 
 def check_schema_version(data: dict, expected: int, what: str) -> None:
-    version = data.get("schema_version")
+    """Refuse another format's version; a file without one is read as this version, with a note on stderr."""
+    if "schema_version" not in data:
+        print(f"autocomp: note: the {what} has no `schema_version`; read as version {expected} (write "
+              f"`schema_version: {expected}` to say so).", file=sys.stderr)
+        return
+    version = data["schema_version"]
     if version != expected:
         message = f"must be {expected} (the format this autocomp reads), but got {version!r}."
         raise ConfigError(message, f"{what}.schema_version")

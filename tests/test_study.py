@@ -37,3 +37,22 @@ def test_bad_study_values(tmp_path, line, field, fragment):
     with pytest.raises(ConfigError) as err:
         StudySpec.load(path)
     assert err.value.field == field and fragment in str(err.value)
+
+
+def test_a_study_without_schema_version_is_read_as_this_version_with_a_note(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("study_name: s\ntask: digits\nspace: x.yaml\n")
+    assert StudySpec.load(path).study_name == "s"
+    assert capsys.readouterr().err == ("autocomp: note: the study has no `schema_version`; read as version 1 "
+                                       "(write `schema_version: 1` to say so).\n")
+    path.write_text("schema_version: 2\nstudy_name: s\ntask: digits\nspace: x.yaml\n")
+    with pytest.raises(ConfigError, match="`study.schema_version` must be 1 .* but got 2"):
+        StudySpec.load(path)
+
+
+def test_a_missing_required_field_is_named_without_internal_names(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("schema_version: 1\ntask: digits\nspace: x.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        StudySpec.load(path)
+    assert str(err.value) == "`study.study_name` is required, but missing."

@@ -7,7 +7,7 @@ from torch import nn
 from autocomp.errors import ConfigError
 from autocomp.tasks import TASKS
 from autocomp.tasks.base import digest
-from autocomp.tasks.load import load_task
+from autocomp.tasks.load import check_task, load_task
 from autocomp.train import Split
 
 
@@ -117,3 +117,28 @@ def test_the_transformer_teacher_is_a_half_million_parameter_encoder_with_whole_
     moved = shift(x, torch.Generator().manual_seed(0))
     assert all(any(torch.equal(torch.roll(row, k, -1), m) for k in range(-3, 4))
                for row, m in zip(x, moved, strict=True))
+
+
+@pytest.mark.parametrize(("spoil", "message"), [
+    (lambda t: t.train.x.__setitem__(slice(0, 64, 20), float("inf")),
+     "task 'spoilt': the train split holds non-finite inputs (NaN or inf) in 4 of 64 samples (the first: sample 0); "
+     "clean or drop them."),
+    (lambda t: t.val.y.__setitem__(slice(0, 2), torch.tensor([10, -1])),
+     "task 'spoilt': the val split has 2 label(s) outside the teacher's 10 classes [0, 9]: [-1, 10]."),
+    (lambda t: setattr(t, "test", Split(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))),
+     "task 'spoilt': the test split is empty."),
+    (lambda t: setattr(t, "test", Split(torch.zeros(4, 1, 8, 9), torch.zeros(4, dtype=torch.long))),
+     "task 'spoilt': the test split has samples shaped (1, 8, 9), but the example input's sample is (1, 8, 8)."),
+    (lambda t: setattr(t, "val", Split(t.val.x, t.val.y.float())),
+     "task 'spoilt': the val split must have integer class labels shaped (N,), but has torch.float32 labels "
+     "shaped (64,)."),
+], ids=["inf", "labels", "empty", "shape", "float-labels"])
+def test_a_users_data_is_checked_where_the_task_loads(spoil, message):
+    from tests.tasks import fixed_view
+
+    task = fixed_view()
+    task.train, task.val, task.test = (Split(s.x.clone(), s.y.clone()) for s in (task.train, task.val, task.test))
+    spoil(task)
+    with pytest.raises(ConfigError) as err:
+        check_task(task, "spoilt")
+    assert str(err.value) == message
