@@ -22,8 +22,13 @@ def step(name: str) -> None:
     _tell()
 
 
+def now() -> str:
+    """The phase's text now ("" before any)."""
+    return ": ".join(filter(None, (_now["stage"], _now["step"])))
+
+
 def _tell() -> None:
-    text = ": ".join(filter(None, (_now["stage"], _now["step"])))
+    text = now()
     for listener in _listeners:
         listener(text)
 

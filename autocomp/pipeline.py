@@ -24,6 +24,7 @@ from autocomp.compress.prune import PrunableLayer, finalize_masks, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.compress.student import build_student, family, is_teacher
+from autocomp.faults import FiniteLoss
 from autocomp.features import layer_names
 from autocomp.measure import macs_and_params, measure
 from autocomp.methods import check_recipe
@@ -157,7 +158,8 @@ def fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[
     with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
                                    alpha=d.alpha, weight=d.weight, pairs=pairs,
                                    teacher_logits=task.teacher_logits() if d.kind != "none" else None) as loss:
-        fit(student, task.train, loss, epochs=epochs, lr=recipe.finetune.lr, batch_size=recipe.finetune.batch_size,
+        fit(student, task.train, FiniteLoss(loss), epochs=epochs, lr=recipe.finetune.lr,
+            batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,
             on_epoch_end=(lambda g: regrow(student, recipe.prune.regrow, g)) if recipe.prune.regrow > 0 else None,
             early_stopping=stopping, seed=seed, desc="fine-tune", progress=progress)

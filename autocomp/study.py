@@ -37,6 +37,7 @@ class StudySpec:
     space: str
     trials: int = 20
     timeout: float | None = None  # seconds: also stop starting trials after this long (a wall-clock budget)
+    trial_timeout: float | None = None  # seconds one trial may run (screen and full run); past it, FAIL
     seed: int = 0
     sampler: str = "nsga2"
     population_size: int = 8
@@ -51,6 +52,8 @@ class StudySpec:
         check_range("trials", self.trials, 1, 10**6)
         if self.timeout is not None:
             check_range("timeout", self.timeout, 1, 10**7)
+        if self.trial_timeout is not None:
+            check_range("trial_timeout", self.trial_timeout, 0.001, 10**7)
         check_range("population_size", self.population_size, 2, 10**5)
         check_choice("sampler", self.sampler, SAMPLERS)
         if not self.objectives:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -116,3 +118,46 @@ class DictOutput(nn.Module):
 def dict_output() -> Task:
     data = Split(_inputs(8, 0), torch.zeros(8, dtype=torch.long))
     return Task("dict_output", DictOutput().eval(), data, data, data, example_input=data.x[:1])
+
+
+class Misbehaving(SmallCNN):
+    """A model that misbehaves in training once conv1 is pruned (its evaluation, and so the teacher, is sound): it
+    raises, returns NaN logits, sleeps 2 s a step, or asks for a petabyte, as ``how`` says."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if not self.training or self.conv1.out_channels == 8:
+            return logits
+        if self.how == "raise":
+            raise RuntimeError("this model cannot train pruned")
+        if self.how == "sleep":
+            time.sleep(2.0)
+        if self.how == "memory":
+            bytearray(2**50)  # MemoryError: no machine has a petabyte to give
+        return logits * float("nan") if self.how == "nan" else logits
+
+
+def misbehaving(how: str) -> Task:
+    torch.manual_seed(0)
+    data = Split(_inputs(64, 0), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0)))
+    return Task(f"misbehaving_{how}", Misbehaving(how).eval(), data, data, data, example_input=data.x[:1])
+
+
+def raises() -> Task:
+    return misbehaving("raise")
+
+
+def goes_nan() -> Task:
+    return misbehaving("nan")
+
+
+def sleeps() -> Task:
+    return misbehaving("sleep")
+
+
+def hungry() -> Task:
+    return misbehaving("memory")

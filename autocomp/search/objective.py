@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autocomp import phase, proxy
 from autocomp.allocation import Guide
+from autocomp.faults import fault, time_limit
 from autocomp.measure import with_ratios
 from autocomp.notes import annotate
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, student_counts
@@ -74,7 +76,13 @@ class Objective:
         return self._scores[key]
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
+        """Run one trial; an error anywhere in it is stored as its ``error`` and ``fault`` (``autocomp.faults``)."""
+        with _reason_recorded(trial):
+            return self._trial(trial)
+
+    def _trial(self, trial: optuna.Trial) -> list[float]:
         spec, task = self.spec, self.task
+        ends = None if spec.trial_timeout is None else time.monotonic() + spec.trial_timeout
         trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
         recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
                                    quantizable=self.quantizable, guide=self.guide)
@@ -82,15 +90,14 @@ class Objective:
         _check_caps(trial, recipe, task, spec.constraints)
         _check_duplicate(trial, recipe)
         if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
-            with _reason_recorded(trial):
-                trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
+            trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
         if screen is not None:
             phase.stage(f"trial {trial.number}, screen")
-            _screen(trial, screen, task, self.baseline, spec)
+            _screen(trial, screen, task, self.baseline, spec, ends)
         trial.set_user_attr("fidelity", "full")
         phase.stage(f"trial {trial.number}")
-        result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store)
+        result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store, ends, spec.trial_timeout)
         metrics = with_ratios(result.metrics, self.baseline.metrics)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("seconds", result.seconds)
@@ -139,11 +146,12 @@ def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str,
         raise optuna.TrialPruned(reason)
 
 
-def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec) -> None:
+def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline, spec: StudySpec,
+            ends: float | None) -> None:
     """Run and store the trial's screen; raise ``TrialPruned`` unless it is promoted (``autocomp.fidelity``)."""
     import optuna
 
-    result = _run_trial(trial, screen, task, baseline.artifact)
+    result = _run_trial(trial, screen, task, baseline.artifact, ends=ends, limit=spec.trial_timeout)
     metrics = with_ratios(result.metrics, baseline.metrics)
     values = [metrics[name] for name in spec.objectives]
     trial.set_user_attr("screen", {"epochs": screen.finetune.epochs, "values": values, "metrics": metrics,
@@ -157,21 +165,30 @@ def _screen(trial: optuna.Trial, screen: Recipe, task: Task, baseline: Baseline,
 
 @contextlib.contextmanager
 def _reason_recorded(trial: optuna.Trial) -> Iterator[None]:
-    """Store an error raised inside as the trial's failure reason (``error``), and raise it on."""
+    """Store an error raised inside as the trial's failure reason (``error``) and ``fault`` (type, message, phase),
+    and raise it on; the innermost block that sees an error records it. A pruned trial is not an error."""
+    import optuna
+
     try:
         yield
+    except optuna.TrialPruned:
+        raise
     except Exception as err:
-        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        if "error" not in trial.user_attrs:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            trial.set_user_attr("fault", fault(err))
         raise
 
 
 def _run_trial(trial: optuna.Trial, recipe: Recipe, task: Task, reference: Path,
-               store: object | None = None) -> CompressedModel:
-    """``apply`` one recipe; store its artifact and recipe in ``store`` (if any), or its error as the failure reason."""
+               store: object | None = None, ends: float | None = None, limit: float | None = None) -> CompressedModel:
+    """``apply`` one recipe before the trial's time ``limit`` (seconds) runs out at ``ends`` (time.monotonic());
+    store its artifact and recipe in ``store`` (if any), or its error as the failure reason."""
     from optuna.artifacts import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        with _reason_recorded(trial):
+        with _reason_recorded(trial), time_limit(None if ends is None else ends - time.monotonic(),
+                                                 f"trial {trial.number}", limit):
             result = apply(recipe, task, tmp, progress=False, reference=reference)
         for name in (ARTIFACT, RECIPE) if store is not None else ():
             upload_artifact(artifact_store=store, file_path=str(Path(tmp) / name), study_or_trial=trial)

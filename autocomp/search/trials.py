@@ -16,6 +16,7 @@ from autocomp.compress.distill import hidden_layers
 from autocomp.compress.facts import teacher_facts
 from autocomp.compress.student import STUDENTS, can_build
 from autocomp.errors import AutocompError
+from autocomp.faults import fault
 from autocomp.pipeline import Baseline
 from autocomp.search.objective import Objective
 from autocomp.sensitivity import Sensitivity, cached
@@ -151,6 +152,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.T
     except Exception as err:
         if "error" not in trial.user_attrs:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            trial.set_user_attr("fault", fault(err))
         state = TrialState.FAIL
     study.tell(trial.number, values, state=state)
     return state.name
@@ -249,6 +251,9 @@ def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
     infeasible = sum("infeasible" in t.user_attrs for t in trials)
     lines = [f"this run: {len(trials)} trial(s): " + ", ".join(f"{counts[s]} {s.lower()}" for s in FINISHED)
              + (f" ({infeasible} over the study's constraints, not trained)" if infeasible else "")]
+    faults = Counter(t.user_attrs.get("fault", {}).get("type", "unrecorded") for t in trials if t.state.name == "FAIL")
+    if faults:
+        lines.append("  faults by kind: " + ", ".join(f"{n} {kind}" for kind, n in faults.most_common()))
     lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(3)]
     return "\n".join(lines)
 

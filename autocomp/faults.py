@@ -1,0 +1,84 @@
+"""What can go wrong inside a trial, said so that the study records it and goes on: a training loss that is no
+longer finite (caught at the step), a trial past its time limit, and any other error, each stored as the trial's
+``fault`` (type, message, phase) beside its ``error`` line."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import threading
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from autocomp import phase
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite."""
+
+
+class TrialTimeout(TimeoutError):
+    """The trial ran past the study's ``trial_timeout``."""
+
+    said = "the trial ran past its time limit (trial_timeout)"
+
+    def __str__(self) -> str:
+        return self.said
+
+
+class FiniteLoss(nn.Module):
+    """``loss_fn`` whose every value is checked: a NaN or infinite loss raises ``NonFiniteLoss`` at that step, before
+    the optimizer spreads it into the weights. A module, so that ``fit`` trains the wrapped loss's own parameters."""
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, *args) -> Tensor:
+        loss = self.loss_fn(*args)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} ({phase.now() or 'training'})")
+        return loss
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str = "the trial", limit: float | None = None) -> Iterator[None]:
+    """Raise ``TrialTimeout`` in this thread once ``seconds`` have passed inside the block (None: no limit);
+    ``limit`` is the limit the message names (default ``seconds``: a block may get what is left of it).
+
+    A timer thread raises it asynchronously (``PyThreadState_SetAsyncExc``), so the limit holds in any thread: the
+    main thread of a worker process and Ray Tune's trial threads alike. Python checks for it between bytecodes: a
+    single long native call (one torch operation, one ONNX Runtime run) ends first."""
+    if seconds is None:
+        yield
+        return
+    target = threading.get_ident()
+    said = f"{what} ran past its {seconds if limit is None else limit:g} s limit (trial_timeout)"
+    expired = type("TrialTimeout", (TrialTimeout,), {"said": said})
+    done = threading.Event()
+    lock = threading.Lock()  # the timer raises only while the block runs
+
+    def expire() -> None:
+        with lock:
+            if not done.is_set():
+                expired.said += f", {phase.now() or 'running'}"
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(expired))
+
+    timer = threading.Timer(max(seconds, 0.0), expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            done.set()
+        timer.cancel()
+
+
+def fault(err: BaseException) -> dict[str, str]:
+    """What a failed trial stores as its ``fault``: the error's type and message, and the phase it failed in."""
+    lines = str(err).strip().splitlines()
+    return {"type": type(err).__name__, "message": (lines[0] if lines else "")[:500], "phase": phase.now()}
