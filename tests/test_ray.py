@@ -96,7 +96,7 @@ def test_a_search_on_a_two_node_cluster_survives_a_killed_worker_and_writes_what
     assert len({t.user_attrs["ray"]["node"] for t in trials}) == 2  # both nodes ran trials
     assert ["warm_start" in t.user_attrs for t in trials] == [True, True, False, False]  # the hand-made ones first
     assert all("proxy" in t.user_attrs for t in trials)  # the workers' proxy sampler scored what they ran
-    read_back_without_storage(quick_study, quick_study.parent, capsys)
+    read_back_without_storage(quick_study, quick_study.parent, capsys, dashboard=False)  # served as after --workers
 
 
 def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study, capsys):
