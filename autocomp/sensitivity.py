@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autocomp import cache
 from autocomp.compress.prune import prunable_layers, prune
 from autocomp.compress.qat import quantization_aware
 from autocomp.features import layer_names
@@ -139,11 +139,10 @@ def cached(task: Task, progress: bool = True, recompute: bool = False) -> Sensit
     metric = getattr(task.metric, "__module__", "") + "." + getattr(task.metric, "__qualname__", repr(task.metric))
     key = hashlib.sha256(json.dumps([task.fingerprint(), metric, LEVELS, BITS, CALIBRATION_SAMPLES]).encode())
     path = cache_dir() / "sensitivity" / f"{task.name.replace(':', '_')}-{key.hexdigest()[:12]}.json"
-    if path.exists() and not recompute:
-        return Sensitivity.from_dict(json.loads(path.read_text()))
+    found = None if recompute else cache.read(path, lambda payload: Sensitivity.from_dict(json.loads(payload)),
+                                               "sensitivity map")
+    if found is not None:
+        return found
     result = analyse(task, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result.to_dict()))
-    tmp.replace(path)  # atomic: a concurrent study never reads half a file
+    cache.write(path, json.dumps(result.to_dict()).encode())  # atomic, with its digest (autocomp.cache)
     return result

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from torch import nn
@@ -39,13 +41,46 @@ def test_a_teacher_trains_once_per_fingerprint_and_is_then_read_from_the_cache(t
                                    epochs=epochs, lr=1e-2, weight_decay=0.0, seed=0)
 
     fresh = teacher()
-    assert trained == [2] and [p.name.partition("-")[0] for p in (tmp_path / "teachers").iterdir()] == ["tiny"]
+    assert trained == [2] and [p.name.partition("-")[0] for p in (tmp_path / "teachers").glob("*.pt")] == ["tiny"]
     again = teacher()  # from the cache: no training, the same weights
     assert trained == [2] and all(a.equal(b) for a, b in zip(fresh.parameters(), again.parameters(), strict=True))
     teacher(epochs=3)  # other settings: another teacher
     monkeypatch.setattr(base, "_training_code", lambda: "changed")
     teacher()  # other training code: trained afresh too
-    assert trained == [2, 3, 2] and len(list((tmp_path / "teachers").iterdir())) == 3
+    assert trained == [2, 3, 2] and len(list((tmp_path / "teachers").glob("*.pt"))) == 3
+
+
+def test_a_corrupt_cached_teacher_is_named_and_trained_again(tmp_path, monkeypatch, capsys):
+    import autocomp.tasks.base as base
+
+    trained = []
+    fit = base.fit
+    monkeypatch.setattr(base, "fit", lambda *args, **kwargs: trained.append(1) or fit(*args, **kwargs))
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    data = Split(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 4)
+
+    def teacher() -> nn.Module:
+        return base.cached_teacher("tiny", lambda: nn.Sequential(nn.Linear(8, 4)), data, epochs=1, lr=1e-2,
+                                   weight_decay=0.0, seed=0)
+
+    fresh = teacher()
+    (path,) = (tmp_path / "teachers").glob("*.pt")
+    assert (path.parent / (path.name + ".sha256")).read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes()[:-100])  # truncated, as by a full disk or a killed writer
+    capsys.readouterr()
+    again = teacher()
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autocomp:")]  # no bars
+    assert trained == [1, 1] and len(said) == 1
+    assert said[0].startswith(f"autocomp: warning: the cached weights of tiny-seed0 {path} is corrupt: its SHA-256 "
+                              "is not the one recorded")
+    assert all(a.equal(b) for a, b in zip(fresh.parameters(), again.parameters(), strict=True))  # rebuilt the same
+    (path.parent / (path.name + ".sha256")).unlink()  # a file cached before digests were kept: read, digest kept
+    teacher()
+    assert trained == [1, 1] and (path.parent / (path.name + ".sha256")).exists()
+    path.write_bytes(b"not a checkpoint")
+    (path.parent / (path.name + ".sha256")).unlink()
+    teacher()
+    assert trained == [1, 1, 1] and "it cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import os
 import platform
 from collections.abc import Callable, Iterable
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocomp import kernels
+from autocomp import cache, kernels
 from autocomp.train import Split, cross_entropy, deterministic, fit, predict
 
 # metric(logits (N, C), labels (N,)) -> float, higher is better
@@ -105,14 +106,14 @@ def cached_model(name: str, model: nn.Module, trains: str, train: Callable[[nn.M
     """
     fingerprint = f"{model}|{trains}|{kernels.in_use()}"
     path = cache_dir() / "teachers" / f"{name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
+    state = cache.read(path, lambda payload: torch.load(io.BytesIO(payload), weights_only=True), f"weights of {name}")
+    if state is not None:
+        model.load_state_dict(state)
         return model.eval()
     train(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    cache.write(path, weights.getvalue())  # atomic, with its digest (autocomp.cache)
     return model.eval()
 
 
