@@ -2,8 +2,9 @@
 
 torch picks its vectorised kernels by the CPU it runs on: ATen's (AVX-512 or AVX2), oneDNN's and MKL's code
 paths. Each rounds float sums its own way, and training amplifies the last bits into other weights. Holding all
-three to AVX2 (``PINNED``, set before torch loads) makes CPUs of one vendor run the same code paths, with or without
-AVX-512; which CPUs were tried and what they trained is in the README ("Training is deterministic").
+three to AVX2 (``PINNED``, set before torch first picks a kernel) makes CPUs of one vendor run the same code
+paths, with or without AVX-512; which CPUs were tried and what they trained is in the README ("Training is
+deterministic").
 
 ``AUTOCOMP_NATIVE_KERNELS=1`` keeps the CPU's own kernels (faster where it has AVX-512; teachers then reproduce
 on one CPU model only). A variable already set in the environment is left as it is.
@@ -34,12 +35,30 @@ def has_avx2() -> bool:
 
 
 def pin() -> None:
-    """Hold torch's kernels to AVX2 on an x86-64 CPU that has it, unless ``AUTOCOMP_NATIVE_KERNELS=1``: before
-    torch loads (torch reads these variables once), so a no-op once it has."""
-    if os.environ.get(NATIVE) == "1" or "torch" in sys.modules or not has_avx2():
+    """Hold torch's kernels to AVX2 on an x86-64 CPU that has it, unless ``AUTOCOMP_NATIVE_KERNELS=1``.
+
+    torch reads these variables once, when it first picks a kernel, not when it is imported: a script that imports
+    torch first (the usual order) and autocomp before computing anything is held too. One that computed with torch
+    before importing autocomp keeps the CPU's own kernels; that is said in one warning line naming the fix."""
+    if os.environ.get(NATIVE) == "1" or not has_avx2():
         return
     for name, value in PINNED.items():
         os.environ.setdefault(name, value)
+    if "torch" in sys.modules:
+        _check_held()
+
+
+def _check_held() -> None:
+    """Warn where torch picked its kernels before ``pin`` set the variables (``ATEN_CPU_CAPABILITY`` is not what
+    torch runs)."""
+    import torch
+
+    wanted, running = os.environ["ATEN_CPU_CAPABILITY"].upper(), torch.backends.cpu.get_cpu_capability().upper()
+    if running != wanted:
+        print(f"autocomp: warning: torch computed before autocomp was imported, so it runs this CPU's {running} "
+              f"kernels, not {wanted}: its teachers, cache keys and recipes differ from the CLI's. Import autocomp "
+              "before computing with torch, or start Python with "
+              + " ".join(f"{k}={v}" for k, v in PINNED.items()) + ".", file=sys.stderr)
 
 
 def in_use() -> str:

@@ -33,3 +33,25 @@ def test_a_fingerprint_records_the_kernels_in_use(digits_task):
     assert digits_task.fingerprint()["kernels"] == kernels.in_use()
     if kernels.has_avx2():
         assert kernels.in_use() == "aten avx2, mkl AVX2"  # this test process, too, imported autocomp first
+
+
+@pytest.mark.skipif(not kernels.has_avx2(), reason="pinning applies to x86-64 CPUs with AVX2")
+def test_a_script_that_imports_torch_first_gets_the_same_kernels_or_one_line_naming_the_fix():
+    clean = {k: v for k, v in os.environ.items() if k not in kernels.PINNED and k != kernels.NATIVE}
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+
+    first = run("import torch; import autocomp; from autocomp import kernels; print(kernels.in_use())")
+    assert first.stdout.strip() == "aten avx2, mkl AVX2" and first.stderr == ""  # the CLI's kernels, whatever the order
+    native = run("import torch; print(torch.backends.cpu.get_cpu_capability())").stdout.strip()
+    late = run("import torch; torch.ones(8).sum(); import autocomp; from autocomp import kernels; "
+               "print(kernels.in_use())")
+    if native == "AVX2":  # this CPU's own kernels are AVX2: computing first changes nothing
+        assert late.stderr == ""
+        return
+    assert late.stdout.strip().startswith(f"aten {native.lower()}")
+    assert late.stderr == (f"autocomp: warning: torch computed before autocomp was imported, so it runs this CPU's "
+                           f"{native} kernels, not AVX2: its teachers, cache keys and recipes differ from the CLI's. "
+                           "Import autocomp before computing with torch, or start Python with "
+                           "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2.\n")
