@@ -72,8 +72,12 @@ def _artifact_of(recipe_path: Path, progress: bool) -> Path:
 
     recipe = load_recipe(recipe_path)
     exported = recipe.provenance.get("artifact", {})
-    beside = recipe_path.parent / exported.get("file", "")
-    if exported and beside.is_file() and sha256(beside) == exported.get("sha256"):
+    name = str(exported.get("file", ""))
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise AutocompError(f"`recipe.provenance.artifact.file` must name a file beside the recipe, but got "
+                            f"{name!r}.")
+    beside = recipe_path.parent / name
+    if name and beside.is_file() and sha256(beside) == exported.get("sha256"):
         return beside
     out = Path(tempfile.mkdtemp(prefix="autocomp-load-"))
     return apply(recipe, load_task(recipe.task), out, progress=progress).artifact

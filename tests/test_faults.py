@@ -50,3 +50,31 @@ def test_a_faulty_trial_is_stored_with_its_fault_and_the_search_goes_on(tmp_path
     assert f"faults by kind: {len(failed)} {kind}" in summary(trials)
     stored = optuna.load_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
     assert [t.state.name for t in stored.trials] == states  # as the run left them
+
+
+def test_the_time_limit_holds_in_any_thread_as_in_ray_tunes_trial_threads():
+    import threading
+    import time
+
+    from autocomp.faults import TrialTimeout, time_limit
+
+    caught: list[BaseException] = []
+
+    def trial() -> None:
+        try:
+            with time_limit(0.2, "trial 7", limit=30):
+                while True:  # pure Python: interrupted between bytecodes
+                    time.sleep(0.01)
+        except TrialTimeout as err:
+            caught.append(err)
+
+    worker = threading.Thread(target=trial)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - started < 5
+    assert [type(e).__name__ for e in caught] == ["TrialTimeout"]
+    assert str(caught[0]).startswith("trial 7 ran past its 30 s limit (trial_timeout)")
+    with time_limit(5.0):  # a block that ends in time is not interrupted afterwards
+        pass
+    time.sleep(0.05)

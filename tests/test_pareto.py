@@ -215,3 +215,15 @@ def test_load_rebuilds_a_recipe_whose_artifact_is_gone_or_changed(tmp_path, monk
         loaded(torch.ones(2, 4))
     with pytest.raises(AutocompError, match="does not exist"):
         autocomp.load(tmp_path / "missing.yaml")
+
+
+def test_a_recipes_artifact_cannot_name_a_file_outside_its_folder(tmp_path):
+    import autocomp
+
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "secret.onnx").write_bytes(b"not yours")
+    for name in ("../secret.onnx", "/etc/passwd", "..", "sub/x.onnx"):
+        recipe = Recipe(task="digits", provenance={"artifact": {"file": name, "sha256": "0" * 64}})
+        recipe.save(tmp_path / "inner" / "r.yaml")
+        with pytest.raises(AutocompError, match="must name a file beside the recipe"):
+            autocomp.load(tmp_path / "inner" / "r.yaml")
