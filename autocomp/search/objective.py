@@ -83,6 +83,7 @@ class Objective:
     def _trial(self, trial: optuna.Trial) -> list[float]:
         spec, task = self.spec, self.task
         ends = None if spec.trial_timeout is None else time.monotonic() + spec.trial_timeout
+        phase.stage(f"trial {trial.number}, sample")  # a fault names this trial's phase, not the last one's
         trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
         recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
                                    quantizable=self.quantizable, guide=self.guide)
