@@ -25,8 +25,9 @@ FLAT = ("val_accuracy_pct", "test_accuracy_pct", "val_drop_pp", "test_drop_pp", 
 
 def chromium(url: str, tmp_path: Path, *how: str) -> str:
     """Open ``url`` in headless Chromium until its scripts settle; its stdout (``--dump-dom``: the rendered DOM)."""
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,1000",
-               "--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'chromium-profile'}", *how, url]
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+               "--window-size=1400,1000", "--virtual-time-budget=20000",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *how, url]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
 
 
