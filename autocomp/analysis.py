@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autocomp.fidelity import non_domination_ranks
+from autocomp.fidelity import dominates
 
 ACCURACY_SPAN = 0.05  # the hypervolume counts points within 5 pp of the teacher
 WITHIN_PP = 1.0  # "best within budget": at most this drop in validation accuracy (points)
@@ -40,23 +40,31 @@ def normalised(metrics: Metrics, teacher: Metrics, split: str = "test") -> list[
 
 
 def front(points: Sequence[Metrics]) -> list[int]:
-    """The indices of the points no other beats on validation accuracy, size and latency (as a study ranks them)."""
+    """The indices of the points no other beats on validation accuracy, size and latency (as a study ranks them):
+    the first front only, one pass over the pairs."""
     losses = [[-m["val_accuracy"], m["size_bytes"], m["latency_ms"]] for m in points]
-    return [i for i, rank in enumerate(non_domination_ranks(losses)) if rank == 0] if points else []
+    return [i for i, loss in enumerate(losses) if not any(dominates(other, loss) for other in losses)]
 
 
 def hypervolume(points: Sequence[Metrics], teacher: Metrics, split: str = "test") -> float:
     """The hypervolume of the validation front's points on ``split``, in the normalised space (module docstring)."""
+    return _volume([points[i] for i in front(points)], teacher, split)
+
+
+def _volume(chosen: Sequence[Metrics], teacher: Metrics, split: str) -> float:
     from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; its public API has none for 3-D
 
-    chosen = np.array([normalised(points[i], teacher, split) for i in front(points)]).reshape(-1, 3)
-    counted = chosen[(chosen > 0).all(axis=1)]
+    xyz = np.array([normalised(m, teacher, split) for m in chosen]).reshape(-1, 3)
+    counted = xyz[(xyz > 0).all(axis=1)]
     return float(compute_hypervolume(-counted, np.zeros(3))) if len(counted) else 0.0
 
 
 def knee(points: Sequence[Metrics], teacher: Metrics) -> int | None:
     """The index of the validation front's knee (module docstring); None without points."""
-    chosen = front(points)
+    return _knee(points, front(points), teacher)
+
+
+def _knee(points: Sequence[Metrics], chosen: list[int], teacher: Metrics) -> int | None:
     if not chosen:
         return None
     xyz = np.array([normalised(points[i], teacher, "val") for i in chosen])
@@ -75,7 +83,9 @@ def best_within(points: Sequence[Metrics], metric: str, max_drop_pp: float = WIT
 
 def summary(points: Sequence[Metrics], teacher: Metrics) -> dict:
     """What ``pareto --json`` and ``compare`` report of a study's complete trials (indices into ``points``)."""
-    return {"complete": len(points), "front": front(points),
-            "hypervolume": {"val": hypervolume(points, teacher, "val"), "test": hypervolume(points, teacher)},
-            "knee": knee(points, teacher), "best_size_within_1pp": best_within(points, "compression_ratio"),
+    chosen = front(points)  # once: the volumes and the knee read the same front
+    on_front = [points[i] for i in chosen]
+    return {"complete": len(points), "front": chosen,
+            "hypervolume": {"val": _volume(on_front, teacher, "val"), "test": _volume(on_front, teacher, "test")},
+            "knee": _knee(points, chosen, teacher), "best_size_within_1pp": best_within(points, "compression_ratio"),
             "best_speedup_within_1pp": best_within(points, "speedup")}
