@@ -12,6 +12,7 @@ from autocomp.search.trials import (
     SEED_STRIDE,
     Prepared,
     Run,
+    budget_left,
     counted,
     finished_trials,
     front_status,
@@ -41,16 +42,15 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
     objective = make_objective(run, study, prepared)
     study.sampler = make_sampler(run.spec, run.seed + done + SEED_STRIDE * index, objective)  # no two draws alike
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
-    status = front_status(study, run.deadline) if progress else ""
-    with phase.listening(lambda now: bar.set_postfix_str(f"{status} | {now}")):
+    status = Status(bar, study, run.deadline) if progress else None
+    with phase.listening(status.phase if status else lambda now: None):
         while run.deadline is None or time.time() < run.deadline:
             fail_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
             done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
             bar.update(done - bar.n)
-            if progress:
-                status = front_status(study, run.deadline)
-                bar.set_postfix_str(status)
+            if status:
+                status.count(done)
             if done >= run.trials:
                 break
             if done + running >= run.trials:  # the others' trials would complete the count: wait for them
@@ -73,14 +73,41 @@ def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> 
         process.start()
     with tqdm(total=run.trials, initial=finished_trials(study), desc=f"trials ({workers} workers)",
               disable=not progress, unit="trial") as bar:
+        status = Status(bar, study, run.deadline) if progress else None
         while any(p.is_alive() for p in processes):
             for process in processes:
                 process.join(timeout=2.0 / workers)
             done = finished_trials(study)
-            if progress and (done != bar.n or run.deadline is not None):
-                bar.update(done - bar.n)
-                bar.set_postfix_str(front_status(study, run.deadline))
+            bar.update(done - bar.n)
+            if status:
+                status.count(done)
     failed = [p for p in processes if p.exitcode != 0]
     if failed:
         print(f"autocomp: {len(failed)} worker(s) stopped early (exit codes {[p.exitcode for p in failed]}); "
               "their running trials are failed and retried by the next search")
+
+
+class Status:
+    """The progress bar's text: the study's front and hypervolume (read again only when the count of finished
+    trials changed), the budget left, and the phase of the trial running in this process."""
+
+    def __init__(self, bar, study: optuna.Study, deadline: float | None) -> None:
+        self.bar, self.study, self.deadline = bar, study, deadline
+        self.done: int | None = None
+        self.front = self.now = ""
+
+    def count(self, done: int) -> None:
+        """Between trials: the front as it stands now (no trial runs here)."""
+        if done != self.done:
+            self.front, self.done = front_status(self.study), done
+        self.now = ""
+        self.show()
+
+    def phase(self, now: str) -> None:
+        self.now = now
+        self.show()
+
+    def show(self) -> None:
+        study = ", ".join(filter(None, [self.front, budget_left(self.deadline)]))
+        self.bar.set_postfix_str(" | ".join(filter(None, [study, self.now])))
+

@@ -227,21 +227,27 @@ def check_fingerprint(recorded: dict[str, str] | None, current: dict[str, str], 
         raise AutocompError(mismatch)
 
 
-def front_status(study: optuna.Study, deadline: float | None = None) -> str:
+def front_status(study: optuna.Study) -> str:
     """The progress bar's view of the study: its front's size and validation hypervolume so far
-    (``autocomp.analysis``), and the time left of the run's budget."""
-    import time
-
+    (``autocomp.analysis``)."""
     from autocomp.analysis import front, hypervolume
     from autocomp.pareto import complete_metrics
 
     points = list(complete_metrics(study).values())
+    on_front = [points[i] for i in front(points)]
     teacher = study.user_attrs.get("teacher")
-    said = [f"front {len(front(points))}"] + ([f"HV {hypervolume(points, teacher, 'val'):.3f}"] if teacher else [])
-    if deadline is not None:
-        left = max(0, int(deadline - time.time()))
-        said.append(f"budget left {left // 60}m{left % 60:02d}s")
-    return ", ".join(said)
+    return ", ".join([f"front {len(on_front)}"] + ([f"HV {hypervolume(on_front, teacher, 'val'):.3f}"] if teacher
+                                                    else []))
+
+
+def budget_left(deadline: float | None) -> str:
+    """The time left of a run's budget ("" without one)."""
+    import time
+
+    if deadline is None:
+        return ""
+    left = max(0, int(deadline - time.time()))
+    return f"budget left {left // 60}m{left % 60:02d}s"
 
 
 def summary(trials: list[optuna.trial.FrozenTrial]) -> str:
