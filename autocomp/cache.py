@@ -14,6 +14,11 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def sha256(payload: bytes) -> str:
+    """The SHA-256 of ``payload``, in hex: what a cache file's digest and an exported artifact's provenance record."""
+    return hashlib.sha256(payload).hexdigest()
+
+
 def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -28,7 +33,7 @@ def write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path``, then its digest beside it, each through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic(path, payload)
-    _atomic(_digest_path(path), hashlib.sha256(payload).hexdigest().encode())
+    _atomic(_digest_path(path), sha256(payload).encode())
 
 
 def read(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
@@ -38,9 +43,10 @@ def read(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
     if not path.exists():
         return None
     payload = path.read_bytes()
+    digest = sha256(payload)
     recorded = _digest_path(path).read_text().strip() if _digest_path(path).exists() else None
     why = None
-    if recorded is not None and recorded != hashlib.sha256(payload).hexdigest():
+    if recorded is not None and recorded != digest:
         why = f"its SHA-256 is not the one recorded in {_digest_path(path).name} (truncated or changed)"
     else:
         try:
@@ -49,7 +55,7 @@ def read(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
             why = f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
         else:
             if recorded is None:  # an older cache's file, whole: its digest is kept from now on
-                _atomic(_digest_path(path), hashlib.sha256(payload).hexdigest().encode())
+                _atomic(_digest_path(path), digest.encode())
             return value
     print(f"autocomp: warning: the cached {what} {path} is corrupt: {why}; rebuilding it.", file=sys.stderr)
     path.unlink(missing_ok=True)

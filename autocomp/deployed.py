@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from autocomp import runtime
+from autocomp.cache import sha256
 from autocomp.errors import AutocompError
-from autocomp.pareto import sha256
 from autocomp.pipeline import ARTIFACT
 
 
@@ -77,7 +77,7 @@ def _artifact_of(recipe_path: Path, progress: bool) -> Path:
         raise AutocompError(f"`recipe.provenance.artifact.file` must name a file beside the recipe, but got "
                             f"{name!r}.")
     beside = recipe_path.parent / name
-    if name and beside.is_file() and sha256(beside) == exported.get("sha256"):
+    if name and beside.is_file() and sha256(beside.read_bytes()) == exported.get("sha256"):
         return beside
     out = Path(tempfile.mkdtemp(prefix="autocomp-load-"))
     return apply(recipe, load_task(recipe.task), out, progress=progress).artifact

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from autocomp import analysis
+from autocomp.cache import sha256
 from autocomp.errors import AutocompError
 from autocomp.plot import Series
 from autocomp.recipe import Recipe
@@ -145,7 +146,7 @@ def export_recipe(study, trial_number: int, path: str | Path, storage: str, arti
     }
     artifact = _download_artifact(study, trial, artifacts, Path(path).with_suffix(".onnx")) if artifacts else None
     if artifact is not None:
-        recipe.provenance["artifact"] = {"file": artifact.name, "sha256": sha256(artifact)}
+        recipe.provenance["artifact"] = {"file": artifact.name, "sha256": sha256(artifact.read_bytes())}
     recipe.save(path)
     return recipe
 
@@ -162,12 +163,6 @@ def _download_artifact(study, trial, artifacts: str, out: Path) -> Path | None:
     download_artifact(artifact_store=FileSystemArtifactStore(artifacts), file_path=str(out),
                       artifact_id=stored["model.onnx"])
     return out
-
-
-def sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -78,7 +78,7 @@ def holds(url: str, study_name: str) -> bool:
     path = local_path(url)
     if path is not None and not path.exists():
         return False
-    return study_name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(url))}
+    return study_name in optuna.get_all_study_names(storage=open_storage(url))
 
 
 def located(url: str, study_name: str) -> str:
