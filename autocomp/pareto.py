@@ -31,6 +31,7 @@ def front_table(study):
     """
     import pandas as pd
 
+    teacher_of(study)  # a study `autocomp search` made, whose trials hold metrics: else one line
     rows = []
     for trial in study.best_trials:
         metrics, recipe = trial.user_attrs["metrics"], trial.user_attrs["recipe"]
@@ -67,8 +68,9 @@ def teacher_of(study) -> dict[str, float]:
     return study.user_attrs["teacher"]
 
 
-def report(study) -> dict:
-    """The study's front and its analysis, as ``autocomp pareto --json`` prints it (trial numbers, not indices)."""
+def report(study, table) -> dict:
+    """The study's front (``table``, its ``front_table``) and its analysis, as ``autocomp pareto --json`` prints it
+    (trial numbers, not indices)."""
     teacher, trials = teacher_of(study), complete_metrics(study)
     numbers, points = list(trials), list(trials.values())
     found = analysis.summary(points, teacher)
@@ -76,7 +78,7 @@ def report(study) -> dict:
              for key in ("knee", "best_size_within_1pp", "best_speedup_within_1pp")}
     return {"study": study.study_name, "objectives": study.metric_names or [], "teacher": teacher,
             "complete": found["complete"], "hypervolume": found["hypervolume"], **trial,
-            "front": json.loads(front_table(study).to_json(orient="records"))}
+            "front": json.loads(table.to_json(orient="records"))}
 
 
 def format_report(found: dict, trials: dict[int, dict[str, float]]) -> str:
@@ -98,8 +100,8 @@ def format_report(found: dict, trials: dict[int, dict[str, float]]) -> str:
         f"best speedup within {analysis.WITHIN_PP:g} pp: {point('best_speedup_within_1pp')}"])
 
 
-def compare_table(reports: list[dict], studies: list) -> str:
-    """``autocomp compare``'s table: one row per study, then each study's front."""
+def compare_table(reports: list[dict], studies: list, tables: list) -> str:
+    """``autocomp compare``'s table: one row per study, then each study's front (``tables``)."""
     import pandas as pd
 
     def within(found: dict, key: str, metric: str, trials: dict) -> str:
@@ -107,23 +109,22 @@ def compare_table(reports: list[dict], studies: list) -> str:
         return "-" if n is None else f"{trials[n][metric]:.2f}x (trial {n})"
 
     rows, fronts = [], []
-    for found, study in zip(reports, studies, strict=True):
+    for found, study, front in zip(reports, studies, tables, strict=True):
         trials = complete_metrics(study)
         rows.append({"study": found["study"], "complete": found["complete"], "front": len(found["front"]),
                      "hv_val": found["hypervolume"]["val"], "hv_test": found["hypervolume"]["test"],
                      "best_size_1pp": within(found, "best_size_within_1pp", "compression_ratio", trials),
                      "best_speedup_1pp": within(found, "best_speedup_within_1pp", "speedup", trials),
                      "knee": found["knee"]})
-        fronts.append(f"\n{found['study']}: " + format_table(front_table(study), found["teacher"],
-                                                             found["objectives"]))
+        fronts.append(f"\n{found['study']}: " + format_table(front, found["teacher"], found["objectives"]))
     table = pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}")
     return table + "\n" + "\n".join(fronts)
 
 
-def series(study, name: str | None = None) -> Series:
-    """The study as a series of ``autocomp.plot``: its complete trials, the listed front highlighted."""
+def series(study, table, name: str | None = None) -> Series:
+    """The study as a series of ``autocomp.plot``: its complete trials, the listed front (``table``) highlighted."""
     trials = complete_metrics(study)
-    listed = {t.number for t in study.best_trials}
+    listed = set(table["trial"])
     return Series(name or study.study_name, list(trials.values()), list(trials),
                   [i for i, n in enumerate(trials) if n in listed], teacher_of(study))
 

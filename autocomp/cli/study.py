@@ -52,51 +52,54 @@ def add_commands(commands) -> None:
     export.set_defaults(run=_export)
 
 
-def print_front(study, csv: Path | None = None) -> None:
+def print_front(study, csv: Path | None = None):
+    """Print the study's front table and its analysis (and write the table to ``csv``); return the table."""
     from autocomp.pareto import complete_metrics, format_report, format_table, front_table, report, teacher_of
 
     teacher = teacher_of(study)
     table = front_table(study)
     print(format_table(table, teacher, study.metric_names or []))
-    print(format_report(report(study), complete_metrics(study)))
+    print(format_report(report(study, table), complete_metrics(study)))
     if csv is not None:
         table.to_csv(csv, index=False)
         print(f"wrote {csv}")
+    return table
 
 
 def _pareto(args: argparse.Namespace) -> int:
-    from autocomp.pareto import report, series
+    from autocomp.pareto import front_table, report, series
     from autocomp.plot import check_path, front_plot
 
     if args.plot:
         check_path(args.plot)
     spec, study = load_of(args)
     if args.json:
-        print(json.dumps(report(study), indent=2, default=float))
+        table = front_table(study)
+        print(json.dumps(report(study, table), indent=2, default=float))
     else:
-        print_front(study, args.csv)
+        table = print_front(study, args.csv)
     if args.plot:
-        path = front_plot([series(study)], args.plot, f"study {spec.study_name!r}: validation accuracy")
+        path = front_plot([series(study, table)], args.plot, f"study {spec.study_name!r}: validation accuracy")
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from autocomp.pareto import compare_table, report, series
+    from autocomp.pareto import compare_table, front_table, report, series
     from autocomp.plot import check_path, front_plot
 
     if args.plot:
         check_path(args.plot)
     studies = [_named_study(source, args.storage) for source in args.studies]
-    reports = [report(study) for study in studies]
+    tables = [front_table(study) for study in studies]
+    reports = [report(study, table) for study, table in zip(studies, tables, strict=True)]
     if args.json:
         print(json.dumps(reports, indent=2, default=float))
     else:
-        print(compare_table(reports, studies))
+        print(compare_table(reports, studies, tables))
     if args.plot:
-        names = [study.study_name for study in studies]
-        path = front_plot([series(s, name) for s, name in zip(studies, names, strict=True)], args.plot,
-                          f"{' vs '.join(names)}: validation accuracy")
+        path = front_plot([series(s, table) for s, table in zip(studies, tables, strict=True)], args.plot,
+                          f"{' vs '.join(s.study_name for s in studies)}: validation accuracy")
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -118,7 +121,7 @@ def _named_study(source: str, storage: str | None):
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autocomp.pareto import complete_metrics, export_recipe, report
+    from autocomp.pareto import complete_metrics, export_recipe, front_table, report
     from autocomp.pick import CAPS, Rule, pick
 
     caps = {metric: getattr(args, option) for option, metric in CAPS.items() if getattr(args, option) is not None}
@@ -133,7 +136,7 @@ def _export(args: argparse.Namespace) -> int:
     spec, study = load_of(args)
     number, why = args.trial, "named with --trial"
     if args.knee:
-        number, why = report(study)["knee"], "the knee of the validation front (autocomp pareto)"
+        number, why = report(study, front_table(study))["knee"], "the knee of the validation front (autocomp pareto)"
         if number is None:
             raise AutocompError(f"Study {spec.study_name!r} has no complete trial, so no knee.")
     elif rule is not None:
