@@ -1,6 +1,6 @@
 """What optuna-dashboard shows of a study: each trial's numbers as flat scalar user attributes (sortable columns,
 axes of its Pareto plot), and Markdown notes through its note API (``optuna_dashboard.save_note``): a trial's
-recipe in one paragraph with its numbers against the teacher, and the study's teacher, task, space and run."""
+recipe in a few lines with its numbers against the teacher, and the study's teacher, task, space and run."""
 
 from __future__ import annotations
 
