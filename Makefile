@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-ask bench-students bench-scaling \
-	bench-latency bench-latency-table clean
+	bench-latency bench-latency-table bench-load bench-soak clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,17 @@ bench-students: setup  # about 20 minutes here: does the shipped space's student
 
 bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ray cluster, latency under load
 	$(BIN)/python benchmarks/scaling.py
+
+# one worker's runs of bench-load: side by side (they sleep), one file per backend
+LOAD_ONE := benchmarks/results/load_one
+
+bench-load: setup  # about an hour here: trials that sleep, 1 to 64 at once, on a journal, PostgreSQL and Ray
+	for b in postgresql ray journal; do $(BIN)/python benchmarks/load.py --concurrency 1 --backends $$b \
+		--out $(LOAD_ONE)_$$b.md & done; wait
+	$(BIN)/python benchmarks/load.py --concurrency 32 8 64 --include $(LOAD_ONE)_*.json
+
+bench-soak: setup  # under a minute here: 300 trials in one process, its memory and per-trial overhead
+	$(BIN)/python benchmarks/soak.py
 
 bench-latency: setup  # about a minute here, on an idle machine: repeatability and load accounting of the protocol
 	$(BIN)/python benchmarks/latency.py

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +93,20 @@ def read_yaml(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"The {what} file {str(path)!r} must hold a mapping, but holds {type(data).__name__}.")
     return data
+
+
+@contextlib.contextmanager
+def in_file(path: str | Path | None) -> Iterator[None]:
+    """Name the file ``path`` (if any) in a ConfigError raised inside that names no file yet: a field's error says
+    which file holds the field (the innermost file: a study's space names the space file)."""
+    try:
+        yield
+    except ConfigError as err:
+        if path is None or err.file is not None:
+            raise
+        named = ConfigError(err.message, err.field)  # the same field, for whoever reads it
+        named.file, named.args = str(path), (f"{path}: {err}",)
+        raise named from None
 
 
 def write_yaml(data: dict, path: str | Path) -> None:

@@ -19,6 +19,7 @@ class ConfigError(AutocompError, ValueError):
 
     def __init__(self, message: str, field: str | None = None) -> None:
         self.message, self.field = message, field
+        self.file: str | None = None  # the file that holds the field, once named (``autocomp.config.in_file``)
         super().__init__(f"`{field}` {message}" if field else message)
 
     def located(self, prefix: str) -> ConfigError:

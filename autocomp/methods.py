@@ -11,7 +11,7 @@ from autocomp.compress.calibrate import CALIBRATORS
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.distill import TRANSFERS
 from autocomp.compress.student import STUDENTS, resolved
-from autocomp.config import read_yaml
+from autocomp.config import in_file, read_yaml
 from autocomp.errors import ConfigError
 from autocomp.recipe import Recipe
 from autocomp.registry import Registry
@@ -71,4 +71,5 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     """The recipe file at ``path``, checked (``recipe_from_dict``)."""
-    return recipe_from_dict(read_yaml(path, "recipe"))
+    with in_file(path):
+        return recipe_from_dict(read_yaml(path, "recipe"))

@@ -82,10 +82,8 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
-    student, facts = student_and_facts(recipe, task)
+    student, facts = restructured(recipe, task)
     prunable = facts.prunable
-    facts.check(recipe)
-    restructure(student, recipe, task)
     present = set(layer_names(student))
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
     hint_pairs = distillation_pairs(recipe, task, prunable, present)
@@ -120,6 +118,16 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     int8 = [n for n in layer_names(student) if recipe.quantize.activation_bits_of(n) == 8]
     return CompressedModel(student, artifact, metrics, kernels, layer_kernels,
                            runtime.fp32_fallbacks(layer_kernels, int8), seconds, trained)
+
+
+def restructured(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts]:
+    """The recipe's student, checked against its facts (a ConfigError names the field) and restructured
+    (``restructure``), untrained and unpruned, with its facts: what ``apply`` compresses, and what
+    ``autocomp apply --dry-run`` checks."""
+    student, facts = student_and_facts(recipe, task)
+    facts.check(recipe)
+    restructure(student, recipe, task)
+    return student, facts
 
 
 def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:

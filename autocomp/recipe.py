@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autocomp.config import check_schema_version, from_dict, read_yaml, to_dict, write_yaml
+from autocomp.config import check_schema_version, from_dict, in_file, read_yaml, to_dict, write_yaml
 from autocomp.errors import ConfigError, check_choice, check_range
 
 SCHEMA_VERSION = 1
@@ -292,7 +292,8 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        return cls.from_dict(read_yaml(path, "recipe"))
+        with in_file(path):
+            return cls.from_dict(read_yaml(path, "recipe"))
 
 
 def canonical(data: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 from autocomp.allocation import Guide, group_sparsities, layer_formats
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.student import STUDENTS, resolved
-from autocomp.config import check_keys, check_schema_version, from_dict, read_yaml
+from autocomp.config import check_keys, check_schema_version, from_dict, in_file, read_yaml
 from autocomp.dimensions import PER_LAYER, Param, layer_dimension
 from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
 from autocomp.methods import check_name, check_recipe
@@ -133,7 +133,8 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
-        return cls.from_dict(read_yaml(path, "search space"))
+        with in_file(path):
+            return cls.from_dict(read_yaml(path, "search space"))
 
     @classmethod
     def from_dict(cls, data: dict) -> SearchSpace:

@@ -18,7 +18,9 @@ trials are failed with the reason. Either way a failed trial of a dead worker is
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -101,19 +103,45 @@ def move_to_shared(url: str, study_name: str) -> str:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The storage behind ``url``: journal file, or a database with heartbeats and retries (one per process)."""
+    """The storage behind ``url``: journal file, or a database with heartbeats, whose calls are tried again while it
+    is locked or unreachable (``autocomp.patient``)."""
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import JournalStorage, RDBStorage
+    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    from autocomp.patient import PatientRDBStorage
 
     check_url(url)
     if url.startswith(JOURNAL):
         return JournalStorage(JournalFileBackend(url[len(JOURNAL):]))
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    engine = {"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                          grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
+        return PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                 grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
+
+
+def artifact_store(folder: str):
+    """Optuna's file-system artifact store in ``folder``, writing each artifact through a temporary file and a
+    rename: a reader never sees half a file, and a trial records an artifact only once it is whole."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    class AtomicArtifactStore(FileSystemArtifactStore):
+        def write(self, artifact_id: str, content_body) -> None:
+            path = self._get_filepath(artifact_id)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+            os.replace(tmp, path)
+
+    return AtomicArtifactStore(folder)
+
+
+def batched(study: optuna.Study) -> contextlib.AbstractContextManager:
+    """A block whose writes of trial parameters and attributes land in one transaction, on a database
+    (``autocomp.patient``); on a journal file, each as it comes."""
+    backend = getattr(study._storage, "_backend", study._storage)  # Optuna's cache in front of a database
+    return backend.batched() if hasattr(backend, "batched") else contextlib.nullcontext()
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -154,12 +182,15 @@ def alive(worker: dict[str, object]) -> bool:
 
 
 def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
-    """Store a RUNNING trial as FAIL with ``reason`` (its ``error``); False if it had already finished."""
+    """Store a RUNNING trial as FAIL with ``reason`` ("Kind: message", its ``error`` and ``fault``); False if it had
+    already finished."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    kind, _, message = reason.partition(": ")
     try:
         study._storage.set_trial_user_attr(trial_id, "error", reason)
+        study._storage.set_trial_user_attr(trial_id, "fault", {"type": kind, "message": message, "phase": ""})
         return study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
     except UpdateFinishedTrialError:  # another worker finished it first
         return False

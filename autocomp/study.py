@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autocomp.config import check_schema_version, from_dict, read_yaml
+from autocomp.config import check_schema_version, from_dict, in_file, read_yaml
 from autocomp.errors import ConfigError, check_choice, check_range
 from autocomp.fidelity import Screening
 from autocomp.recipe import Measure
@@ -47,6 +47,7 @@ class StudySpec:
     measure: Measure = field(default_factory=Measure)
     screening: Screening | None = None  # multi-fidelity (``autocomp.fidelity``); None: every trial full
     constraints: dict[str, float] = field(default_factory=dict)  # metric -> the most a feasible trial may have
+    source: str | None = field(default=None, init=False, compare=False)  # the YAML file it was loaded from
 
     def __post_init__(self) -> None:
         check_range("trials", self.trials, 1, 10**6)
@@ -71,10 +72,12 @@ class StudySpec:
     @classmethod
     def load(cls, path: str | Path) -> StudySpec:
         path = Path(path)
-        data = read_yaml(path, "study")
-        check_schema_version(data, SCHEMA_VERSION, "study")
-        spec = from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "study")
-        return spec.resolved(path.parent)
+        with in_file(path):
+            data = read_yaml(path, "study")
+            check_schema_version(data, SCHEMA_VERSION, "study")
+            spec = from_dict(cls, {k: v for k, v in data.items() if k != "schema_version"}, "study")
+            spec.source = str(path)
+            return spec.resolved(path.parent)
 
     def resolved(self, folder: Path) -> StudySpec:
         """Make the relative paths absolute against ``folder`` and fill in the defaults."""

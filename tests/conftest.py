@@ -1,11 +1,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import yaml
 from torch import nn
 
 from autocomp.recipe import Measure
+from tests.postgres import PACKAGE_MISSING, Server, bindir, local_server
 
 ROOT = Path(__file__).resolve().parents[1]
 # for tests of what a recipe builds, not of its latency (tests/test_latency.py): the shortest timing of the artifact
@@ -50,31 +49,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A PostgreSQL server from the OS packages, started on 127.0.0.1 for the session (as the ``postgres``
-    user when the tests run as root, which PostgreSQL refuses), and stopped after."""
-    bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
-    if bindir is None or shutil.which("pg_ctl", path=str(bindir)) is None:  # scripts/os_packages.sh installs it
-        pytest.skip("needs the OS package postgresql (PostgreSQL's server, not found under /usr/lib/postgresql)")
-    data = Path(tempfile.mkdtemp(prefix="autocomp-postgres-"))  # under /tmp: reachable by the postgres user
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(data, "postgres")
-    port = free_port()
+def postgres_server() -> Iterator[Server]:
+    """A PostgreSQL server from the OS packages, started on 127.0.0.1 for the session (``tests.postgres``)."""
+    if bindir() is None:
+        pytest.skip(PACKAGE_MISSING)
+    with local_server() as server:
+        yield server
 
-    def run(*command: str) -> None:
-        done = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"{command[0]}: {done.stderr[-2000:]}"
 
-    run(str(bindir / "initdb"), "-D", str(data / "db"), "-U", "autocomp", "--auth=trust")
-    run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",
-        "-o", f"-h 127.0.0.1 -p {port} -k {data}")
-    try:
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "autocomp", "studies")
-        yield f"postgresql://autocomp@127.0.0.1:{port}/studies"
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "-w", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: Server) -> str:
+    """A database of the session's PostgreSQL server."""
+    return postgres_server.database("studies")
 
 
 def short_joint_space(folder: Path, epochs: int) -> Path:

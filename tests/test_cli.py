@@ -170,7 +170,7 @@ def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path, capsys):
     bad.write_text(study_yaml.read_text().replace("task: digits", "task: digts"))
     _, err = autocomp_here(capsys, "search", str(bad), expect=2)
     assert err == (
-        "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', 'mnist1d_lean', "
+        f"autocomp: error: {bad}: `task` must name a registered task ['digits', 'mnist1d', 'mnist1d_lean', "
         "'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?\n")
     assert not (tmp_path / "e2e.db").exists()  # nothing was created for a study that never started
     _, err = autocomp_here(capsys, "pareto", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--study-name", "x",
@@ -179,5 +179,5 @@ def test_bad_input_is_one_line_and_exit_2(study_yaml, tmp_path, capsys):
     _, err = autocomp_here(capsys, "apply", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o"), expect=2)
     assert "cannot be read" in err and err.count("\n") == 1
     result = autocomp("search", str(bad), expect=2)  # the console script itself: the same one line
-    assert result.stderr == "autocomp: error: `task` must name a registered task ['digits', 'mnist1d', " \
+    assert result.stderr == f"autocomp: error: {bad}: `task` must name a registered task ['digits', 'mnist1d', " \
                             "'mnist1d_lean', 'mnist1d_transformer'], but got 'digts'. Did you mean 'digits'?\n"

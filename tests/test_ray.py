@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -118,3 +119,49 @@ def test_a_node_that_does_not_see_the_artifact_folder_refuses_the_trial(tmp_path
     check_shared(tmp_path / "seen", ".autocomp-shared-1")
     with pytest.raises(AutocompError, match="artifact folder .*elsewhere is not shared with this node"):
         check_shared(tmp_path / "elsewhere", ".autocomp-shared-1")  # another node's local disk: no marker there
+
+
+@pytest.mark.slow
+def test_the_time_limit_holds_in_ray_tunes_trials(ray_cluster, tmp_path):
+    from tests.test_faults import faulty_study
+
+    faulty_study(tmp_path, "sleeps", "trial_timeout: 1.5\n")
+    journal = f"journal:///{tmp_path / 's.journal'}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the test task's package
+    done = subprocess.run([AUTOCOMP, "search", str(tmp_path / "s.yaml"), "--backend", "ray", "--address", ray_cluster,
+                           "--storage", journal, "--no-progress"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(storage=open_storage(journal), study_name="s").trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(trials) == 6 and failed and "RUNNING" not in [t.state.name for t in trials]
+    for trial in failed:
+        assert trial.user_attrs["fault"]["type"] == "TrialTimeout" and "ray" in trial.user_attrs
+        assert "ran past its 1.5 s limit (trial_timeout)" in trial.user_attrs["fault"]["message"]
+
+
+ALONGSIDE = """
+import sys
+from autocomp.search.optuna_runner import run_search
+from autocomp.search.ray_runner import RayOptions
+from autocomp.study import StudySpec
+from tests.sleeping import Sleeping
+
+study, trials = run_search(StudySpec.load(sys.argv[1]), progress=False, ray=RayOptions(max_concurrent=1),
+                           objective=Sleeping)
+print(sum(t.state.name == "COMPLETE" for t in trials))
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_started_for_one_search_starts_beside_a_running_cluster(ray_cluster, tmp_path):
+    """ray.init() with no address joins the cluster `ray start` left on the machine, and refuses the options of a
+    Ray of one's own: the search asks for a Ray of its own ("local")."""
+    from tests.test_storage_faults import sleeping_study
+
+    sleeping_study(tmp_path, f"journal:///{tmp_path / 'sleep.journal'}", 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # a user's shell, not the cluster's
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", ALONGSIDE, str(tmp_path / "sleep.yaml")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.strip().splitlines()[-1]) >= 1

@@ -88,3 +88,24 @@ def test_a_parallel_search_moves_a_sqlite_study_into_the_journal_beside_it_where
     assert located(sqlite, "other") == sqlite  # another study of the same file stays where it is
     postgres = "postgresql://u@127.0.0.1/db"
     assert shared(postgres) == postgres and located(postgres, "s") == postgres
+
+
+def test_a_batch_of_trial_writes_lands_whole_or_not_at_all(tmp_path):
+    from autocomp.storage import batched
+
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="b")
+    trial = study.ask()
+    elsewhere = open_storage(url)  # what another process reads
+    with batched(study):
+        trial.set_user_attr("metrics", {"val_accuracy": 0.9})
+        trial.suggest_float("x", 0.0, 1.0)
+        assert elsewhere.get_trial(trial._trial_id).user_attrs == {}  # held until the block ends
+    seen = elsewhere.get_trial(trial._trial_id)
+    assert seen.user_attrs == {"metrics": {"val_accuracy": 0.9}} and set(seen.params) == {"x"}
+    with pytest.raises(RuntimeError), batched(study):
+        trial.set_user_attr("recipe", {"seed": 0})
+        raise RuntimeError("a fault mid-way")
+    assert "recipe" not in elsewhere.get_trial(trial._trial_id).user_attrs  # none of the block's writes
+    trial.set_user_attr("error", "RuntimeError: a fault mid-way")  # outside a block: at once
+    assert "error" in elsewhere.get_trial(trial._trial_id).user_attrs

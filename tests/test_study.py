@@ -55,4 +55,4 @@ def test_a_missing_required_field_is_named_without_internal_names(tmp_path):
     path.write_text("schema_version: 1\ntask: digits\nspace: x.yaml\n")
     with pytest.raises(ConfigError) as err:
         StudySpec.load(path)
-    assert str(err.value) == "`study.study_name` is required, but missing."
+    assert str(err.value) == f"{path}: `study.study_name` is required, but missing."

@@ -16,11 +16,20 @@ DESCRIPTION = ("Search how to compress a trained PyTorch model (pruning, quantiz
                "architecture), read the Pareto front, export a trial's recipe and apply it again.")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line naming the command's help (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except AutocompError as err:
+        if args.debug:
+            raise
         print(f"autocomp: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -29,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autocomp", description=DESCRIPTION)
+    parser = Parser(prog="autocomp", description=DESCRIPTION)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     search = commands.add_parser("search", help="run (or continue) a compression search")
@@ -52,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--cpus-per-trial", type=positive_float, default=1.0,
                         help="with --backend ray: CPUs each trial reserves (default 1)")
     search.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    search.add_argument("--dry-run", action="store_true",
+                        help="check the study, its space and its task, say what would run, and store nothing")
     search.set_defaults(run=_search)
 
     sensitivity = commands.add_parser("sensitivity", help="the teacher's sensitivity map, stored with the study")
@@ -74,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--verify", action="store_true",
                        help="exit 1 unless the replay reproduces the recorded accuracies and size exactly and the "
                             "latency ratio to the teacher within 10%%")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="check the recipe against its task's model, say what it builds, and write nothing")
     apply.set_defaults(run=_apply)
 
     methods = commands.add_parser("methods", help="list every compression method and task, by family")
@@ -113,6 +127,8 @@ def _search(args: argparse.Namespace) -> int:
 
     spec = spec_of(args)
     ray = _ray_options(args)
+    if args.dry_run:
+        return _search_dry_run(spec)
     if (args.workers > 1 or ray) and not args.storage and spec.storage.startswith("sqlite:///"):
         sqlite, spec.storage = spec.storage, move_to_shared(spec.storage, spec.study_name)
         who = f"{args.workers} workers" if ray is None else "Ray Tune's trials"
@@ -131,6 +147,19 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_dry_run(spec) -> int:
+    from autocomp.search.trials import prepare
+
+    prepared = prepare(spec)
+    for line in prepared.narrowed:
+        print(f"autocomp: {line}")
+    dimensions = prepared.space.dimensions(prepared.prunable, spec.task, prepared.quantizable)
+    print(f"study {spec.study_name!r}: task {spec.task!r} ({len(prepared.prunable)} prunable layers), space "
+          f"{spec.space} ({len(dimensions)} dimensions), {spec.trials} trials by {spec.sampler}, objectives "
+          f"{dict(spec.objectives)}, storage {spec.storage}; dry run: nothing stored")
+    return 0
+
+
 def _sensitivity(args: argparse.Namespace) -> int:
     from autocomp.search.optuna_runner import sensitivity_of
 
@@ -145,14 +174,18 @@ def _sensitivity(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     import tempfile
 
+    from autocomp.config import in_file
     from autocomp.measure import with_ratios
     from autocomp.methods import load_recipe
     from autocomp.pipeline import apply, teacher_baseline
     from autocomp.search.trials import fingerprint_mismatch
     from autocomp.tasks.load import load_task
 
-    recipe = load_recipe(args.recipe)
-    task = load_task(recipe.task)
+    with in_file(args.recipe):  # an error of the recipe's task or layers names the file
+        recipe = load_recipe(args.recipe)
+        task = load_task(recipe.task)
+        if args.dry_run:
+            return _apply_dry_run(recipe, task, args.recipe)
     mismatch = fingerprint_mismatch(recipe.provenance.get("fingerprint"), task.fingerprint(),
                                     f"recipe {str(args.recipe)!r}")
     if mismatch and not args.allow_other_teacher:
@@ -196,6 +229,16 @@ def _verified(metrics: dict, recorded: dict) -> int:
                         "the replay reproduces the recorded accuracies and size exactly, the latency ratio within "
                         "10%"))
     return EXIT_FAILED if differences else 0
+
+
+def _apply_dry_run(recipe, task, path: Path) -> int:
+    from autocomp.pipeline import restructured
+
+    student, _ = restructured(recipe, task)
+    print(f"recipe {str(path)!r}: task {recipe.task!r}, student {recipe.student.family!r} "
+          f"({sum(p.numel() for p in student.parameters()):,} parameters before pruning), "
+          f"{len(recipe.prune.layers)} pruned layer(s); dry run: nothing written")
+    return 0
 
 
 def _methods(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ deadline passes."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -25,13 +26,18 @@ from autocomp.storage import fail_dead_trials
 if TYPE_CHECKING:
     import optuna
 
+    from autocomp.search.objective import Objective
+
+DEAD_CHECK_SECONDS = 5.0  # how often a worker looks for dead workers' trials (each look reads every running trial)
+
 
 def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
          study: optuna.Study | None = None) -> None:
     """One worker: start trials until the study holds ``run.trials`` counted ones or the deadline passes.
 
-    Before each trial the worker fails the trials of dead workers (queued again, ``autocomp.storage``); while
-    the trials still running elsewhere would complete the count, it waits for them instead of starting more.
+    Every few seconds, between trials, the worker fails the trials of dead workers (queued again,
+    ``autocomp.storage``); while the trials still running elsewhere would complete the count, it waits for them
+    instead of starting more.
     """
     import optuna
     from tqdm import tqdm
@@ -44,8 +50,11 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
     status = Status(bar, study, run.deadline) if progress else None
     with phase.listening(status.phase if status else lambda now: None):
+        checked = 0.0
         while run.deadline is None or time.time() < run.deadline:
-            fail_dead_trials(study)
+            if time.monotonic() - checked >= DEAD_CHECK_SECONDS:
+                fail_dead_trials(study)
+                checked = time.monotonic()
             trials = study.get_trials(deepcopy=False)
             done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
             bar.update(done - bar.n)
@@ -56,8 +65,34 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
             if done + running >= run.trials:  # the others' trials would complete the count: wait for them
                 time.sleep(1.0)
                 continue
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            run_one(study, objective)
     bar.close()
+
+
+def run_one(study: optuna.Study, objective: Objective) -> None:
+    """One trial, as ``study.optimize`` runs it (stale trials failed first, heartbeats while it runs). A trial that
+    another worker failed meanwhile (its heartbeat went stale while this process was starved of CPU, or it was
+    judged dead) stays failed, and this worker goes on."""
+    from autocomp.patient import StorageUnavailable
+
+    try:
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+    except Exception as err:
+        unavailable = next((e for e in causes(err) if isinstance(e, StorageUnavailable)), None)
+        if unavailable is not None:  # the storage, not the trial: said in one line (Optuna's tell may hide it)
+            raise unavailable from None
+        if not (isinstance(err, ValueError) and "Cannot tell a" in str(err)):  # a trial no longer RUNNING
+            raise
+        print(f"autocomp: a trial of this worker was failed by another meanwhile ({err}); going on", file=sys.stderr)
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from or while handling, innermost last."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
 
 
 def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> None:
@@ -66,8 +101,11 @@ def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> 
 
     from tqdm import tqdm
 
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or storage state
-    processes = [context.Process(target=work, args=(run, index, False), name=f"autocomp-worker-{index}")
+    # forked from a server that imported the search (and torch) once: the workers share those pages, and none forks
+    # torch's threads or a storage's connections (the server has neither)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    processes = [context.Process(target=_worker, args=(run, index), name=f"autocomp-worker-{index}")
                  for index in range(workers)]
     for process in processes:
         process.start()
@@ -85,6 +123,18 @@ def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> 
     if failed:
         print(f"autocomp: {len(failed)} worker(s) stopped early (exit codes {[p.exitcode for p in failed]}); "
               "their running trials are failed and retried by the next search")
+
+
+def _worker(run: Run, index: int) -> None:
+    """A worker process: ``work``, ending in one line and exit code 2 on an error of the user's or the storage's
+    (``autocomp.patient``), not in a traceback."""
+    from autocomp.errors import AutocompError
+
+    try:
+        work(run, index, False)
+    except AutocompError as err:
+        print(f"autocomp: error: worker {index}: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 class Status:

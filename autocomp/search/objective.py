@@ -19,7 +19,7 @@ from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply
 from autocomp.proxy import ProxyScore
 from autocomp.recipe import Recipe
 from autocomp.space import SearchSpace
-from autocomp.storage import this_worker
+from autocomp.storage import artifact_store, batched, this_worker
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
 
@@ -33,12 +33,10 @@ class Objective:
 
     def __init__(self, spec: StudySpec, space: SearchSpace, task: Task, baseline: Baseline, prunable: dict,
                  quantizable: list[str], seed: int, guide: Guide | None) -> None:
-        from optuna.artifacts import FileSystemArtifactStore
-
         self.spec, self.space, self.task, self.baseline = spec, space, task, baseline
         self.prunable, self.quantizable, self.seed, self.guide = prunable, quantizable, seed, guide
         Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
-        self.store = FileSystemArtifactStore(spec.artifacts)
+        self.store = artifact_store(spec.artifacts)
         self._dimensions = space.dimensions(prunable, spec.task, quantizable)
         self._scores: dict[str, ProxyScore] = {}
         self._latency: proxy.LatencyModel | None = None
@@ -84,10 +82,11 @@ class Objective:
         spec, task = self.spec, self.task
         ends = None if spec.trial_timeout is None else time.monotonic() + spec.trial_timeout
         phase.stage(f"trial {trial.number}, sample")  # a fault names this trial's phase, not the last one's
-        trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
-        recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
-                                   quantizable=self.quantizable, guide=self.guide)
-        trial.set_user_attr("recipe", recipe.to_dict())
+        with batched(trial.study):  # the sampled recipe lands in one write (autocomp.patient)
+            trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
+            recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
+                                       quantizable=self.quantizable, guide=self.guide)
+            trial.set_user_attr("recipe", recipe.to_dict())
         _check_caps(trial, recipe, task, spec.constraints)
         _check_duplicate(trial, recipe)
         if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
@@ -98,18 +97,24 @@ class Objective:
             _screen(trial, screen, task, self.baseline, spec, ends)
         trial.set_user_attr("fidelity", "full")
         phase.stage(f"trial {trial.number}")
-        result = _run_trial(trial, recipe, task, self.baseline.artifact, self.store, ends, spec.trial_timeout)
+        result = self.evaluate(trial, recipe, ends)
         metrics = with_ratios(result.metrics, self.baseline.metrics)
-        trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("seconds", result.seconds)
-        trial.set_user_attr("epochs", result.epochs)  # per pruning round, as trained (early stopping may cut them)
-        trial.set_user_attr("kernels", result.kernels)
-        trial.set_user_attr("layer_kernels", result.layer_kernels)
-        trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
-        for metric, cap in spec.constraints.items():  # feasible at 0 or below (Optuna's convention)
-            trial.set_constraint(metric, (metrics[metric] - cap) / cap)
-        annotate(trial, recipe, metrics, self.baseline.metrics, spec.constraints)  # what the dashboard shows
+        with batched(trial.study):  # the results land in one write, or none of them (autocomp.patient)
+            trial.set_user_attr("metrics", metrics)
+            trial.set_user_attr("seconds", result.seconds)
+            trial.set_user_attr("epochs", result.epochs)  # per pruning round, as trained (early stopping may cut)
+            trial.set_user_attr("kernels", result.kernels)
+            trial.set_user_attr("layer_kernels", result.layer_kernels)
+            trial.set_user_attr("fp32_layers", result.fp32_layers)  # asked for int8, computed in fp32: why
+            for metric, cap in spec.constraints.items():  # feasible at 0 or below (Optuna's convention)
+                trial.set_constraint(metric, (metrics[metric] - cap) / cap)
+            annotate(trial, recipe, metrics, self.baseline.metrics, spec.constraints)  # what the dashboard shows
         return [metrics[name] for name in spec.objectives]
+
+    def evaluate(self, trial: optuna.Trial, recipe: Recipe, ends: float | None) -> CompressedModel:
+        """The trial's full run: ``recipe`` applied and measured before ``ends`` (time.monotonic()), its artifact
+        and recipe stored with the trial. (A subclass may evaluate otherwise: ``tests/sleeping.py`` sleeps.)"""
+        return _run_trial(trial, recipe, self.task, self.baseline.artifact, self.store, ends, self.spec.trial_timeout)
 
 
 def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
@@ -122,7 +127,7 @@ def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
     trial.set_user_attr("recipe_key", key)  # what later trials compare with: no stored recipe is read again
 
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
-    for other in trial.study.get_trials(deepcopy=False, states=states):
+    for other in trial.study.get_trials(deepcopy=False, states=states):  # read now: a trial started since counts
         if other.number != trial.number and "duplicate_of" not in other.user_attrs \
                 and other.user_attrs.get("recipe_key") == key:
             trial.set_user_attr("duplicate_of", other.number)

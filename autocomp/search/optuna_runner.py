@@ -13,6 +13,7 @@ from autocomp.errors import AutocompError
 from autocomp.notes import annotate_study
 from autocomp.pipeline import Baseline, teacher_baseline
 from autocomp.search.backends import BACKENDS, Launch
+from autocomp.search.objective import Objective
 from autocomp.search.trials import (
     FINISHED,
     Prepared,
@@ -38,12 +39,14 @@ if TYPE_CHECKING:
 
 
 def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = None, progress: bool = True,
-               timeout: float | None = None, workers: int = 1, ray: RayOptions | None = None):
+               timeout: float | None = None, workers: int = 1, ray: RayOptions | None = None,
+               objective: type[Objective] = Objective):
     """Run trials until the study holds ``trials`` finished ones, or until ``timeout`` seconds (default: the
     study's) have passed since the call (running trials finish; the teacher's baseline and sensitivity map
     count too); return the study and the trials of this run. ``workers`` processes run trials side by side
     on the study's storage (a journal file or a database; not SQLite), or, with ``ray``, Ray Tune runs them on
-    a Ray cluster (``autocomp.search.ray_runner``).
+    a Ray cluster (``autocomp.search.ray_runner``). Each worker runs ``objective`` (a subclass may evaluate a
+    recipe otherwise).
 
     Every input is checked before the study is opened, so bad input leaves storage untouched.
     """
@@ -69,7 +72,7 @@ def run_search(spec: StudySpec, trials: int | None = None, seed: int | None = No
         if not study.trials:  # a new study opens with the hand-made policies
             _enqueue_warm_start(study, space, spec.task, task, prunable, prepared.quantizable, progress)
         budget = timeout or spec.timeout
-        run = Run(spec, trials, seed, baseline.artifact, None if budget is None else started + budget)
+        run = Run(spec, trials, seed, baseline.artifact, None if budget is None else started + budget, objective)
         backend = BACKENDS.get("local" if ray is None else "ray")
         annotate_study(study, spec.task, spec.space, prepared.narrowed)
         backend(run, Launch(study, prepared, workers, ray, progress))

@@ -17,6 +17,8 @@ attributes, artifacts, constraints, fidelity records), because each Tune trial r
 - **Artifacts and storage must reach every node**: the study's artifact folder and its storage are paths
   or URLs every node opens (a shared file system, or PostgreSQL for the storage). A node that cannot see
   the artifact folder fails its trial with that reason instead of writing files nobody will find.
+- **Actors are reused**: a Tune trial runs in the actor (process) of a trial that ended, so a process is started
+  per concurrent trial, not per trial (each new one imports torch and the task: seconds of a small trial).
 - Ray's usage statistics are off; a Ray started for one search has no dashboard and a bounded object store.
 """
 
@@ -77,7 +79,8 @@ def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool)
     local = options.address is None
     try:
         try:
-            ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=progress,
+            # "local": a Ray of this search's own, even where `ray start` left a cluster that ray.init would join
+            ray.init(address=options.address or "local", runtime_env={"env_vars": env}, log_to_driver=progress,
                      **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
         except ConnectionError as err:  # --address auto with no cluster on this machine
             raise AutocompError(f"--address {options.address}: {err}") from None
@@ -90,7 +93,7 @@ def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=StudySearcher(run, study), num_samples=-1,
-                                            max_concurrent_trials=options.max_concurrent),
+                                            max_concurrent_trials=options.max_concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name=run.spec.study_name, storage_path=tmp, verbose=1 if progress else 0,
                                           failure_config=tune.FailureConfig(max_failures=MAX_RETRY)),
             )

@@ -5,6 +5,7 @@ the space narrowed to the task's model, the objective a worker builds, how a tri
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from autocomp.allocation import Guide, tied_parameters
 from autocomp.compress.distill import hidden_layers
 from autocomp.compress.facts import teacher_facts
 from autocomp.compress.student import STUDENTS, can_build
+from autocomp.config import in_file
 from autocomp.errors import AutocompError
 from autocomp.faults import fault
 from autocomp.pipeline import Baseline
@@ -43,6 +45,7 @@ class Run:
     seed: int
     reference: Path  # the teacher's artifact, timed against
     deadline: float | None  # time.time() after which no trial starts
+    objective: type[Objective] = Objective  # what each worker builds and runs per trial
 
 
 def make_sampler(spec: StudySpec, seed: int, objective: Objective | None = None):
@@ -116,12 +119,13 @@ class Prepared:
 
 def prepare(spec: StudySpec) -> Prepared:
     """The study's space narrowed to its task's model, with the task and its prunable and quantizable layers."""
-    import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
-    space = SearchSpace.load(spec.space)
-    task = load_task(spec.task)
-    facts = teacher_facts(task)  # found once: every trial's apply reads the same
-    space.layer_names(facts.prunable, spec.task)
-    narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]
+    with in_file(spec.source):  # an error of the study's task or space names the file
+        import_plugins(spec.task)  # a user task's own plug-ins, before its space names them
+        space = SearchSpace.load(spec.space)
+        task = load_task(spec.task)
+        facts = teacher_facts(task)  # found once: every trial's apply reads the same
+        space.layer_names(facts.prunable, spec.task)
+        narrowed = [*facts.left_out, *narrow_to_model(space, task, spec.task)]
     return Prepared(space, task, facts.prunable, facts.layers, narrowed)
 
 
@@ -135,7 +139,7 @@ def make_objective(run: Run, study: optuna.Study, prepared: Prepared | None = No
     p = prepared
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
     guide = study_guide(study, p.space, p.task, p.prunable, progress=False)
-    return Objective(run.spec, p.space, p.task, baseline, p.prunable, p.quantizable, run.seed, guide)
+    return run.objective(run.spec, p.space, p.task, baseline, p.prunable, p.quantizable, run.seed, guide)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], list[float]]) -> str:
@@ -150,11 +154,12 @@ def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.T
     except optuna.TrialPruned:
         state = TrialState.PRUNED
     except Exception as err:
-        if "error" not in trial.user_attrs:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            trial.set_user_attr("fault", fault(err))
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed elsewhere meanwhile
+            if "error" not in trial.user_attrs:
+                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+                trial.set_user_attr("fault", fault(err))
         state = TrialState.FAIL
-    study.tell(trial.number, values, state=state)
+    study.tell(trial.number, values, state=state, skip_if_finished=True)  # a trial failed elsewhere stays so
     return state.name
 
 

@@ -1,0 +1,149 @@
+"""A study's database, tried again while it is locked or unreachable, and written in batches.
+
+- **Tried again**: a SQLite file another process holds, a PostgreSQL server restarting. Each call of Optuna's
+  RDBStorage is retried with backoff for ``patience()`` seconds, then fails in one line (``StorageUnavailable``).
+  A call either completes or raises: a trial whose writes could not complete stays RUNNING, and its worker stops;
+  the next search fails it as a dead worker's trial (``autocomp.storage.fail_dead_trials``) and queues it again.
+- **Batched**: Optuna writes each parameter and attribute of a trial in a transaction of its own (a trial of the
+  joint space: some 70). Inside ``batched()`` a thread's writes of trial parameters and attributes are held and
+  committed in one transaction at its end: a trial's sampled recipe lands at once, and so do its metrics with
+  every attribute the dashboard shows; a fault in between leaves none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from optuna.storages import RDBStorage
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from autocomp.errors import AutocompError
+
+MAX_DELAY = 8.0  # seconds between two tries at most
+
+
+class StorageUnavailable(AutocompError):
+    """The study's database stayed locked or unreachable for ``patience()`` seconds."""
+
+
+def patience() -> float:
+    """Seconds a call is tried again (``AUTOCOMP_STORAGE_PATIENCE``, default 60)."""
+    return float(os.environ.get("AUTOCOMP_STORAGE_PATIENCE", "60"))
+
+
+def transient(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a database that could not be reached or was locked: worth trying
+    again, unlike an error of the data itself."""
+    return any(isinstance(e, (OperationalError, InterfaceError, DisconnectionError))
+               for e in (err, err.__cause__, err.__context__) if e is not None)
+
+
+def patiently(method: Callable) -> Callable:
+    """``method`` of an RDBStorage, tried again with backoff (0.25 s, doubling to ``MAX_DELAY``) while its error is
+    ``transient``, for ``patience()`` seconds; then ``StorageUnavailable``."""
+    @functools.wraps(method)
+    def call(self: RDBStorage, *args, **kwargs):
+        began, delay, tries = time.monotonic(), 0.25, 0
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as err:
+                tries += 1
+                waited = time.monotonic() - began
+                if not transient(err):
+                    raise
+                if waited >= patience():
+                    cause = str(err.__cause__ or err).strip().splitlines()
+                    url = getattr(self, "url", None) or (args[0] if args else "?")  # __init__ sets it
+                    raise StorageUnavailable(
+                        f"the study's storage {redacted(url)} stayed unavailable for {waited:.0f} s ({tries} "
+                        f"{'try' if tries == 1 else 'tries'}): {cause[0] if cause else type(err).__name__}") from err
+                time.sleep(max(0.0, min(delay, patience() - waited)))
+                delay = min(2 * delay, MAX_DELAY)
+    return call
+
+
+class PatientRDBStorage(RDBStorage):
+    """Optuna's RDBStorage whose every public method, and the private ones Optuna's cache in front of it calls,
+    is tried again while the database is locked or unreachable (``patiently``), and so is opening it."""
+
+    def __init__(self, url: str, **kwargs) -> None:
+        self._held = threading.local()  # the writes held by this thread's ``batched`` block, if any
+        patiently(RDBStorage.__init__)(self, url, **kwargs)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_held"]
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        state["_held"] = threading.local()
+        super().__setstate__(state)
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Hold this thread's writes of trial parameters and attributes inside, and commit them in one transaction
+        at the end (a block inside another is part of it)."""
+        if getattr(self._held, "writes", None) is not None:
+            yield
+            return
+        self._held.writes = []
+        try:
+            yield
+        finally:
+            writes, self._held.writes = self._held.writes, None
+        if writes:
+            self._commit(writes)
+
+    @patiently
+    def _commit(self, writes: list[Callable]) -> None:
+        with _create_scoped_session(self.scoped_session, True) as session:
+            for write in writes:
+                write(session)
+
+    def _write(self, write: Callable) -> None:
+        """``write(session)`` now, in a transaction of its own, or held for the batch this thread is in."""
+        held = getattr(self._held, "writes", None)
+        if held is None:
+            self._commit([write])
+        else:
+            held.append(write)
+
+    def _set_trial_param(self, trial_id: int, name: str, value: float, distribution, previous=None) -> None:
+        self._write(lambda session: self._set_trial_param_without_commit(session, trial_id, name, value,
+                                                                         distribution, previous))
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._write(lambda session: self._set_trial_attr_without_commit(session, models.TrialUserAttributeModel,
+                                                                        trial_id, key, value))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._write(lambda session: self._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel,
+                                                                        trial_id, key, value))
+
+
+_SKIP = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "upgrade",
+         "get_current_version", "get_head_version", "get_all_versions"}
+_PRIVATE = {"_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_stale_trial_ids"}
+for _name, _method in list(vars(RDBStorage).items()):
+    _wrap = callable(_method) and not isinstance(_method, (staticmethod, classmethod))
+    if _wrap and _name not in vars(PatientRDBStorage) and _name not in _SKIP \
+            and (_name in _PRIVATE or not _name.startswith("_")):
+        setattr(PatientRDBStorage, _name, patiently(_method))
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password."""
+    head, at, tail = url.rpartition("@")
+    scheme, _, user = head.partition("//")
+    if not at or ":" not in user:
+        return url
+    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
