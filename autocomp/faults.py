@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from torch import Tensor, nn
@@ -51,7 +53,8 @@ def time_limit(seconds: float | None, what: str = "the trial", limit: float | No
 
     A timer thread raises it asynchronously (``PyThreadState_SetAsyncExc``), so the limit holds in any thread: the
     main thread of a worker process and Ray Tune's trial threads alike. Python checks for it between bytecodes: a
-    single long native call (one torch operation, one ONNX Runtime run) ends first."""
+    single long native call (one torch operation, one ONNX Runtime run) ends first, and so does an import (one cut
+    short would leave its module half made for every later trial of the process)."""
     if seconds is None:
         yield
         return
@@ -62,6 +65,8 @@ def time_limit(seconds: float | None, what: str = "the trial", limit: float | No
     lock = threading.Lock()  # the timer raises only while the block runs
 
     def expire() -> None:
+        while importing(target) and not done.is_set():  # an import cut short leaves its module half made
+            time.sleep(0.05)
         with lock:
             if not done.is_set():
                 expired.said += f", {phase.now() or 'running'}"
@@ -76,6 +81,16 @@ def time_limit(seconds: float | None, what: str = "the trial", limit: float | No
         with lock:
             done.set()
         timer.cancel()
+
+
+def importing(thread: int) -> bool:
+    """Whether the thread ``thread`` is inside an import now (a frame of importlib's on its stack)."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def fault(err: BaseException) -> dict[str, str]:

@@ -64,8 +64,8 @@ def test_a_model_autocomp_cannot_compress_is_refused_in_one_line_before_the_stud
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "autocomp: error: task 'tests.tasks:dict_output': the teacher (DictOutput) returns dict; autocomp compresses "
-        "classifiers that return one (batch, classes) tensor of logits.")
+        f"autocomp: error: {path}: task 'tests.tasks:dict_output': the teacher (DictOutput) returns dict; autocomp "
+        "compresses classifiers that return one (batch, classes) tensor of logits.")
     assert not (tmp_path / "s.db").exists()
 
 
