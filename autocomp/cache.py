@@ -23,7 +23,8 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _atomic(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file beside it and a rename."""
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, target)  # a reader sees the old file or the whole new one, never half of it
@@ -32,8 +33,8 @@ def _atomic(target: Path, data: bytes) -> None:
 def write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path``, then its digest beside it, each through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, payload)
-    _atomic(_digest_path(path), sha256(payload).encode())
+    atomic_write(path, payload)
+    atomic_write(_digest_path(path), sha256(payload).encode())
 
 
 def read(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
@@ -55,7 +56,7 @@ def read(path: Path, parse: Callable[[bytes], T], what: str) -> T | None:
             why = f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
         else:
             if recorded is None:  # an older cache's file, whole: its digest is kept from now on
-                _atomic(_digest_path(path), digest.encode())
+                atomic_write(_digest_path(path), digest.encode())
             return value
     print(f"autocomp: warning: the cached {what} {path} is corrupt: {why}; rebuilding it.", file=sys.stderr)
     path.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -126,13 +125,11 @@ def artifact_store(folder: str):
     rename: a reader never sees half a file, and a trial records an artifact only once it is whole."""
     from optuna.artifacts import FileSystemArtifactStore
 
+    from autocomp.cache import atomic_write
+
     class AtomicArtifactStore(FileSystemArtifactStore):
         def write(self, artifact_id: str, content_body) -> None:
-            path = self._get_filepath(artifact_id)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(content_body, f)
-            os.replace(tmp, path)
+            atomic_write(self._get_filepath(artifact_id), content_body.read())  # artifacts: megabytes at most
 
     return AtomicArtifactStore(folder)
 
