@@ -23,7 +23,8 @@ test: setup
 	bash scripts/os_packages.sh
 	$(BIN)/ruff check autocomp tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not alone"  # two processes (pyproject.toml), then the tests that run alone
+	$(BIN)/pytest -m alone -n 0
 
 bench: setup
 	$(BIN)/python benchmarks/storage.py

@@ -7,8 +7,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import torch
+# two pytest-xdist processes train at once, each with autocomp's fixed 2 threads (autocomp.train.TRAIN_THREADS) on
+# this machine's 2 cores: threads that wait sleep instead of spinning (before torch loads, and for subprocesses)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml
 from torch import nn
 

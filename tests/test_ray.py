@@ -26,6 +26,8 @@ from tests.dashboard import read_back_without_storage
 from tests.ray_cluster import local_cluster
 from tests.test_cli import AUTOCOMP, autocomp_here
 
+pytestmark = pytest.mark.alone  # after the others, in one process (pyproject.toml): see the last test here
+
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -153,15 +155,18 @@ print(sum(t.state.name == "COMPLETE" for t in trials))
 
 
 @pytest.mark.slow
-def test_a_ray_started_for_one_search_starts_beside_a_running_cluster(ray_cluster, tmp_path):
+def test_a_ray_started_for_one_search_starts_beside_a_running_cluster(tmp_path):
     """ray.init() with no address joins the cluster `ray start` left on the machine, and refuses the options of a
-    Ray of one's own: the search asks for a Ray of its own ("local")."""
+    Ray of one's own: the search asks for a Ray of its own ("local"). This module runs alone (``make test``): in a
+    pytest-xdist process beside other tests, whose Ray cluster had been stopped and started again, this search's
+    Ray lost its raylet a few seconds in, with nothing in Ray's logs, and a killed worker's trial once failed
+    instead of running again (ActorUnavailableError); not understood yet, and in one process they pass."""
     from tests.test_storage_faults import sleeping_study
 
     sleeping_study(tmp_path, f"journal:///{tmp_path / 'sleep.journal'}", 2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # a user's shell, not the cluster's
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    done = subprocess.run([sys.executable, "-c", ALONGSIDE, str(tmp_path / "sleep.yaml")], capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with local_cluster(nodes=1, cpus_per_node=1):
+        done = subprocess.run([sys.executable, "-c", ALONGSIDE, str(tmp_path / "sleep.yaml")], capture_output=True,
+                              text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert int(done.stdout.strip().splitlines()[-1]) >= 1

@@ -17,6 +17,8 @@ from autocomp.storage import open_storage
 from tests.dashboard import read_back_without_storage
 from tests.test_cli import AUTOCOMP, autocomp
 
+pytestmark = pytest.mark.xdist_group("processes")  # see pyproject.toml
+
 
 def _check_count(storage: str, count: int) -> list[optuna.trial.FrozenTrial]:
     trials = optuna.load_study(storage=open_storage(storage), study_name="quick").trials

@@ -29,7 +29,7 @@ from autocomp.study import StudySpec
 from tests.conftest import ROOT
 from tests.sleeping import Sleeping
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # see pyproject.toml
 DOWN_S = 6.0  # a PostgreSQL restart long enough that the workers' writes meet a server that is down
 
 

@@ -73,7 +73,7 @@ def run_one(study: optuna.Study, objective: Objective) -> None:
     """One trial, as ``study.optimize`` runs it (stale trials failed first, heartbeats while it runs). A trial that
     another worker failed meanwhile (its heartbeat went stale while this process was starved of CPU, or it was
     judged dead) stays failed, and this worker goes on."""
-    from autocomp.patient import StorageUnavailable
+    from autocomp.patient import StorageUnavailable, causes
 
     try:
         study.optimize(objective, n_trials=1, catch=(Exception,))
@@ -84,15 +84,6 @@ def run_one(study: optuna.Study, objective: Objective) -> None:
         if not (isinstance(err, ValueError) and "Cannot tell a" in str(err)):  # a trial no longer RUNNING
             raise
         print(f"autocomp: a trial of this worker was failed by another meanwhile ({err}); going on", file=sys.stderr)
-
-
-def causes(err: BaseException) -> list[BaseException]:
-    """``err`` and the errors it was raised from or while handling, innermost last."""
-    chain: list[BaseException] = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    return chain
 
 
 def run_workers(run: Run, workers: int, progress: bool, study: optuna.Study) -> None:

@@ -18,13 +18,16 @@ attributes, artifacts, constraints, fidelity records), because each Tune trial r
   or URLs every node opens (a shared file system, or PostgreSQL for the storage). A node that cannot see
   the artifact folder fails its trial with that reason instead of writing files nobody will find.
 - **Actors are reused**: a Tune trial runs in the actor (process) of a trial that ended, so a process is started
-  per concurrent trial, not per trial (each new one imports torch and the task: seconds of a small trial).
+  per concurrent trial, not per trial (each new one imports torch and the task: seconds of a small trial), and
+  opens the study and loads the task once for all the trials it runs.
 - Ray's usage statistics are off; a Ray started for one search has no dashboard and a bounded object store.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -43,6 +46,8 @@ from autocomp.storage import MAX_RETRY, fail_trial
 
 if TYPE_CHECKING:
     import optuna
+
+    from autocomp.search.objective import Objective
 
 OBJECT_STORE_BYTES = 256 * 2**20  # a Ray started for one search: trials pass recipes and bytes, not tensors
 FORWARDED_ENV = ("PYTHONPATH", "AUTOCOMP_CACHE")  # the driver's, so a worker imports and caches as it does
@@ -131,30 +136,43 @@ class StudySearcher(Searcher):
                                                     f"{MAX_RETRY + 1} times (Tune trial {trial_id})")
 
 
+_SERVED: dict[str, tuple[optuna.Study, Objective]] = {}  # this worker process's study and objective, by search
+
+
+def _served(run: Run, teacher_onnx: bytes, marker: str) -> tuple[optuna.Study, Objective]:
+    """The study and objective of the search ``marker`` names, opened once per worker process (Tune reuses its
+    actors: opened at every trial, a journal is read again from its start and the task is loaded again)."""
+    if marker not in _SERVED:
+        _SERVED.clear()  # a reused process serves one search at a time
+        folder = tempfile.mkdtemp(prefix="autocomp-ray-")
+        atexit.register(shutil.rmtree, folder, True)
+        reference = Path(folder) / "teacher.onnx"
+        reference.write_bytes(teacher_onnx)
+        study = open_study(run.spec, create=False)
+        _SERVED[marker] = study, make_objective(replace(run, reference=reference), study)
+    return _SERVED[marker]
+
+
 def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict:
     """One Tune trial: the objective on the Optuna trial the searcher asked for, told to the study here."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(run.spec, create=False)
+    study, scored = _served(run, teacher_onnx, marker)
     number = config["optuna_trial"]
     if study._storage.get_trial(config["optuna_trial_id"]).state.name != "RUNNING":  # the driver failed it
         return {"optuna_trial": number, "state": "already told"}
     trial = optuna.Trial(study, config["optuna_trial_id"])  # samples at its first suggest, with the sampler below
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = Path(tmp) / "teacher.onnx"
-        reference.write_bytes(teacher_onnx)
 
-        def objective(trial: optuna.Trial) -> list[float]:
-            attempt = trial.user_attrs.get("ray", {}).get("attempt", 0) + 1  # Tune retries a trial whose worker died
-            trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
-            check_shared(Path(run.spec.artifacts), marker)
-            scored = make_objective(replace(run, reference=reference), study)  # the proxy sampler scores through it
-            # a retry samples again, alike
-            study.sampler = make_sampler(run.spec, run.seed + SEED_STRIDE * number, scored)
-            return scored(trial)
+    def objective(trial: optuna.Trial) -> list[float]:
+        attempt = trial.user_attrs.get("ray", {}).get("attempt", 0) + 1  # Tune retries a trial whose worker died
+        trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
+        check_shared(Path(run.spec.artifacts), marker)
+        # the proxy sampler scores through the objective; a retry samples again, alike
+        study.sampler = make_sampler(run.spec, run.seed + SEED_STRIDE * number, scored)
+        return scored(trial)
 
-        state = tell(study, trial, objective)
+    state = tell(study, trial, objective)
     return {"optuna_trial": number, "state": state}
 
 

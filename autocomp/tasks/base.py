@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from autocomp import cache, kernels
@@ -106,14 +107,22 @@ def cached_model(name: str, model: nn.Module, trains: str, train: Callable[[nn.M
     """
     fingerprint = f"{model}|{trains}|{kernels.in_use()}"
     path = cache_dir() / "teachers" / f"{name}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.pt"
-    state = cache.read(path, lambda payload: torch.load(io.BytesIO(payload), weights_only=True), f"weights of {name}")
-    if state is not None:
-        model.load_state_dict(state)
-        return model.eval()
-    train(model)
-    weights = io.BytesIO()
-    torch.save(model.state_dict(), weights)
-    cache.write(path, weights.getvalue())  # atomic, with its digest (autocomp.cache)
+
+    def load() -> dict | None:
+        return cache.read(path, lambda data: torch.load(io.BytesIO(data), weights_only=True), f"weights of {name}")
+
+    state = load()
+    if state is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # processes starting at once (workers, searches) train it once
+            state = load()
+            if state is None:
+                train(model)
+                weights = io.BytesIO()
+                torch.save(model.state_dict(), weights)
+                cache.write(path, weights.getvalue())  # atomic, with its digest (autocomp.cache)
+                return model.eval()
+    model.load_state_dict(state)
     return model.eval()
 
 
