@@ -1,4 +1,4 @@
-"""A study's database, tried again while it is locked or unreachable, written in batches, and read by changes.
+"""A study's database, tried again while it is locked or unreachable, and written in batches.
 
 - **Tried again**: a SQLite file another process holds, a PostgreSQL server restarting. Each call of Optuna's
   RDBStorage is retried with backoff for ``patience()`` seconds, then fails in one line (``StorageUnavailable``).
@@ -8,10 +8,6 @@
   joint space: some 70). Inside ``batched()`` a thread's writes of trial parameters and attributes are held and
   committed in one transaction at its end: a trial's sampled recipe lands at once, and so do its metrics with
   every attribute the dashboard shows; a fault in between leaves none of them.
-- **Read by changes** (``ChangedTrials``): Optuna's cache in front of a database reads every unfinished trial whole
-  (parameters, attributes, values: six queries) at each look at the study, and a worker looks 4-5 times a trial:
-  with N trials running, each of N workers reads all N at every look (at 32 on PostgreSQL, a second of CPU a
-  trial). This cache first asks which trials changed, in one narrow query, and reads only those.
 """
 
 from __future__ import annotations
@@ -25,16 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from optuna.storages import RDBStorage
-from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
-from sqlalchemy import func, or_, select
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 
 from autocomp.errors import AutocompError
 
 MAX_DELAY = 8.0  # seconds between two tries at most
-MAX_LISTED = 500  # changed trials read by their ids at most (a query lists them); more are read as Optuna reads
 
 
 class StorageUnavailable(AutocompError):
@@ -150,58 +143,6 @@ class PatientRDBStorage(RDBStorage):
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self._write(lambda session: self._set_trial_attr_without_commit(session, models.TrialSystemAttributeModel,
                                                                         trial_id, key, value))
-
-    @patiently
-    def trial_versions(self, study_id: int, unfinished: set[int], after: int) -> dict[int, tuple]:
-        """The version of each trial of the study that is in ``unfinished`` or has an id above ``after``: its state
-        and, for its parameters, attributes, intermediate values and values, how many there are (and for the
-        attributes, their JSON's total length). A write to a trial changes its version; an attribute set again
-        to a value of the same length does not (autocomp never does so to a trial another process reads)."""
-        trial = models.TrialModel
-
-        def count(model, column=None):
-            total = func.count() if column is None else func.coalesce(func.sum(func.length(column)), 0)
-            return select(total).where(model.trial_id == trial.trial_id).scalar_subquery()
-
-        user, system = models.TrialUserAttributeModel, models.TrialSystemAttributeModel
-        query = select(trial.trial_id, trial.state, count(models.TrialParamModel), count(user),
-                       count(user, user.value_json), count(system), count(system, system.value_json),
-                       count(models.TrialIntermediateValueModel), count(models.TrialValueModel)).where(
-            trial.study_id == study_id, or_(trial.trial_id > after, trial.trial_id.in_(unfinished)))
-        with _create_scoped_session(self.scoped_session) as session:
-            return {row[0]: tuple(row[1:]) for row in session.execute(query)}
-
-
-class ChangedTrials(_CachedStorage):
-    """Optuna's cache in front of a database (``_CachedStorage``: finished trials read once), which reads an
-    unfinished trial again only when its version changed (``PatientRDBStorage.trial_versions``): one narrow query
-    at each look, then the changed trials whole."""
-
-    def __init__(self, backend: PatientRDBStorage) -> None:
-        super().__init__(backend)
-        self._versions: dict[int, tuple] = {}  # trial id -> its version when last read
-
-    def _read_trials_from_remote_storage(self, study_id: int) -> None:
-        with self._lock:
-            study = self._studies.setdefault(study_id, _StudyInfo())
-            versions = self._backend.trial_versions(study_id, study.unfinished_trial_ids, study.last_finished_trial_id)
-            changed = {id_ for id_, version in versions.items() if self._versions.get(id_) != version}
-            if not changed:
-                return
-            if len(changed) <= MAX_LISTED:  # the changed ones, and any created since the versions were read
-                trials = self._backend._get_trials(study_id, None, changed, max(changed))
-            else:  # a first look at a large study: as Optuna's cache reads
-                trials = self._backend._get_trials(study_id, None, study.unfinished_trial_ids,
-                                                   study.last_finished_trial_id)
-            self._add_trials_to_cache(study_id, trials)
-            for trial in trials:  # as Optuna's cache keeps its books
-                self._versions[trial._trial_id] = versions.get(trial._trial_id)  # read before: never newer
-                if not trial.state.is_finished():
-                    study.unfinished_trial_ids.add(trial._trial_id)
-                    continue
-                study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
-                study.unfinished_trial_ids.discard(trial._trial_id)
-                del self._versions[trial._trial_id]  # a finished trial is never read again
 
 
 _SKIP = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "upgrade",

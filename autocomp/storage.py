@@ -103,12 +103,12 @@ def move_to_shared(url: str, study_name: str) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The storage behind ``url``: journal file, or a database with heartbeats, whose calls are tried again while it
-    is locked or unreachable, and whose trials are read again only when they changed (``autocomp.patient``)."""
+    is locked or unreachable (``autocomp.patient``)."""
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from autocomp.patient import ChangedTrials, PatientRDBStorage
+    from autocomp.patient import PatientRDBStorage
 
     check_url(url)
     if url.startswith(JOURNAL):
@@ -116,8 +116,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     engine = {"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return ChangedTrials(PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                                               grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry))
+        return PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                 grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
 
 
 def artifact_store(folder: str):

@@ -228,6 +228,9 @@ def main() -> None:
                              "side by side: they sleep, so they do not compete for the cores)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # the cluster and the driver agree whatever ~/.ray holds (Ray 2.60 enables tokens when ~/.ray/auth_token exists,
+    # which a local ray.init() writes)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out_json = args.out.with_suffix(".json")
     rows = json.loads(out_json.read_text())["rows"] if args.resume and out_json.exists() else []
     rows += [r for path in args.include for r in json.loads(path.read_text())["rows"]]

@@ -109,37 +109,3 @@ def test_a_batch_of_trial_writes_lands_whole_or_not_at_all(tmp_path):
     assert "recipe" not in elsewhere.get_trial(trial._trial_id).user_attrs  # none of the block's writes
     trial.set_user_attr("error", "RuntimeError: a fault mid-way")  # outside a block: at once
     assert "error" in elsewhere.get_trial(trial._trial_id).user_attrs
-
-
-def test_a_database_study_read_by_changes_sees_every_write_of_another_process(tmp_path):
-    """``ChangedTrials`` reads a running trial again only when its version changed: every write another process
-    makes to it (a parameter, a new attribute, one set again, a value, the state) is seen at the next look, and an
-    unchanged trial is not read again."""
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    writer = optuna.create_study(storage=open_storage(url), study_name="s")
-    reader = optuna.load_study(storage=open_storage(url), study_name="s")
-    backend = reader._storage._backend
-    reads: list[set[int]] = []
-    get_trials = backend._get_trials
-    backend._get_trials = lambda study_id, states, ids, after: reads.append(set(ids)) or get_trials(
-        study_id, states, ids, after)
-
-    def seen() -> optuna.trial.FrozenTrial:
-        (trial,) = reader.get_trials(deepcopy=False)
-        return trial
-
-    trial = writer.ask()
-    assert seen().state.name == "RUNNING" and not seen().params and len(reads) == 1  # the second look read nothing
-    trial.suggest_float("x", 0.0, 1.0)
-    assert "x" in seen().params
-    for value in ("a", "bb", "cc"):  # a new attribute, one set again longer, then to a value of its length
-        trial.set_user_attr("note", value)
-        assert seen().user_attrs["note"] == ("bb" if value == "cc" else value)  # the blind spot, documented
-    trial.study._storage.set_trial_system_attr(trial._trial_id, "k", 1)
-    assert seen().system_attrs["k"] == 1
-    writer.tell(trial, 0.5)
-    assert seen().state.name == "COMPLETE" and seen().value == 0.5 and seen().user_attrs["note"] == "cc"
-    looks = len(reads)
-    assert seen().value == 0.5 and len(reads) == looks  # a finished trial is not read again
-    other = writer.ask()
-    assert [t.number for t in reader.get_trials(deepcopy=False)] == [0, 1] and reads[-1] == {other._trial_id}
