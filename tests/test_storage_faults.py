@@ -60,7 +60,7 @@ def when(storage: str, condition, timeout: float = 300) -> threading.Thread:
             time.sleep(0.3)
             try:
                 trials = optuna.load_study(storage=open_storage(storage), study_name="sleep").trials
-            except (KeyError, optuna.exceptions.StorageInternalError):
+            except Exception:  # not created yet, its tables being created, the server down: look again
                 continue
             if condition(trials):
                 return
