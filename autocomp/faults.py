@@ -11,10 +11,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from autocomp import phase
+
+if TYPE_CHECKING:
+    import optuna
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -97,3 +101,12 @@ def fault(err: BaseException) -> dict[str, str]:
     """What a failed trial stores as its ``fault``: the error's type and message, and the phase it failed in."""
     lines = str(err).strip().splitlines()
     return {"type": type(err).__name__, "message": (lines[0] if lines else "")[:500], "phase": phase.now()}
+
+
+
+def record(trial: optuna.Trial, err: BaseException) -> None:
+    """Store ``err`` as the trial's failure reason (``error``, "Kind: message") and ``fault`` (``fault``), unless a
+    block nearer the error stored one already."""
+    if "error" not in trial.user_attrs:
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        trial.set_user_attr("fault", fault(err))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from autocomp import phase, proxy
 from autocomp.allocation import Guide
-from autocomp.faults import fault, time_limit
+from autocomp.faults import record, time_limit
 from autocomp.measure import with_ratios
 from autocomp.notes import annotate
 from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply, student_counts
@@ -180,9 +180,7 @@ def _reason_recorded(trial: optuna.Trial) -> Iterator[None]:
     except optuna.TrialPruned:
         raise
     except Exception as err:
-        if "error" not in trial.user_attrs:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            trial.set_user_attr("fault", fault(err))
+        record(trial, err)
         raise
 
 

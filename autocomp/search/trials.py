@@ -18,7 +18,7 @@ from autocomp.compress.facts import teacher_facts
 from autocomp.compress.student import STUDENTS, can_build
 from autocomp.config import in_file
 from autocomp.errors import AutocompError
-from autocomp.faults import fault
+from autocomp.faults import record
 from autocomp.pipeline import Baseline
 from autocomp.search.objective import Objective
 from autocomp.sensitivity import Sensitivity, cached
@@ -155,9 +155,7 @@ def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.T
         state = TrialState.PRUNED
     except Exception as err:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed elsewhere meanwhile
-            if "error" not in trial.user_attrs:
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-                trial.set_user_attr("fault", fault(err))
+            record(trial, err)
         state = TrialState.FAIL
     study.tell(trial.number, values, state=state, skip_if_finished=True)  # a trial failed elsewhere stays so
     return state.name
