@@ -4,6 +4,7 @@ recipe in a few lines with its numbers against the teacher, and the study's teac
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +117,22 @@ def study_note(study: optuna.Study, task: str, space: str, narrowed: list[str] =
 def annotate(trial: optuna.Trial, recipe: Recipe, metrics: Metrics, teacher: Metrics,
              constraints: dict[str, float]) -> None:
     """Store a complete trial's flat attributes and its note."""
-    from optuna_dashboard import save_note
-
     for key, value in flat(metrics, recipe, constraints).items():
         trial.set_user_attr(key, value)
-    save_note(trial, trial_note(trial.number, recipe, metrics, teacher, trial.user_attrs.get("fidelity", "full")))
+    first_note(trial, trial_note(trial.number, recipe, metrics, teacher, trial.user_attrs.get("fidelity", "full")))
+
+
+def first_note(trial: optuna.Trial, body: str) -> None:
+    """A trial's note as ``optuna_dashboard.save_note`` stores it (a version, the body in chunks of the study's
+    system attributes), without its two reads of every study attribute, each trial's note among them (a read that
+    grows with the study, at every trial): a trial's note is written once, by its worker, at its end. (A study
+    copied from another holds no stale notes: ``renote`` blanks them.)"""
+    from optuna_dashboard._note import note_ver_key, split_body
+
+    storage, study_id = trial.storage, trial.study._study_id
+    storage.set_study_system_attr(study_id, note_ver_key(trial._trial_id), 1)
+    for key, value in split_body(body, trial._trial_id).items():
+        storage.set_study_system_attr(study_id, key, value)
 
 
 def annotate_study(study: optuna.Study, task: str, space: str, narrowed: list[str] = ()) -> None:
@@ -131,14 +143,17 @@ def annotate_study(study: optuna.Study, task: str, space: str, narrowed: list[st
 
 def renote(study: optuna.Study) -> None:
     """Write every complete trial's note again: after ``optuna.copy_study``, whose trials have new ids (a trial's
-    note is keyed by its id)."""
+    note is keyed by its id). The copied notes, keyed by the old ids, are blanked first: a new trial of one of
+    those ids writes its note over them (``first_note``)."""
     import optuna
-    from optuna_dashboard import save_note
 
+    for key in study._storage.get_study_system_attrs(study._study_id):
+        if re.fullmatch(r"dashboard:\d+:note_str:\d+", key):  # a trial's, not the study's (dashboard:note_str:N)
+            study._storage.set_study_system_attr(study._study_id, key, "")
     teacher = study.user_attrs.get("teacher")
     for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         attrs: dict[str, Any] = frozen.user_attrs
         if teacher and "metrics" in attrs and "recipe" in attrs:
-            save_note(optuna.Trial(study, frozen._trial_id),
-                      trial_note(frozen.number, Recipe.from_dict(attrs["recipe"]), attrs["metrics"], teacher,
-                                 attrs.get("fidelity", "full")))
+            first_note(optuna.Trial(study, frozen._trial_id),
+                       trial_note(frozen.number, Recipe.from_dict(attrs["recipe"]), attrs["metrics"], teacher,
+                                  attrs.get("fidelity", "full")))

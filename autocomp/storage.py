@@ -109,6 +109,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend
 
     from autocomp.patient import PatientRDBStorage
+    from autocomp.trial_rows import ThrottledCache
 
     check_url(url)
     if url.startswith(JOURNAL):
@@ -116,8 +117,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     engine = {"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                                 grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry)
+        return ThrottledCache(PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry))
 
 
 def artifact_store(folder: str):

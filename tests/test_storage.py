@@ -109,3 +109,20 @@ def test_a_batch_of_trial_writes_lands_whole_or_not_at_all(tmp_path):
     assert "recipe" not in elsewhere.get_trial(trial._trial_id).user_attrs  # none of the block's writes
     trial.set_user_attr("error", "RuntimeError: a fault mid-way")  # outside a block: at once
     assert "error" in elsewhere.get_trial(trial._trial_id).user_attrs
+
+
+def test_a_trials_note_reads_back_in_the_dashboard_and_a_moved_studys_old_notes_do_not_show_through(tmp_path):
+    from optuna_dashboard import get_note
+
+    from autocomp.notes import first_note
+
+    sqlite = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=open_storage(sqlite), study_name="s")
+    for trial in [study.ask() for _ in range(3)]:
+        first_note(trial, f"## {trial.number}\n" + "long " * 600)  # 3,000 characters: two chunks
+        assert get_note(trial) == f"## {trial.number}\n" + "long " * 600
+    moved = optuna.load_study(storage=open_storage(move_to_shared(sqlite, "s")), study_name="s")
+    new = [moved.ask() for _ in range(2)]  # ids 3 and 4 of the journal: the SQLite file's id 3 had a note
+    for trial in new:
+        first_note(trial, f"## {trial.number} short")
+    assert [get_note(trial) for trial in new] == ["## 3 short", "## 4 short"]

@@ -22,6 +22,7 @@ from autocomp.search.trials import (
     open_study,
 )
 from autocomp.storage import fail_dead_trials
+from autocomp.trial_rows import lagging
 
 if TYPE_CHECKING:
     import optuna
@@ -37,7 +38,7 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
 
     Every few seconds, between trials, the worker fails the trials of dead workers (queued again,
     ``autocomp.storage``); while the trials still running elsewhere would complete the count, it waits for them
-    instead of starting more.
+    instead of starting more. Its view of the other workers' trials may lag a second (``autocomp.trial_rows``).
     """
     import optuna
     from tqdm import tqdm
@@ -49,7 +50,7 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
     study.sampler = make_sampler(run.spec, run.seed + done + SEED_STRIDE * index, objective)  # no two draws alike
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
     status = Status(bar, study, run.deadline) if progress else None
-    with phase.listening(status.phase if status else lambda now: None):
+    with phase.listening(status.phase if status else lambda now: None), lagging(study):
         checked = 0.0
         while run.deadline is None or time.time() < run.deadline:
             if time.monotonic() - checked >= DEAD_CHECK_SECONDS:

@@ -22,6 +22,7 @@ from autocomp.space import SearchSpace
 from autocomp.storage import artifact_store, batched, this_worker
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
+from autocomp.trial_rows import lagging
 
 if TYPE_CHECKING:
     import optuna
@@ -127,7 +128,9 @@ def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
     trial.set_user_attr("recipe_key", key)  # what later trials compare with: no stored recipe is read again
 
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
-    for other in trial.study.get_trials(deepcopy=False, states=states):  # read now: a trial started since counts
+    with lagging(trial.study, 0.0):  # read now, not a second ago: a trial started since counts
+        others = trial.study.get_trials(deepcopy=False, states=states)
+    for other in others:
         if other.number != trial.number and "duplicate_of" not in other.user_attrs \
                 and other.user_attrs.get("recipe_key") == key:
             trial.set_user_attr("duplicate_of", other.number)
