@@ -9,8 +9,9 @@ space, with NSGA-II:
 - ``--workers N`` on one journal file, and on PostgreSQL (a server from the OS packages on 127.0.0.1);
 - Ray Tune on a local Ray cluster of 64 logical CPUs (``ray start --num-cpus 64``), N trials at once, on a journal.
 
-Throughput is measured while all N ran (steady state: from the N-th trial's start to the last trial's start; the
-workers' start-up is reported beside it): trials finished per hour, and ``busy``, the share of the N trial slots'
+Throughput is measured while all N ran (steady state: from the time N trials had begun their own work, their
+sleeps, to the last trial's start; the start-up before it, the workers' or Ray's actors' starting and loading the
+study and the task, is reported beside it): trials finished per hour, and ``busy``, the share of the N trial slots'
 time spent in the trials' own work (their sleeps). Trials differ in length (their draws, and a recipe sampled again
 is pruned unrun, which happens more often with some backends than others), so throughput against N times one
 worker's is compared as busy shares: ``x = busy(N) / busy(1)``, 1 when N trials at once lose nothing to the
@@ -125,7 +126,8 @@ def row(backend: str, concurrency: int, asked: int, trials: list[optuna.trial.Fr
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
     slept = [t for t in finished if "slept" in t.user_attrs]
     starts = sorted(t.datetime_start.timestamp() for t in finished)
-    begin, end = starts[min(concurrency, len(starts)) - 1], starts[-1]
+    began = sorted(t.user_attrs.get("slept_at", t.datetime_start.timestamp()) for t in finished)
+    begin, end = began[min(concurrency, len(began)) - 1], starts[-1]
     window = [t for t in finished if begin <= t.datetime_complete.timestamp() <= end]
     engine = [(t.datetime_complete - t.datetime_start).total_seconds() - t.user_attrs["slept"] for t in slept]
     sampler = [t.user_attrs["sampler_s"] for t in slept]

@@ -3,9 +3,10 @@ scheduling) measured and tested without the cores training needs (``benchmarks/l
 
 ``Sleeping`` is the search's own objective (sampled recipe, duplicate check, stored user attributes, note, told
 state) with its full run replaced: it sleeps 1-5 s, drawn from the trial's number (every run of a study sleeps
-the same), and returns metrics drawn alike. Each trial records how long it slept and how long the sampler took
-in its process since the last trial (``sampler_s``: this trial's ask and the last one's tell), so that a
-trial's time outside its sleep splits into the searcher's share and the rest (the storage's and the backend's).
+the same), and returns metrics drawn alike. Each trial records how long it slept, when (``slept_at``), and how
+long the sampler took in its process since the last trial (``sampler_s``: this trial's ask and the last one's
+tell), so that a trial's time outside its sleep splits into the searcher's share and the rest (the storage's and
+the backend's).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optuna
 from autocomp.pipeline import CompressedModel
 from autocomp.recipe import Recipe
 from autocomp.search.objective import Objective
+from autocomp.storage import batched
 
 SLEEP_S = (1.0, 5.0)
 
@@ -68,10 +70,12 @@ class Sleeping(Objective):
 
     def evaluate(self, trial: optuna.Trial, recipe: Recipe, ends: float | None) -> CompressedModel:
         draw = random.Random(trial.number)
-        slept = draw.uniform(*SLEEP_S)
+        slept, began = draw.uniform(*SLEEP_S), time.time()
         time.sleep(slept)
-        trial.set_user_attr("slept", slept)
-        trial.set_user_attr("sampler_s", self._sampler.seconds - self._sampled)
+        with batched(trial.study):  # one write, as a trial's own attributes are
+            trial.set_user_attr("slept", slept)
+            trial.set_user_attr("slept_at", began)  # when its own work began (its process had started)
+            trial.set_user_attr("sampler_s", self._sampler.seconds - self._sampled)
         self._sampled = self._sampler.seconds
         teacher = self.baseline.metrics
         drop = draw.uniform(0.0, 0.05)
