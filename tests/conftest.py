@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,13 +42,6 @@ def teacher_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (path / "teachers").symlink_to(TEACHERS, target_is_directory=True)
     os.environ["AUTOCOMP_CACHE"] = str(path)
     return Path(path)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

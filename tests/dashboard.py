@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.ports import free_port
 from tests.test_cli import AUTOCOMP, autocomp_here, front_trials
 
 

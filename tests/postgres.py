@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.ports import free_port
 
 PACKAGE_MISSING = "needs the OS package postgresql (PostgreSQL's server, not found under /usr/lib/postgresql)"
 
@@ -63,9 +64,7 @@ def local_server() -> Iterator[Server]:
     if programs is None:
         raise FileNotFoundError(PACKAGE_MISSING)
     data = Path(tempfile.mkdtemp(prefix="autocomp-postgres-"))  # under /tmp: reachable by the postgres user
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = Server(programs, data, port)
     if server.as_user:
         shutil.chown(data, "postgres")

@@ -21,8 +21,8 @@ from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta
 from autocomp.errors import AutocompError
 from autocomp.search.ray_runner import check_shared
 from autocomp.storage import open_storage
-from tests.conftest import free_port
 from tests.dashboard import read_back_without_storage
+from tests.ports import free_port
 from tests.ray_cluster import local_cluster
 from tests.test_cli import AUTOCOMP, autocomp_here
 
