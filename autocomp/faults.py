@@ -103,7 +103,6 @@ def fault(err: BaseException) -> dict[str, str]:
     return {"type": type(err).__name__, "message": (lines[0] if lines else "")[:500], "phase": phase.now()}
 
 
-
 def record(trial: optuna.Trial, err: BaseException) -> None:
     """Store ``err`` as the trial's failure reason (``error``, "Kind: message") and ``fault`` (``fault``), unless a
     block nearer the error stored one already."""

@@ -155,7 +155,7 @@ class PatientRDBStorage(RDBStorage):
 
 _SKIP = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "upgrade",
          "get_current_version", "get_head_version", "get_all_versions"}
-_PRIVATE = {"_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_stale_trial_ids"}
+_PRIVATE = {"_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids"}  # (its _get_trials and writes: above)
 for _name, _method in list(vars(RDBStorage).items()):
     _wrap = callable(_method) and not isinstance(_method, (staticmethod, classmethod))
     if _wrap and _name not in vars(PatientRDBStorage) and _name not in _SKIP \

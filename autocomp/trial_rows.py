@@ -261,15 +261,9 @@ def earlier_distribution(connection: sqlalchemy.Connection, study_id: int,
 
 
 def upsert(connection: sqlalchemy.Connection, table: sqlalchemy.Table, owner: str, rows: list[dict]) -> None:
-    """Insert ``rows`` of an attribute table, replacing the value of an (``owner``, key) that has one."""
+    """Insert ``rows`` of an attribute table, replacing the value of an (``owner``, key) that has one (the databases
+    ``autocomp.storage`` opens: SQLite, PostgreSQL, MySQL)."""
     dialect = connection.engine.name
-    if dialect not in UPSERTS:  # another database: a row at a time
-        for row in rows:
-            done = connection.execute(sqlalchemy.update(table).where(
-                table.c[owner] == row[owner], table.c.key == row["key"]).values(value_json=row["value_json"]))
-            if not done.rowcount:
-                connection.execute(sqlalchemy.insert(table).values(**row))
-        return
     insert = UPSERTS[dialect](table).values(rows)
     if dialect == "mysql":
         connection.execute(insert.on_duplicate_key_update(value_json=insert.inserted.value_json))
