@@ -22,6 +22,7 @@ import contextlib
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,15 +197,25 @@ def fail_trial(study: optuna.Study, trial_id: int, reason: str) -> bool:
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
     """Fail (and retry) the RUNNING trials whose worker died on this host; return their numbers."""
+    return fail_running(study, _died)
+
+
+def _died(trial: optuna.trial.FrozenTrial) -> str | None:
+    worker = trial.user_attrs.get("worker")
+    if worker is None or alive(worker):
+        return None
+    return f"WorkerDied: worker {worker['host']}:{worker['pid']} stopped in the middle of this trial"
+
+
+def fail_running(study: optuna.Study, reason: Callable[[optuna.trial.FrozenTrial], str | None]) -> list[int]:
+    """Fail, and queue again, the RUNNING trials ``reason`` gives a reason for (None: left running); return their
+    numbers. A trial another worker finished or failed first is left as it is."""
     from optuna.trial import TrialState
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
-        if worker is None or alive(worker):
-            continue
-        reason = f"WorkerDied: worker {worker['host']}:{worker['pid']} stopped in the middle of this trial"
-        if fail_trial(study, trial._trial_id, reason):
+        why = reason(trial)
+        if why is not None and fail_trial(study, trial._trial_id, why):
             retry(study, study._storage.get_trial(trial._trial_id))
             failed.append(trial.number)
     return failed

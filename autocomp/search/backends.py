@@ -1,6 +1,7 @@
 """Where a search's trials run: one registered backend per ``autocomp search --backend`` choice. A backend starts
 trials on the opened study until it holds the run's count or the run's deadline passes. Backends import
-``autocomp.search.trials`` and never each other; Ray is imported only when its backend runs."""
+``autocomp.search.trials`` and ``autocomp.search.worker`` (the loop each of their workers runs), never each other;
+Ray is imported only when its backend runs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autocomp.registry import Registry
-from autocomp.search.local import run_workers, work
+from autocomp.search.local import run_workers
 from autocomp.search.trials import Prepared, Run
+from autocomp.search.worker import work
 
 if TYPE_CHECKING:
     import optuna

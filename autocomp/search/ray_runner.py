@@ -1,25 +1,24 @@
-"""The Ray Tune backend: each trial of the study runs as a Ray Tune trial, on a cluster or a local Ray.
+"""The Ray Tune backend: the study's workers run as Ray Tune trials, on a cluster or a local Ray.
 
 The study is the same Optuna study the local backend writes (storage, directions, metric names, user
-attributes, artifacts, constraints, fidelity records), because each Tune trial runs the same objective
-(``trials.make_objective``) on an Optuna trial of that study and tells the study itself:
+attributes, artifacts, constraints, fidelity records), because each Tune trial is a worker of the study
+(``autocomp.search.worker``), as a ``--workers`` process is:
 
-- **The driver owns the count.** ``StudySearcher``, a Tune ``Searcher``, asks the study for a trial
-  (``study.ask``: enqueued warm-start trials first) for each Tune trial, waits while the trials it
-  started would complete the count, and finishes when the study holds it. Tune's ``OptunaSearch`` is not
-  used: it records only the metrics Tune reports (no user attributes, no constraints), and a
-  ``TuneConfig`` metric would turn the multi-objective study into a single-objective one. Tune is given no
-  metric and no scheduler; early stopping is the study's own screening, told as PRUNED.
+- **One Tune trial per slot, many Optuna trials per Tune trial.** The driver starts as many Tune trials as trials
+  should run at once (``--max-concurrent``, or the cluster's CPUs); each runs the worker's loop in its actor,
+  sampling, running and telling Optuna trials until the study holds the count. Its actor starts once (torch, the
+  task, the study opened), not once per Optuna trial, and no trial waits on the driver: Tune's per-trial
+  scheduling cost 0.5 of 32 slots' time (``benchmarks/results/load_ray_actors.md``). Tune's ``OptunaSearch`` is
+  not used: it records only the metrics Tune reports (no user attributes, no constraints), and a ``TuneConfig``
+  metric would turn the multi-objective study into a single-objective one.
 - **A trial is told once, by its worker**: COMPLETE with its values, PRUNED (screened out, over a cap) or
-  FAIL with its reason, as ``study.optimize`` would. A worker that dies mid-trial (``kill -9``, a lost
-  node) is retried by Tune on the same Optuna trial, at most ``MAX_RETRY`` times; a trial that keeps dying
-  is stored FAIL with the reason by the driver.
+  FAIL with its reason, as ``study.optimize`` would. A worker that dies mid-trial (``kill -9``, a lost node) is
+  started again by Tune, at most ``MAX_RETRY`` times; the trial it left running (its ``ray`` attribute names the
+  search and the slot) is failed with the reason and queued again, as a dead ``--workers`` process's trial is,
+  by the slot's next actor or, when the slot gives up, by the driver.
 - **Artifacts and storage must reach every node**: the study's artifact folder and its storage are paths
   or URLs every node opens (a shared file system, or PostgreSQL for the storage). A node that cannot see
   the artifact folder fails its trial with that reason instead of writing files nobody will find.
-- **Actors are reused**: a Tune trial runs in the actor (process) of a trial that ended, so a process is started
-  per concurrent trial, not per trial (each new one imports torch and the task: seconds of a small trial), and
-  opens the study and loads the task once for all the trials it runs.
 - Ray's usage statistics are off; a Ray started for one search has no dashboard and a bounded object store.
 """
 
@@ -29,20 +28,22 @@ import atexit
 import os
 import shutil
 import socket
+import sys
 import tempfile
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
 from ray import tune
-from ray.tune.search import Searcher
 
 from autocomp.errors import AutocompError
-from autocomp.search.trials import SEED_STRIDE, Run, counted, make_objective, make_sampler, open_study, tell
-from autocomp.storage import MAX_RETRY, fail_trial
+from autocomp.faults import record
+from autocomp.search.trials import Run, finished_trials, open_study
+from autocomp.search.worker import following, work
+from autocomp.storage import MAX_RETRY, fail_running
 
 if TYPE_CHECKING:
     import optuna
@@ -60,6 +61,12 @@ class RayOptions:
     max_concurrent: int | None = None  # trials at once (default: as many as the cluster's CPUs allow)
     cpus_per_trial: float = 1.0
 
+    def slots(self, left: int) -> int:
+        """How many workers run at once: ``max_concurrent``, or as many as the cluster's CPUs hold; never more
+        than the ``left`` trials to run."""
+        fit = int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_trial)
+        return max(0, min(left, self.max_concurrent or max(1, fit)))
+
     def check(self) -> None:
         """Refuse, in one line, an address where no Ray cluster answers (Ray itself retries for minutes)."""
         if self.address in (None, "auto"):
@@ -74,10 +81,11 @@ class RayOptions:
 
 
 def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool) -> None:
-    """Run the study's trials as Ray Tune trials until the searcher has the count (or the deadline passed)."""
+    """Run the study's workers as Ray Tune trials until the study holds the count (or the deadline passed)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-    marker = Path(run.spec.artifacts) / f"{MARKER}{uuid.uuid4().hex}"
+    search = uuid.uuid4().hex[:12]  # what marks this search's trials and its marker file
+    marker = Path(run.spec.artifacts) / f"{MARKER}{search}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
@@ -90,90 +98,72 @@ def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool)
         except ConnectionError as err:  # --address auto with no cluster on this machine
             raise AutocompError(f"--address {options.address}: {err}") from None
         study = open_study(run.spec, create=False)
-        study.sampler = make_sampler(run.spec, run.seed)  # asks as the trials' samplers sample (NSGA-II generations)
-        trainable = tune.with_resources(tune.with_parameters(_trainable, run=run, teacher_onnx=teacher_onnx,
-                                                             marker=marker.name),
+        slots = options.slots(run.trials - finished_trials(study))
+        if slots == 0:
+            return
+        trainable = tune.with_resources(tune.with_parameters(_slot, run=run, teacher_onnx=teacher_onnx,
+                                                             search=search),
                                         {"cpu": options.cpus_per_trial})
         with tempfile.TemporaryDirectory(prefix="autocomp-tune-") as tmp:
             tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=StudySearcher(run, study), num_samples=-1,
-                                            max_concurrent_trials=options.max_concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(name=run.spec.study_name, storage_path=tmp, verbose=1 if progress else 0,
+                trainable, param_space={"slot": tune.grid_search(list(range(slots)))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+                run_config=tune.RunConfig(name=run.spec.study_name, storage_path=tmp, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=MAX_RETRY)),
             )
-            tuner.fit()
+            with following(study, run, f"trials (Ray, {slots} at once)", progress):
+                results = tuner.fit()
+        for result in results:
+            if result.error is not None:
+                _gave_up(study, search, result.config["slot"], result.error)
     finally:
         marker.unlink(missing_ok=True)
         ray.shutdown()
 
 
-class StudySearcher(Searcher):
-    """Tune's view of the study: one Optuna trial per Tune trial, until the study holds ``run.trials``."""
-
-    def __init__(self, run: Run, study: optuna.Study) -> None:
-        super().__init__()  # no metric, no mode: the study's own directions rank trials
-        self.run, self.study = run, study
-        self.live: dict[str, int] = {}  # Tune trial id -> Optuna trial number, for trials not yet ended
-
-    def suggest(self, trial_id: str) -> dict | str | None:
-        done = len(counted(self.study.get_trials(deepcopy=False)))
-        if done >= self.run.trials or (self.run.deadline is not None and time.time() >= self.run.deadline):
-            return self.FINISHED
-        if done + len(self.live) >= self.run.trials:  # the running trials would complete the count
-            return None
-        trial = self.study.ask()
-        self.live[trial_id] = trial.number
-        return {"optuna_trial_id": trial._trial_id, "optuna_trial": trial.number}
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        number = self.live.pop(trial_id, None)
-        if number is None or not error:
-            return
-        trial = self.study.get_trials(deepcopy=False)[number]
-        if trial.state.name == "RUNNING":  # its worker died every time Tune ran it
-            fail_trial(self.study, trial._trial_id, f"WorkerDied: the Ray worker running this trial died "
-                                                    f"{MAX_RETRY + 1} times (Tune trial {trial_id})")
+def _gave_up(study: optuna.Study, search: str, slot: int, error: BaseException) -> None:
+    """Say why a slot stopped for good, and fail (and queue again) the trial it left running."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"autocomp: Ray worker {slot} stopped after {MAX_RETRY + 1} tries: {lines[-1][:300]}", file=sys.stderr)
+    fail_running(study, _left_by(search, slot, f"WorkerDied: the Ray worker of slot {slot} died "
+                                                f"{MAX_RETRY + 1} times, the last in the middle of this trial"))
 
 
-_SERVED: dict[str, tuple[optuna.Study, Objective]] = {}  # this worker process's study and objective, by search
+def _left_by(search: str, slot: int, reason: str) -> Callable[[optuna.trial.FrozenTrial], str | None]:
+    """``reason`` for a running trial of this search's ``slot`` (a slot runs one trial at a time), None for others."""
+    def left(trial: optuna.trial.FrozenTrial) -> str | None:
+        ray_attr = trial.user_attrs.get("ray", {})
+        return reason if (ray_attr.get("search"), ray_attr.get("slot")) == (search, slot) else None
+    return left
 
 
-def _served(run: Run, teacher_onnx: bytes, marker: str) -> tuple[optuna.Study, Objective]:
-    """The study and objective of the search ``marker`` names, opened once per worker process (Tune reuses its
-    actors: opened at every trial, a journal is read again from its start and the task is loaded again)."""
-    if marker not in _SERVED:
-        _SERVED.clear()  # a reused process serves one search at a time
-        folder = tempfile.mkdtemp(prefix="autocomp-ray-")
-        atexit.register(shutil.rmtree, folder, True)
-        reference = Path(folder) / "teacher.onnx"
-        reference.write_bytes(teacher_onnx)
-        study = open_study(run.spec, create=False)
-        _SERVED[marker] = study, make_objective(replace(run, reference=reference), study)
-    return _SERVED[marker]
+def _slot(config: dict, run: Run, teacher_onnx: bytes, search: str) -> None:
+    """A Tune trial: a worker of the study in this actor (``autocomp.search.worker``), each of its Optuna trials
+    marked with the search, the slot and the node. A trial the slot's last actor left running (it died) is failed
+    and queued again first."""
+    slot = config["slot"]
+    folder = tempfile.mkdtemp(prefix="autocomp-ray-")
+    atexit.register(shutil.rmtree, folder, True)
+    reference = Path(folder) / "teacher.onnx"
+    reference.write_bytes(teacher_onnx)
+    study = open_study(run.spec, create=False)
+    fail_running(study, _left_by(search, slot, f"WorkerDied: the Ray worker of slot {slot} stopped in the middle "
+                                                "of this trial"))
+    on_ray = {"node": ray.get_runtime_context().get_node_id(), "search": search, "slot": slot}
+    artifacts = Path(run.spec.artifacts)
 
+    def wrap(objective: Objective) -> Callable[[optuna.Trial], list[float]]:
+        def trial_on_ray(trial: optuna.Trial) -> list[float]:
+            trial.set_user_attr("ray", on_ray)
+            try:
+                check_shared(artifacts, f"{MARKER}{search}")
+            except AutocompError as err:
+                record(trial, err)
+                raise
+            return objective(trial)
+        return trial_on_ray
 
-def _trainable(config: dict, run: Run, teacher_onnx: bytes, marker: str) -> dict:
-    """One Tune trial: the objective on the Optuna trial the searcher asked for, told to the study here."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, scored = _served(run, teacher_onnx, marker)
-    number = config["optuna_trial"]
-    if study._storage.get_trial(config["optuna_trial_id"]).state.name != "RUNNING":  # the driver failed it
-        return {"optuna_trial": number, "state": "already told"}
-    trial = optuna.Trial(study, config["optuna_trial_id"])  # samples at its first suggest, with the sampler below
-
-    def objective(trial: optuna.Trial) -> list[float]:
-        attempt = trial.user_attrs.get("ray", {}).get("attempt", 0) + 1  # Tune retries a trial whose worker died
-        trial.set_user_attr("ray", {"node": ray.get_runtime_context().get_node_id(), "attempt": attempt})
-        check_shared(Path(run.spec.artifacts), marker)
-        # the proxy sampler scores through the objective; a retry samples again, alike
-        study.sampler = make_sampler(run.spec, run.seed + SEED_STRIDE * number, scored)
-        return scored(trial)
-
-    state = tell(study, trial, objective)
-    return {"optuna_trial": number, "state": state}
+    work(replace(run, reference=reference), slot, False, study=study, wrap=wrap)
 
 
 def check_shared(artifacts: Path, marker: str) -> None:

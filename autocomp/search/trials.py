@@ -1,13 +1,11 @@
-"""What one trial of a study is, whatever runs it (``autocomp.search.local`` in this process or worker processes,
-``autocomp.search.ray_runner`` on a Ray cluster): the study opened on its storage, its sampler,
-the space narrowed to the task's model, the objective a worker builds, how a trial is told, and the study's books
-(trials counted, fingerprints checked, a run summed up)."""
+"""What one trial of a study is, whatever runs it (a worker of ``autocomp.search.worker``: in this process, in
+worker processes, or in Ray actors): the study opened on its storage, its sampler, the space narrowed to the
+task's model, the objective a worker builds, and the study's books (trials counted, fingerprints checked, a run
+summed up)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +16,6 @@ from autocomp.compress.facts import teacher_facts
 from autocomp.compress.student import STUDENTS, can_build
 from autocomp.config import in_file
 from autocomp.errors import AutocompError
-from autocomp.faults import record
 from autocomp.pipeline import Baseline
 from autocomp.search.objective import Objective
 from autocomp.sensitivity import Sensitivity, cached
@@ -140,25 +137,6 @@ def make_objective(run: Run, study: optuna.Study, prepared: Prepared | None = No
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
     guide = study_guide(study, p.space, p.task, p.prunable, progress=False)
     return run.objective(run.spec, p.space, p.task, baseline, p.prunable, p.quantizable, run.seed, guide)
-
-
-def tell(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], list[float]]) -> str:
-    """Run ``objective`` on an asked ``trial`` and tell the study, as ``study.optimize`` does: pruned, or failed
-    with its reason (the ``error`` user attribute), or complete; return the state's name."""
-    import optuna
-    from optuna.trial import TrialState
-
-    values = None
-    try:
-        values, state = objective(trial), TrialState.COMPLETE
-    except optuna.TrialPruned:
-        state = TrialState.PRUNED
-    except Exception as err:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed elsewhere meanwhile
-            record(trial, err)
-        state = TrialState.FAIL
-    study.tell(trial.number, values, state=state, skip_if_finished=True)  # a trial failed elsewhere stays so
-    return state.name
 
 
 def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
