@@ -18,15 +18,24 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 
 from autocomp.errors import AutocompError
-from autocomp.trial_rows import STUDY_SYSTEM_ATTRS, SYSTEM_ATTRS, USER_ATTRS, Attr, Param, read_trials, write_rows
+from autocomp.trial_rows import (
+    STUDY_SYSTEM_ATTRS,
+    SYSTEM_ATTRS,
+    USER_ATTRS,
+    Attr,
+    Param,
+    holding,
+    read_trials,
+    write_rows,
+)
 
 MAX_DELAY = 8.0  # seconds between two tries at most
 
@@ -126,6 +135,13 @@ class PatientRDBStorage(RDBStorage):
         (``autocomp.trial_rows``: a third of the ORM's CPU)."""
         with self.engine.connect() as connection:
             return read_trials(connection, study_id, states, included_trial_ids, trial_id_greater_than)
+
+    @patiently
+    def holding(self, study_id: int, states: Iterable[TrialState], key: str, value: Any, unless: str) -> list[int]:
+        """The numbers of the trials in ``states`` whose user attribute ``key`` is ``value`` and that have none
+        named ``unless`` (``autocomp.trial_rows.holding``)."""
+        with self.engine.connect() as connection:
+            return holding(connection, study_id, states, key, value, unless)
 
     @patiently
     def _commit(self, writes: list[Param | Attr]) -> None:

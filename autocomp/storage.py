@@ -31,6 +31,7 @@ from autocomp.notes import renote
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import TrialState
 
 JOURNAL = "journal:///"
 HEARTBEAT_SECONDS = 10
@@ -106,15 +107,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The storage behind ``url``: journal file, or a database with heartbeats, whose calls are tried again while it
     is locked or unreachable (``autocomp.patient``)."""
     from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from autocomp.journal import BatchedJournalStorage
     from autocomp.patient import PatientRDBStorage
     from autocomp.trial_rows import ThrottledCache
 
     check_url(url)
     if url.startswith(JOURNAL):
-        return JournalStorage(JournalFileBackend(url[len(JOURNAL):]))
+        return BatchedJournalStorage(JournalFileBackend(url[len(JOURNAL):]))
     engine = {"connect_args": {"timeout": 5}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -138,9 +139,23 @@ def artifact_store(folder: str):
 
 def batched(study: optuna.Study) -> contextlib.AbstractContextManager:
     """A block whose writes of trial parameters and attributes land in one transaction, on a database
-    (``autocomp.patient``); on a journal file, each as it comes."""
-    backend = getattr(study._storage, "_backend", study._storage)  # Optuna's cache in front of a database
-    return backend.batched() if hasattr(backend, "batched") else contextlib.nullcontext()
+    (``autocomp.patient``), or in one append, on a journal file (``autocomp.journal``)."""
+    storage = study._storage
+    for held in (storage, getattr(storage, "_backend", None)):  # Optuna's cache in front of a database
+        if hasattr(held, "batched"):
+            return held.batched()
+    return contextlib.nullcontext()
+
+
+def holding(study: optuna.Study, key: str, value: object, states: tuple[TrialState, ...], unless: str) -> list[int]:
+    """The numbers of the study's trials in ``states`` whose user attribute ``key`` is ``value`` and that have none
+    named ``unless``, as the storage holds them now: on a database in one query (``autocomp.patient``), not from a
+    worker's view of the study, which may lag a second (``autocomp.trial_rows``)."""
+    backend = getattr(study._storage, "_backend", None)
+    if hasattr(backend, "holding"):
+        return backend.holding(study._study_id, states, key, value, unless)
+    return [t.number for t in study.get_trials(deepcopy=False, states=states)
+            if t.user_attrs.get(key) == value and unless not in t.user_attrs]
 
 
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -158,6 +158,19 @@ def read_trials(connection: sqlalchemy.Connection, study_id: int, states: Contai
                    steps[row.trial_id]) for row in rows]
 
 
+def holding(connection: sqlalchemy.Connection, study_id: int, states: Iterable[TrialState], key: str, value: Any,
+            unless: str) -> list[int]:
+    """The numbers of the study's trials in ``states`` whose user attribute ``key`` is ``value`` and that have none
+    named ``unless``: one query, where a read of the study would read every unfinished trial whole."""
+    attr, other = USER_ATTRS.alias("attr"), USER_ATTRS.alias("other")
+    query = (sqlalchemy.select(TRIALS.c.number).join(attr, attr.c.trial_id == TRIALS.c.trial_id)
+             .where(TRIALS.c.study_id == study_id, TRIALS.c.state.in_(list(states)), attr.c.key == key,
+                    attr.c.value_json == json.dumps(value),
+                    ~sqlalchemy.exists().where(other.c.trial_id == TRIALS.c.trial_id, other.c.key == unless))
+             .order_by(TRIALS.c.number))
+    return list(connection.execute(query).scalars())
+
+
 def frozen(row, params: list[tuple], values: list[tuple], user: list[tuple], system: list[tuple],
            steps: list[tuple]) -> FrozenTrial:
     """One trial from its rows, as ``RDBStorage._build_frozen_trial_from_trial_model`` builds it."""

@@ -13,7 +13,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from autocomp.storage import batched, open_storage
+from autocomp.storage import batched, holding, open_storage
 from autocomp.trial_rows import ThrottledCache, lagging
 
 pytestmark = pytest.mark.xdist_group("processes")  # beside the other tests of the session's PostgreSQL server
@@ -57,6 +57,27 @@ def test_trials_read_in_plain_queries_are_those_optunas_orm_reads(url):
     assert storage._get_trials(study._study_id, (TrialState.PRUNED,), set(), -1) == []
     with pytest.raises(KeyError):
         storage._get_trials(study._study_id + 1, None, set(), -1)
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["database", "journal"])
+def test_the_trials_holding_an_attribute_are_read_in_one_query_as_a_scan_of_the_study_finds_them(url, journal,
+                                                                                                  tmp_path):
+    """The duplicate check's read (``autocomp.storage.holding``): one query on a database, a scan elsewhere."""
+    storage = open_storage(f"journal:///{tmp_path / 'rows.journal'}" if journal else url)
+    study = optuna.create_study(storage=storage, study_name="keys")
+    for key, state in [("a", TrialState.COMPLETE), ("b", TrialState.PRUNED), ("a", TrialState.FAIL), ("a", None)]:
+        trial = study.ask()
+        trial.set_user_attr("recipe_key", key)
+        if key == "b":
+            trial.set_user_attr("duplicate_of", 0)
+        if state is not None:
+            study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+    assert holding(study, "recipe_key", "a", states, unless="duplicate_of") == [0, 3]  # 2 failed: it may run again
+    assert holding(study, "recipe_key", "b", states, unless="duplicate_of") == []  # a duplicate itself
+    assert holding(study, "recipe_key", "b", states, unless="other") == [1]
+    assert holding(study, "recipe_key", "c", states, unless="duplicate_of") == []
+    assert hasattr(study._storage, "_backend") and not journal == hasattr(study._storage._backend, "holding")
 
 
 def test_a_batch_of_writes_is_checked_and_stored_as_optuna_stores_each(url):

@@ -19,10 +19,9 @@ from autocomp.pipeline import ARTIFACT, RECIPE, Baseline, CompressedModel, apply
 from autocomp.proxy import ProxyScore
 from autocomp.recipe import Recipe
 from autocomp.space import SearchSpace
-from autocomp.storage import artifact_store, batched, this_worker
+from autocomp.storage import artifact_store, batched, holding, this_worker
 from autocomp.study import StudySpec
 from autocomp.tasks import Task
-from autocomp.trial_rows import lagging
 
 if TYPE_CHECKING:
     import optuna
@@ -88,8 +87,10 @@ class Objective:
             recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
                                        quantizable=self.quantizable, guide=self.guide)
             trial.set_user_attr("recipe", recipe.to_dict())
+            key = recipe_digest(recipe)
+            trial.set_user_attr("recipe_key", key)  # what later trials compare with: no stored recipe is read again
         _check_caps(trial, recipe, task, spec.constraints)
-        _check_duplicate(trial, recipe)
+        _check_duplicate(trial, key)
         if spec.sampler == "proxy":  # what the proxy sampler learns from: the proxy beside the full result
             trial.set_user_attr("proxy", self._proxy(recipe).to_dict())
         screen = spec.screening.screen(recipe) if spec.screening and "warm_start" not in trial.user_attrs else None
@@ -118,23 +119,23 @@ class Objective:
         return _run_trial(trial, recipe, self.task, self.baseline.artifact, self.store, ends, self.spec.trial_timeout)
 
 
-def _check_duplicate(trial: optuna.Trial, recipe: Recipe) -> None:
+def recipe_digest(recipe: Recipe) -> str:
+    """What a trial stores to say which recipe it runs (``Recipe.canonical``, hashed), compared with later trials'."""
+    return hashlib.sha256(recipe.canonical().encode()).hexdigest()[:16]
+
+
+def _check_duplicate(trial: optuna.Trial, key: str) -> None:
     """Raise ``TrialPruned``, untrained, when another trial of the study (finished or running) holds the same recipe
-    (``Recipe.canonical``): a recipe is evaluated once. The trial records which one (``duplicate_of``)."""
+    (its ``recipe_key``, read from the storage now): a recipe is evaluated once. The trial records which one
+    (``duplicate_of``)."""
     import optuna
     from optuna.trial import TrialState
 
-    key = hashlib.sha256(recipe.canonical().encode()).hexdigest()[:16]
-    trial.set_user_attr("recipe_key", key)  # what later trials compare with: no stored recipe is read again
-
     states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)  # a failed recipe may run again
-    with lagging(trial.study, 0.0):  # read now, not a second ago: a trial started since counts
-        others = trial.study.get_trials(deepcopy=False, states=states)
-    for other in others:
-        if other.number != trial.number and "duplicate_of" not in other.user_attrs \
-                and other.user_attrs.get("recipe_key") == key:
-            trial.set_user_attr("duplicate_of", other.number)
-            raise optuna.TrialPruned(f"the recipe of trial {other.number} again: not run twice")
+    for number in holding(trial.study, "recipe_key", key, states, unless="duplicate_of"):
+        if number != trial.number:
+            trial.set_user_attr("duplicate_of", number)
+            raise optuna.TrialPruned(f"the recipe of trial {number} again: not run twice")
 
 
 def _check_caps(trial: optuna.Trial, recipe: Recipe, task: Task, caps: dict[str, float]) -> None:
