@@ -23,7 +23,7 @@ from autocomp.errors import AutocompError
 from autocomp.search.ray_runner import check_shared
 from autocomp.storage import open_storage
 from tests.dashboard import read_back_without_storage
-from tests.ports import free_port
+from tests.ports import descendants, free_port, listening
 from tests.ray_cluster import local_cluster
 from tests.test_cli import AUTOCOMP, autocomp_here
 
@@ -128,6 +128,22 @@ def test_a_slots_next_worker_fails_and_queues_the_trial_its_last_one_left_runnin
     assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
     assert trials[0].user_attrs["error"] == "WorkerDied: gone" and trials[3].params == trials[0].params
     assert counted(trials) == []  # the queued copy counts for it once it runs
+
+
+def test_a_ray_started_for_one_search_listens_on_127_0_0_1_alone():
+    """Ray's servers listen on every interface by default (``ray.init()`` here: the GCS and the raylet on 0.0.0.0);
+    a Ray of one search's own serves this machine alone."""
+    import ray
+
+    from autocomp.search.ray_runner import RayOptions, connected
+
+    with connected(RayOptions(), progress=False):
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert ray.get(ray.remote(lambda: os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]).remote()) == "0"
+        addresses = listening(descendants(os.getpid()))
+    assert len(addresses) >= 3 and all((getattr(host, "ipv4_mapped", None) or host).is_loopback
+                                       for host, _ in addresses), addresses
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # as it was before
 
 
 def test_ray_options_without_the_ray_backend_are_one_clear_line(quick_study, capsys):

@@ -19,19 +19,21 @@ attributes, artifacts, constraints, fidelity records), because each Tune trial i
 - **Artifacts and storage must reach every node**: the study's artifact folder and its storage are paths
   or URLs every node opens (a shared file system, or PostgreSQL for the storage). A node that cannot see
   the artifact folder fails its trial with that reason instead of writing files nobody will find.
-- Ray's usage statistics are off; a Ray started for one search has no dashboard and a bounded object store.
+- Ray's usage statistics are off; a Ray started for one search serves 127.0.0.1 alone (``on_loopback``), with no
+  dashboard and a bounded object store.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 OBJECT_STORE_BYTES = 256 * 2**20  # a Ray started for one search: trials pass recipes and bytes, not tensors
 FORWARDED_ENV = ("PYTHONPATH", "AUTOCOMP_CACHE")  # the driver's, so a worker imports and caches as it does
 MARKER = ".autocomp-shared-"  # a file the driver writes in the artifact folder, which every node must see
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a Ray of one machine, on 127.0.0.1 (on_loopback)
 
 
 @dataclass(frozen=True)
@@ -82,43 +85,77 @@ class RayOptions:
 
 def run_tune(run: Run, options: RayOptions, teacher_onnx: bytes, progress: bool) -> None:
     """Run the study's workers as Ray Tune trials until the study holds the count (or the deadline passed)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
     search = uuid.uuid4().hex[:12]  # what marks this search's trials and its marker file
     marker = Path(run.spec.artifacts) / f"{MARKER}{search}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
+    try:
+        with connected(options, progress):
+            study = open_study(run.spec, create=False)
+            slots = options.slots(run.trials - finished_trials(study))
+            if slots:
+                _tune(run, study, slots, options, teacher_onnx, search, progress)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def connected(options: RayOptions, progress: bool) -> Iterator[None]:
+    """This process connected to the cluster at ``options.address``, or to a Ray of this search's own on this
+    machine (``on_loopback``), even where `ray start` left a cluster that ``ray.init()`` would join; disconnected
+    (and that Ray stopped) after."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     local = options.address is None
-    try:
+    with on_loopback() if local else contextlib.nullcontext():
         try:
-            # "local": a Ray of this search's own, even where `ray start` left a cluster that ray.init would join
             ray.init(address=options.address or "local", runtime_env={"env_vars": env}, log_to_driver=progress,
                      **({"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES} if local else {}))
         except ConnectionError as err:  # --address auto with no cluster on this machine
             raise AutocompError(f"--address {options.address}: {err}") from None
-        study = open_study(run.spec, create=False)
-        slots = options.slots(run.trials - finished_trials(study))
-        if slots == 0:
-            return
-        trainable = tune.with_resources(tune.with_parameters(_slot, run=run, teacher_onnx=teacher_onnx,
-                                                             search=search),
-                                        {"cpu": options.cpus_per_trial})
-        with tempfile.TemporaryDirectory(prefix="autocomp-tune-") as tmp:
-            tuner = tune.Tuner(
-                trainable, param_space={"slot": tune.grid_search(list(range(slots)))},
-                tune_config=tune.TuneConfig(max_concurrent_trials=slots),
-                run_config=tune.RunConfig(name=run.spec.study_name, storage_path=tmp, verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=MAX_RETRY)),
-            )
-            with following(study, run, f"trials (Ray, {slots} at once)", progress):
-                results = tuner.fit()
-        for result in results:
-            if result.error is not None:
-                _gave_up(study, search, result.config["slot"], result.error)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def on_loopback() -> Iterator[None]:
+    """Inside, a Ray started here serves 127.0.0.1 alone. Ray's servers (GCS, raylet, workers) listen on every
+    interface of the address it picks for the machine, unless the machine is to hold no cluster of several nodes
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch for Windows and macOS): then on 127.0.0.1. Ray reads it
+    when imported, so this process's copy is set too; the processes Ray starts read it from the environment."""
+    from ray._private import ray_constants
+
+    before = os.environ.get(SINGLE_MACHINE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
     finally:
-        marker.unlink(missing_ok=True)
-        ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = before[1]
+        if before[0] is None:
+            os.environ.pop(SINGLE_MACHINE, None)
+        else:
+            os.environ[SINGLE_MACHINE] = before[0]
+
+
+def _tune(run: Run, study: optuna.Study, slots: int, options: RayOptions, teacher_onnx: bytes, search: str,
+          progress: bool) -> None:
+    """``slots`` Tune trials, each a worker of the study (``_slot``), followed until they end."""
+    trainable = tune.with_resources(tune.with_parameters(_slot, run=run, teacher_onnx=teacher_onnx, search=search),
+                                    {"cpu": options.cpus_per_trial})
+    with tempfile.TemporaryDirectory(prefix="autocomp-tune-") as tmp:
+        tuner = tune.Tuner(
+            trainable, param_space={"slot": tune.grid_search(list(range(slots)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+            run_config=tune.RunConfig(name=run.spec.study_name, storage_path=tmp, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=MAX_RETRY)),
+        )
+        with following(study, run, f"trials (Ray, {slots} at once)", progress):
+            results = tuner.fit()
+    for result in results:
+        if result.error is not None:
+            _gave_up(study, search, result.config["slot"], result.error)
 
 
 def _gave_up(study: optuna.Study, search: str, slot: int, error: BaseException) -> None:
