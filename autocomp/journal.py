@@ -11,68 +11,39 @@ lands the batch first, so the file keeps the order of the writes.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal._storage import JournalOperation
 
+from autocomp.held import HeldWrites
+
 HELD = {JournalOperation.SET_TRIAL_PARAM, JournalOperation.SET_TRIAL_USER_ATTR,
         JournalOperation.SET_TRIAL_SYSTEM_ATTR, JournalOperation.SET_STUDY_SYSTEM_ATTR}
 
 
-class BatchedJournalStorage(JournalStorage):
+class BatchedJournalStorage(HeldWrites, JournalStorage):
     """Optuna's journal storage, whose ``batched`` block appends its writes at once (see the module)."""
 
-    def __init__(self, backend) -> None:
-        self._held = threading.local()  # the lines held by this thread's ``batched`` block, if any
-        super().__init__(backend)
-
-    def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        del state["_held"]
-        return state
-
-    def __setstate__(self, state: dict[Any, Any]) -> None:
-        state["_held"] = threading.local()
-        super().__setstate__(state)
-
-    @contextlib.contextmanager
-    def batched(self) -> Iterator[None]:
-        """Hold this thread's writes of parameters and attributes inside, and append them at the end (a block
-        inside another is part of it)."""
-        if getattr(self._held, "logs", None) is not None:
-            yield
-            return
-        self._held.logs = []
-        try:
-            yield
-        except BaseException:  # all of the block's writes or none (those it landed before another write stay)
-            self._held.logs = None
-            raise
+    def _land(self, writes: list[dict[str, Any]]) -> None:
         with self._thread_lock:
-            try:
-                self._land()
-            finally:
-                self._held.logs = None
+            self._append_held()
             self._sync_with_backend()
 
-    def _land(self) -> None:
-        logs = getattr(self._held, "logs", None)
+    def _append_held(self) -> None:
+        logs = self.held()
         if logs:
             self._backend.append_logs(logs)
             logs.clear()
 
     def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
-        logs = getattr(self._held, "logs", None)
+        logs = self.held()
         if logs is None or op_code not in HELD:
-            self._land()  # what the block holds first: the file keeps the order of the writes
+            self._append_held()  # what the block holds first: the file keeps the order of the writes
             super()._write_log(op_code, extra_fields)
         else:
             logs.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})
 
     def _sync_with_backend(self) -> None:
-        if not getattr(self._held, "logs", None):  # nothing held: read and replay the others' lines
+        if not self.held():  # nothing held: read and replay the others' lines
             super()._sync_with_backend()

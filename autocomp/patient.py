@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from optuna.storages import RDBStorage
@@ -26,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 
 from autocomp.errors import AutocompError
+from autocomp.held import HeldWrites
 from autocomp.trial_rows import (
     STUDY_SYSTEM_ATTRS,
     SYSTEM_ATTRS,
@@ -96,35 +95,15 @@ def patiently(method: Callable, worth_again: Callable[[BaseException], bool] = t
     return call
 
 
-class PatientRDBStorage(RDBStorage):
+class PatientRDBStorage(HeldWrites, RDBStorage):
     """Optuna's RDBStorage whose every public method, and the private ones Optuna's cache in front of it calls,
     is tried again while the database is locked or unreachable (``patiently``), and so is opening it."""
 
     def __init__(self, url: str, **kwargs) -> None:
-        self._held = threading.local()  # the writes held by this thread's ``batched`` block, if any
         patiently(RDBStorage.__init__, lambda err: transient(err) or created_meanwhile(err))(self, url, **kwargs)
 
-    def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        del state["_held"]
-        return state
-
-    def __setstate__(self, state: dict[Any, Any]) -> None:
-        state["_held"] = threading.local()
-        super().__setstate__(state)
-
-    @contextlib.contextmanager
-    def batched(self) -> Iterator[None]:
-        """Hold this thread's writes of trial parameters and attributes inside, and commit them in one transaction
-        at the end (a block inside another is part of it)."""
-        if getattr(self._held, "writes", None) is not None:
-            yield
-            return
-        self._held.writes = []
-        try:
-            yield
-        finally:
-            writes, self._held.writes = self._held.writes, None
+    def _land(self, writes: list[Param | Attr]) -> None:
+        """A ``batched`` block's writes, in one transaction (``autocomp.held``)."""
         if writes:
             self._commit(writes)
 
@@ -150,7 +129,7 @@ class PatientRDBStorage(RDBStorage):
 
     def _write(self, write: Param | Attr) -> None:
         """``write`` now, in a transaction of its own, or held for the batch this thread is in."""
-        held = getattr(self._held, "writes", None)
+        held = self.held()
         if held is None:
             self._commit([write])
         else:
