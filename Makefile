@@ -56,8 +56,8 @@ bench-scaling: setup  # about 6 minutes here: 1 and 2 local workers, a 2-node Ra
 # one worker's runs of bench-load: side by side (they sleep), one file per backend
 LOAD_ONE := benchmarks/results/load_one
 
-bench-load: setup  # about an hour here: trials that sleep, 1 to 64 at once, on a journal, PostgreSQL and Ray
-	for b in postgresql ray journal; do $(BIN)/python benchmarks/load.py --concurrency 1 --backends $$b \
+bench-load: setup  # about 35 minutes here: trials that sleep, 1 to 64 at once, on a journal, PostgreSQL and Ray
+	for b in postgresql ray journal; do $(BIN)/python benchmarks/load.py --concurrency 1 --trials 150 --backends $$b \
 		--out $(LOAD_ONE)_$$b.md & done; wait
 	$(BIN)/python benchmarks/load.py --concurrency 32 8 64 --include $(LOAD_ONE)_*.json
 

@@ -7,7 +7,8 @@ trials (the sleeps are drawn from the trial numbers) on a tiny task (``tests.tas
 space, with NSGA-II:
 
 - ``--workers N`` on one journal file, and on PostgreSQL (a server from the OS packages on 127.0.0.1);
-- Ray Tune on a local Ray cluster of 64 logical CPUs (``ray start --num-cpus 64``), N trials at once, on a journal.
+- Ray Tune on a local Ray cluster of 64 logical CPUs (``ray start --num-cpus 64``), N workers (Tune trials) at once,
+  on a journal.
 
 Throughput is measured while all N ran (steady state: from the time N trials had begun their own work, their
 sleeps, to the last trial's start; the start-up before it, the workers' or Ray's actors' starting and loading the
@@ -24,8 +25,8 @@ their own and the database is shared.
 
     .venv/bin/python benchmarks/load.py [--trials 500] [--concurrency 1 8 32 64] [--backends journal postgresql ray]
 
-``make bench-load`` runs one worker of each backend side by side first (each sleeps, so they hardly compete for
-the cores; one after another they would take 80 minutes), then the rest one at a time, with those rows included.
+``make bench-load`` runs one worker of each backend side by side first, 150 trials each (each sleeps, so they hardly
+compete for the cores; a rate needs no 500), then the rest one at a time, with those rows included.
 """
 
 from __future__ import annotations

@@ -130,13 +130,15 @@ def test_a_slots_next_worker_fails_and_queues_the_trial_its_last_one_left_runnin
     assert counted(trials) == []  # the queued copy counts for it once it runs
 
 
-def test_a_ray_started_for_one_search_listens_on_127_0_0_1_alone():
+def test_a_ray_started_for_one_search_listens_on_127_0_0_1_alone(monkeypatch):
     """Ray's servers listen on every interface by default (``ray.init()`` here: the GCS and the raylet on 0.0.0.0);
     a Ray of one search's own serves this machine alone."""
     import ray
 
     from autocomp.search.ray_runner import RayOptions, connected
 
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # the cluster fixture's, if this module started it
+        monkeypatch.delenv(name, raising=False)  # (this process read Ray's auth mode before: its servers must agree)
     with connected(RayOptions(), progress=False):
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
         assert ray.get(ray.remote(lambda: os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]).remote()) == "0"

@@ -38,6 +38,7 @@ class Objective:
         Path(spec.artifacts).mkdir(parents=True, exist_ok=True)
         self.store = artifact_store(spec.artifacts)
         self._dimensions = space.dimensions(prunable, spec.task, quantizable)
+        self.tags: dict[str, Any] = {}  # user attributes a backend stores with every trial (where it ran)
         self._scores: dict[str, ProxyScore] = {}
         self._latency: proxy.LatencyModel | None = None
 
@@ -84,6 +85,8 @@ class Objective:
         phase.stage(f"trial {trial.number}, sample")  # a fault names this trial's phase, not the last one's
         with batched(trial.study):  # the sampled recipe lands in one write (autocomp.patient)
             trial.set_user_attr("worker", this_worker())  # how a dead worker's trial is found (autocomp.storage)
+            for key, value in self.tags.items():
+                trial.set_user_attr(key, value)
             recipe = self.space.sample(trial, spec.task, self.prunable, seed=self.seed, measure=spec.measure,
                                        quantizable=self.quantizable, guide=self.guide)
             trial.set_user_attr("recipe", recipe.to_dict())

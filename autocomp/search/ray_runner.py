@@ -190,8 +190,9 @@ def _slot(config: dict, run: Run, teacher_onnx: bytes, search: str) -> None:
     artifacts = Path(run.spec.artifacts)
 
     def wrap(objective: Objective) -> Callable[[optuna.Trial], list[float]]:
+        objective.tags["ray"] = on_ray  # stored with each trial's sampled recipe, in one write
+
         def trial_on_ray(trial: optuna.Trial) -> list[float]:
-            trial.set_user_attr("ray", on_ray)
             try:
                 check_shared(artifacts, f"{MARKER}{search}")
             except AutocompError as err:
