@@ -8,7 +8,7 @@ attributes, artifacts, constraints, fidelity records), because each Tune trial i
   should run at once (``--max-concurrent``, or the cluster's CPUs); each runs the worker's loop in its actor,
   sampling, running and telling Optuna trials until the study holds the count. Its actor starts once (torch, the
   task, the study opened), not once per Optuna trial, and no trial waits on the driver: Tune's per-trial
-  scheduling cost 0.5 of 32 slots' time (``benchmarks/results/load_ray_actors.md``). Tune's ``OptunaSearch`` is
+  scheduling left 32 slots half empty (x 0.52: ``benchmarks/results/load_2026-12-07.md``). Tune's ``OptunaSearch`` is
   not used: it records only the metrics Tune reports (no user attributes, no constraints), and a ``TuneConfig``
   metric would turn the multi-objective study into a single-objective one.
 - **A trial is told once, by its worker**: COMPLETE with its values, PRUNED (screened out, over a cap) or
