@@ -6,7 +6,9 @@ recipe's calibrator picked on training data. The straight-through estimator lets
 reach the float weights (Jacob et al., CVPR 2018). A weight masked by unstructured pruning
 (``prune.WeightMask``) is masked first, then fake-quantized: its range is the masked weight's, zeros
 included, as deployed; a zero stays exactly zero on any grid (0 is a level of every grid, ``calibrate.py``)
-and the mask stops the gradient of pruned weights.
+and the mask stops the gradient of pruned weights. With a distillation loss (``pipeline.fine_tune`` nests the two)
+this is quantized distillation (Polino et al., ICLR 2018): the student learns the teacher's soft targets with its
+quantizers in place.
 """
 
 from __future__ import annotations

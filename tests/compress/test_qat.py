@@ -118,3 +118,36 @@ def test_pruned_weights_get_no_gradient_and_stay_zero_through_quantization_aware
     w = small_cnn.conv2.weight.detach()
     assert not parametrize.is_parametrized(small_cnn.conv2) and not torch.equal(w, before)  # trained, plain again
     assert torch.all(w[mask == 0] == 0)
+
+
+def test_quantized_distillation_trains_fake_quantized_weights_on_the_teachers_soft_targets_at_once(small_cnn):
+    """Quantized distillation (Polino et al., ICLR 2018): the student is distilled with its quantizers in place. It is
+    the fine-tune's path when a recipe asks for QAT and a distillation loss (``pipeline.fine_tune`` nests the two):
+    the loss is the soft-target term of the fake-quantized student's logits, and its gradient reaches the float
+    weights through the quantizer."""
+    from autocomp.compress.distill import Distiller
+    from tests.conftest import SmallCNN
+
+    torch.manual_seed(1)
+    teacher, (x, y) = SmallCNN().eval(), (data().x, data().y)
+
+    def soft_term(student_logits: torch.Tensor) -> torch.Tensor:  # T^2 KL(teacher_T || student_T), by hand, T = 4
+        with torch.no_grad():
+            target = torch.softmax(teacher(x) / 4, dim=1)
+        return 16 * (target * (target.log() - torch.log_softmax(student_logits / 4, dim=1))).sum(1).mean()
+
+    before = small_cnn.fc1.weight.detach().clone()
+    with quantization_aware(small_cnn, {"conv2": 4, "fc1": 4}, x, "minmax", per_channel=True,
+                            quantize_inputs=False), \
+            Distiller(teacher, small_cnn, x[:1], kind="logits", temperature=4.0, alpha=1.0) as loss:
+        assert all(len(torch.unique(row)) <= 16 for row in small_cnn.fc1.weight)  # 4-bit weights in the forward
+        logits = small_cnn.train()(x)
+        value = loss(logits, x, y)
+        torch.testing.assert_close(value, soft_term(logits))  # alpha 1: the teacher's soft targets alone
+        value.backward()
+        assert small_cnn.fc1.parametrizations.weight.original.grad.abs().sum() > 0  # through the quantizer
+        small_cnn.zero_grad()
+        fit(small_cnn, data(), loss, epochs=3, lr=1e-2, batch_size=16, progress=False)
+        after = soft_term(small_cnn.eval()(x)).item()
+    assert not torch.equal(small_cnn.fc1.weight, before)  # the float weights learned
+    assert after < value.item()  # closer to the teacher, computed with 4-bit weights
