@@ -229,24 +229,62 @@ def by_depth(student: list[str], teacher: list[str]) -> list[tuple[str, str]]:
     return [(s, teacher[round(i * (len(teacher) - 1) / last)]) for i, s in enumerate(student)]
 
 
+class Targets(ABC):
+    """Where a distillation's soft targets come from: their log-probabilities at temperature ``t`` for a batch ``x``
+    (rows ``idx`` of the training split, where the fine-tune knows them)."""
+
+    @abstractmethod
+    def log_probs(self, x: Tensor, idx: Tensor | None, t: float) -> Tensor:
+        """(B, classes) log-probabilities, without gradients."""
+
+
+class TeacherTargets(Targets):
+    """One teacher's softened outputs (Hinton et al., 2015): read by index from ``logits``, its logits on the training
+    split (``Task.teacher_logits``), where given, else the teacher run on the batch."""
+
+    def __init__(self, teacher: nn.Module, logits: Tensor | None = None) -> None:
+        self.teacher, self.logits = teacher, logits
+
+    def log_probs(self, x: Tensor, idx: Tensor | None, t: float) -> Tensor:
+        if self.logits is not None and idx is not None:
+            logits = self.logits[idx]
+        else:
+            with torch.no_grad():
+                logits = self.teacher(x)
+        return nn.functional.log_softmax(logits / t, dim=1)
+
+
+class EnsembleTargets(Targets):
+    """Multi-teacher distillation: the mean of the teachers' softened outputs (an ensemble's soft targets, Hinton et
+    al., 2015), each teacher's read as ``TeacherTargets`` reads one."""
+
+    def __init__(self, teachers: list[TeacherTargets]) -> None:
+        if not teachers:
+            raise ValueError("an ensemble's soft targets need at least one teacher")
+        self.teachers = teachers
+
+    def log_probs(self, x: Tensor, idx: Tensor | None, t: float) -> Tensor:
+        each = torch.stack([teacher.log_probs(x, idx, t) for teacher in self.teachers])
+        return torch.logsumexp(each, dim=0) - torch.log(torch.tensor(float(len(self.teachers))))
+
+
 class Distiller(nn.Module, Hooks):
     """The fine-tune loss: (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * transfer.
 
     The T^2 factor keeps the soft term's gradient scale independent of the temperature (Hinton
     et al., 2015). ``kind`` "none" is cross-entropy alone. Hooks on the student record its
-    features during the training forward pass; the teacher runs here, without gradients, unless
-    ``teacher_logits`` holds its logits on the training split (``Task.teacher_logits``) and no feature term
-    needs its forward pass: then a batch's soft targets are read by index (the fine-tune does not augment,
-    so a batch's inputs are the split's).
+    features during the training forward pass. The soft targets are ``targets``' (default: the teacher's,
+    ``TeacherTargets``): the teacher runs here, without gradients, unless ``teacher_logits`` holds its logits on the
+    training split (``Task.teacher_logits``) and no feature term needs its forward pass: then a batch's soft targets
+    are read by index (the fine-tune does not augment, so a batch's inputs are the split's).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, example_input: Tensor, *, kind: str = "logits",
                  temperature: float = 4.0, alpha: float = 0.5, weight: float = 1.0,
                  pairs: list[tuple[str, str]] = (),
-                 teacher_logits: Tensor | None = None) -> None:
+                 teacher_logits: Tensor | None = None, targets: Targets | None = None) -> None:
         super().__init__()
-        self.teacher = [teacher.eval()]  # a list: not a sub-module, so its weights are not trained
-        self.teacher_logits = teacher_logits
+        teacher.eval()  # not a sub-module: its weights are not trained
         self.temperature, self.alpha, self.weight = temperature, (0.0 if kind == "none" else alpha), weight
         cls = TRANSFERS.get(kind, field="distill.kind")
         self.transfer = cls() if cls is not None else None
@@ -261,6 +299,8 @@ class Distiller(nn.Module, Hooks):
                 student.eval()(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
                 teacher(example_input.repeat(2, *[1] * (example_input.dim() - 1)))
             self.transfer.build(*self._features())
+        # a feature term records the teacher's features in its forward pass: the teacher runs on every batch then
+        self.targets = targets or TeacherTargets(teacher, teacher_logits if self.transfer is None else None)
 
     def _features(self) -> tuple[list[Tensor], list[Tensor]]:
         """Each pair's student and teacher features, channels first: (B, C, *positions), so the (B, tokens, C)
@@ -278,15 +318,9 @@ class Distiller(nn.Module, Hooks):
         loss = nn.functional.cross_entropy(student_logits, y)
         if self.alpha == 0.0 and self.transfer is None:
             return loss
-        if self.transfer is None and self.teacher_logits is not None and idx is not None:
-            teacher_logits = self.teacher_logits[idx]
-        else:
-            with torch.no_grad():
-                teacher_logits = self.teacher[0](x)
         t = self.temperature
         soft = nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, dim=1),
-                                    nn.functional.log_softmax(teacher_logits / t, dim=1),
-                                    reduction="batchmean", log_target=True)
+                                    self.targets.log_probs(x, idx, t), reduction="batchmean", log_target=True)
         loss = (1.0 - self.alpha) * loss + self.alpha * t**2 * soft
         if self.transfer is not None:
             loss = loss + self.weight * self.transfer(*self._features())

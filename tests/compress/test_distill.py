@@ -10,9 +10,11 @@ from autocomp.compress.distill import (
     TRANSFERS,
     AttentionTransfer,
     Distiller,
+    EnsembleTargets,
     FitNet,
     RelationalKD,
     SimilarityPreserving,
+    TeacherTargets,
 )
 from autocomp.train import Split, fit, predict
 from tests.conftest import prune_local
@@ -90,6 +92,29 @@ def test_soft_targets_are_read_by_index_when_no_feature_term_needs_the_teacher(s
         hints.load_state_dict(ran.state_dict())  # the same projection
         student(x)
         assert torch.allclose(hints(logits, x, y, idx), ran(logits, x, y, idx), atol=1e-6)  # a feature term runs it
+
+
+def test_multi_teacher_targets_are_the_mean_of_the_teachers_softened_outputs(small_cnn):
+    """Multi-teacher distillation's soft targets: the ensemble's mean softened output, whether a teacher's logits are
+    read by index or its forward runs; the student's soft term is taken against that mean."""
+    torch.manual_seed(1)
+    teachers = [small_cnn, *(type(small_cnn)().eval() for _ in range(2))]
+    data = Split(batch(32, 1, 8, 8), torch.arange(32) % 10)
+    idx = torch.tensor([5, 0, 17, 3])
+    x, y = data.x[idx], data.y[idx]
+    ensemble = EnsembleTargets([TeacherTargets(teachers[0], predict(teachers[0], data.x)),
+                                *(TeacherTargets(t) for t in teachers[1:])])
+    mean = torch.stack([torch.softmax(t(x) / 3.0, 1) for t in teachers]).mean(0).detach()
+    torch.testing.assert_close(ensemble.log_probs(x, idx, 3.0).exp(), mean, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(mean, torch.softmax(teachers[0](x) / 3.0, 1), atol=1e-3)  # not one teacher's
+
+    student = copy.deepcopy(small_cnn)
+    logits = student(x)
+    with Distiller(small_cnn, student, X, kind="logits", alpha=1.0, temperature=3.0, targets=ensemble) as soft:
+        kl = (mean * (mean.log() - torch.log_softmax(logits / 3.0, 1))).sum(1).mean()
+        torch.testing.assert_close(soft(logits, x, y, idx), 9.0 * kl, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one teacher"):
+        EnsembleTargets([])
 
 
 @pytest.mark.parametrize("kind", TRANSFERS.names())
