@@ -245,3 +245,23 @@ def finalize_masks(model: nn.Module) -> nn.Module:
     for layer in [m for m in model.modules() if weight_mask(m) is not None]:  # listed first: removal edits the tree
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return model
+
+
+def rewind(model: nn.Module, early: dict[str, Tensor]) -> nn.Module:
+    """Lottery-ticket weight rewinding (Frankle et al., ICML 2020; Renda et al., ICLR 2020): every parameter and buffer
+    of ``model`` takes its value in ``early``, a state of the same network early in its training (names as its
+    ``state_dict`` gives them), and the masks stay: a masked layer's latent weight takes the early values, so its
+    kept weights are the early ones and its pruned ones read zero. A name ``early`` lacks keeps its value (a mask);
+    a shape that differs (channels pruned away) is refused: rewinding keeps the network's shape."""
+    latent = {f"{name}.weight": m.parametrizations.weight.original for name, m in model.named_modules()
+              if parametrize.is_parametrized(m, "weight")}
+    current = {**dict(model.named_parameters()), **dict(model.named_buffers()), **latent}
+    with torch.no_grad():
+        for name, value in current.items():
+            if name not in early:
+                continue
+            if early[name].shape != value.shape:
+                raise ValueError(f"cannot rewind {name}: its shape is {tuple(value.shape)} now, "
+                                 f"{tuple(early[name].shape)} early in training (rewinding keeps the shape)")
+            value.copy_(early[name])
+    return model

@@ -11,7 +11,15 @@ import torch
 
 from autocomp import runtime
 from autocomp.compress.pack import DECODER_BYTES, container_bits
-from autocomp.compress.prune import finalize_masks, latent_weight, prunable_layers, prune, regrow, weight_mask
+from autocomp.compress.prune import (
+    finalize_masks,
+    latent_weight,
+    prunable_layers,
+    prune,
+    regrow,
+    rewind,
+    weight_mask,
+)
 from autocomp.compress.quantize import deploy
 from autocomp.recipe import LayerPrune, Prune, Quantize
 from autocomp.train import Split, fit
@@ -110,3 +118,22 @@ def test_sparse_artifact_is_smaller_and_exact(small_cnn, tmp_path, sparsity, sto
     for layer, kernel in runtime.layer_kernels(sparse).items():  # the same, but sparse 4-bit Linear is fp32
         assert kernel == dense_kernels[layer] or (dense_kernels[layer], kernel) in {("MatMulNBits", "Gemm"),
                                                                                    ("MatMulNBits", "FusedGemm")}
+
+
+def test_rewinding_restores_the_early_values_on_kept_weights_and_keeps_the_pruned_ones_zero(small_cnn):
+    """Lottery-ticket rewinding: the mask comes from the trained weights, the values from early in training."""
+    torch.manual_seed(3)
+    early = {k: v.clone() for k, v in type(small_cnn)().state_dict().items()}  # another point of the same network
+    weight_prune(small_cnn, layers={"conv2": LayerPrune(0.5, "l1"), "fc1": LayerPrune(0.8, "l1")})
+    masks = {name: weight_mask(getattr(small_cnn, name)).clone() for name in ("conv2", "fc1")}
+    rewind(small_cnn, early)
+    for name, mask in masks.items():
+        layer = getattr(small_cnn, name)
+        assert torch.equal(weight_mask(layer), mask)  # the mask is kept
+        assert torch.equal(layer.weight.detach(), early[f"{name}.weight"] * mask)  # early values, pruned ones zero
+        assert torch.equal(latent_weight(layer).detach(), early[f"{name}.weight"])
+    state = small_cnn.state_dict()
+    for name in ("conv1.weight", "conv1.bias", "fc2.weight", "fc1.bias"):
+        assert torch.equal(state[name], early[name])  # unmasked parameters and biases rewound too
+    with pytest.raises(ValueError, match=r"cannot rewind conv1.weight: its shape is \(8, 1, 3, 3\) now"):
+        rewind(small_cnn, {**early, "conv1.weight": torch.zeros(4, 1, 3, 3)})  # channels pruned away
