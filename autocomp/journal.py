@@ -27,11 +27,11 @@ class BatchedJournalStorage(HeldWrites, JournalStorage):
 
     def _land(self, writes: list[dict[str, Any]]) -> None:
         with self._thread_lock:
-            self._append_held()
+            self._append(writes)
             self._sync_with_backend()
 
-    def _append_held(self) -> None:
-        logs = self.held()
+    def _append(self, logs: list[dict[str, Any]] | None) -> None:
+        """Append the lines a block holds (if any) to the file, in one append, and hold none."""
         if logs:
             self._backend.append_logs(logs)
             logs.clear()
@@ -39,7 +39,7 @@ class BatchedJournalStorage(HeldWrites, JournalStorage):
     def _write_log(self, op_code: int, extra_fields: dict[str, Any]) -> None:
         logs = self.held()
         if logs is None or op_code not in HELD:
-            self._append_held()  # what the block holds first: the file keeps the order of the writes
+            self._append(logs)  # what the block holds first: the file keeps the order of the writes
             super()._write_log(op_code, extra_fields)
         else:
             logs.append({"op_code": op_code, "worker_id": self._replay_result.worker_id, **extra_fields})

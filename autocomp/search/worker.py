@@ -54,8 +54,8 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
     study.sampler = make_sampler(run.spec, run.seed + done + SEED_STRIDE * index, objective)  # no two draw alike
     each = wrap(objective) if wrap else objective
     bar = tqdm(total=run.trials, initial=done, desc="trials", disable=not progress, unit="trial")
-    status = Status(bar, study, run.deadline) if progress else None
-    with phase.listening(status.phase if status else lambda now: None), lagging(study):
+    status = Status(bar, study, run.deadline, progress)
+    with phase.listening(status.phase if progress else lambda now: None), lagging(study):
         checked = 0.0
         while run.deadline is None or time.time() < run.deadline:
             if time.monotonic() - checked >= DEAD_CHECK_SECONDS:
@@ -63,9 +63,7 @@ def work(run: Run, index: int, progress: bool, prepared: Prepared | None = None,
                 checked = time.monotonic()
             trials = study.get_trials(deepcopy=False)
             done, running = len(counted(trials)), sum(t.state.name == "RUNNING" for t in trials)
-            bar.update(done - bar.n)
-            if status:
-                status.count(done)
+            status.count(done)
             if done >= run.trials:
                 break
             if done + running >= run.trials:  # the others' trials would complete the count: wait for them
@@ -101,12 +99,9 @@ def following(study: optuna.Study, run: Run, desc: str, progress: bool) -> Itera
     stop = threading.Event()
 
     def follow(bar) -> None:
-        status = Status(bar, study, run.deadline) if progress else None
+        status = Status(bar, study, run.deadline, progress)
         while not stop.wait(2.0):
-            done = finished_trials(study)
-            bar.update(done - bar.n)
-            if status:
-                status.count(done)
+            status.count(finished_trials(study))
 
     with tqdm(total=run.trials, initial=finished_trials(study), desc=desc, disable=not progress,
               unit="trial") as bar:
@@ -121,16 +116,20 @@ def following(study: optuna.Study, run: Run, desc: str, progress: bool) -> Itera
 
 
 class Status:
-    """The progress bar's text: the study's front and hypervolume (read again only when the count of finished
-    trials changed), the budget left, and the phase of the trial running in this process."""
+    """The progress bar's count and text: the study's front and hypervolume (read again only when the count of
+    finished trials changed, and only where the bar is shown), the budget left, and the phase of the trial running
+    in this process."""
 
-    def __init__(self, bar, study: optuna.Study, deadline: float | None) -> None:
-        self.bar, self.study, self.deadline = bar, study, deadline
+    def __init__(self, bar, study: optuna.Study, deadline: float | None, shown: bool = True) -> None:
+        self.bar, self.study, self.deadline, self.shown = bar, study, deadline, shown
         self.done: int | None = None
         self.front = self.now = ""
 
     def count(self, done: int) -> None:
-        """Between trials: the front as it stands now (no trial runs here)."""
+        """Between trials: the count, and the front as it stands now (no trial runs here)."""
+        self.bar.update(done - self.bar.n)
+        if not self.shown:
+            return
         if done != self.done:
             self.front, self.done = front_status(self.study), done
         self.now = ""
