@@ -10,6 +10,7 @@ from typing import Any
 from autocomp.compress.calibrate import CALIBRATORS
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.distill import TRANSFERS
+from autocomp.compress.modes import MODES, combines
 from autocomp.compress.student import STUDENTS, resolved
 from autocomp.config import in_file, read_yaml
 from autocomp.errors import ConfigError
@@ -20,13 +21,14 @@ from autocomp.tasks.registry import import_plugins
 
 # a recipe's field that names a plug-in: (section, field) -> its family (``families``)
 NAMED = {("prune", "criterion"): "prune.criteria", ("quantize", "calibration"): "quantize.calibration",
-         ("distill", "kind"): "distill.kind", ("student", "family"): "student.family"}
+         ("distill", "mode"): "distill.mode", ("distill", "kind"): "distill.kind",
+         ("student", "family"): "student.family"}
 
 
 def families() -> dict[str, Registry]:
     """Family name (as in YAML) -> its registry."""
-    return {"prune.criteria": CRITERIA, "quantize.calibration": CALIBRATORS, "distill.kind": TRANSFERS,
-            "student.family": STUDENTS, "task": TASKS}
+    return {"prune.criteria": CRITERIA, "quantize.calibration": CALIBRATORS, "distill.mode": MODES,
+            "distill.kind": TRANSFERS, "student.family": STUDENTS, "task": TASKS}
 
 
 def catalogue() -> dict[str, list[dict[str, str]]]:
@@ -54,11 +56,19 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
         raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
                           f"got {p.criterion!r}.", "recipe.prune.criterion")
+    d = recipe.distill
+    if not combines(d.mode, d.kind):
+        raise ConfigError(f"must be one the distillation mode {d.mode!r} combines with {MODES.get(d.mode).kinds}, "
+                          f"but got {d.kind!r}.", "recipe.distill.kind")
     try:
         student = resolved(recipe.student)
     except ConfigError as err:
         raise err.located("recipe.student") from None
-    return dataclasses.replace(recipe, student=student)
+    try:
+        helper = resolved(d.assistant) if d.assistant is not None else None
+    except ConfigError as err:
+        raise err.located("recipe.distill.assistant") from None
+    return dataclasses.replace(recipe, student=student, distill=dataclasses.replace(d, assistant=helper))
 
 
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,15 @@ from torch import nn
 
 from autocomp import phase, runtime
 from autocomp.compress.blocks import drop_blocks
-from autocomp.compress.distill import Distiller, by_depth
+from autocomp.compress.distill import by_depth
 from autocomp.compress.facts import ModelFacts, model_facts, teacher_facts
 from autocomp.compress.heads import drop_heads, head_counts
+from autocomp.compress.modes import GENERATION_SEEDS, MODES, Lesson, Mode, Trained, from_task_teacher
 from autocomp.compress.prune import PrunableLayer, finalize_masks, prune, regrow
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.compress.student import build_student, family, is_teacher
+from autocomp.errors import ConfigError
 from autocomp.faults import FiniteLoss
 from autocomp.features import layer_names
 from autocomp.measure import macs_and_params, measure
@@ -36,7 +39,7 @@ ARTIFACT, RECIPE = "model.onnx", "recipe.yaml"
 CALIBRATION_SAMPLES = 256
 
 
-def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts]:
+def student_and_facts(recipe: Recipe, task: Task, seed: int | None = None) -> tuple[nn.Module, ModelFacts]:
     """The recipe's student, untrained, and the facts its prune section is checked against and counts from.
 
     The teacher itself (the default) reads the teacher's cached facts. A student of the teacher's graph keeps its
@@ -45,7 +48,7 @@ def student_and_facts(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts
     """
     if is_teacher(recipe.student):
         return copy.deepcopy(task.teacher), teacher_facts(task)
-    student = build_student(recipe.student, task, seed=recipe.seed)
+    student = build_student(recipe.student, task, seed=recipe.seed if seed is None else seed)
     facts = model_facts(student, task.example_input)
     if family(recipe.student.family).derived:
         teacher = teacher_facts(task)
@@ -82,25 +85,10 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = [time.perf_counter()]
-    student, facts = restructured(recipe, task)
-    prunable = facts.prunable
-    present = set(layer_names(student))
-    schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
-    hint_pairs = distillation_pairs(recipe, task, prunable, present)
-    trained: list[int] = []  # epochs each round's fine-tune ran
-    for r, epochs in enumerate(schedule, start=1):
-        # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
-        prune(student, task.example_input, recipe.prune, prunable, task.train, seed=recipe.seed,
-              progress=r / len(schedule))
-        qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
-        # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
-        # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)
-        fp32_first = epochs // 2 if qat and recipe.student.scratch else 0
-        seed = recipe.seed + r - 1
-        ran = fine_tune(student, task, recipe, hint_pairs, fp32_first, seed, qat=False, progress=progress) \
-            if fp32_first else 0
-        trained.append(ran + fine_tune(student, task, recipe, hint_pairs, epochs - fp32_first, seed, qat=qat,
-                                       progress=progress))
+    mode, teachers = checked_mode(recipe, task)
+    trained = mode.run(recipe, task, lambda r, lesson, generation: train_student(r, task, lesson, generation, progress),
+                       teachers)
+    student = trained.model
     finalize_masks(student)
     clock.append(time.perf_counter())
     phase.step("export and quantize")
@@ -117,14 +105,71 @@ def apply(recipe: Recipe, task: Task, out_dir: str | Path, progress: bool = True
     layer_kernels = runtime.layer_kernels(artifact)
     int8 = [n for n in layer_names(student) if recipe.quantize.activation_bits_of(n) == 8]
     return CompressedModel(student, artifact, metrics, kernels, layer_kernels,
-                           runtime.fp32_fallbacks(layer_kernels, int8), seconds, trained)
+                           runtime.fp32_fallbacks(layer_kernels, int8), seconds, trained.epochs)
 
 
-def restructured(recipe: Recipe, task: Task) -> tuple[nn.Module, ModelFacts]:
-    """The recipe's student, checked against its facts (a ConfigError names the field) and restructured
-    (``restructure``), untrained and unpruned, with its facts: what ``apply`` compresses, and what
-    ``autocomp apply --dry-run`` checks."""
-    student, facts = student_and_facts(recipe, task)
+def train_student(recipe: Recipe, task: Task, lesson: Lesson, generation: int = 0, progress: bool = True) -> Trained:
+    """The recipe's student restructured, then pruned and fine-tuned on ``lesson`` round by round (the prune
+    schedule); generation g > 0 (a distillation mode's later pass) draws its seeds ``GENERATION_SEEDS`` x g
+    later."""
+    seed = recipe.seed + GENERATION_SEEDS * generation
+    student, facts = restructured(recipe, task, seed)
+    prunable = facts.prunable
+    schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
+    hint_pairs = distillation_pairs(recipe, task, prunable, set(layer_names(student)))
+    trained: list[int] = []  # epochs each round's fine-tune ran
+    for r, epochs in enumerate(schedule, start=1):
+        # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
+        prune(student, task.example_input, recipe.prune, prunable, task.train, seed=seed,
+              progress=r / len(schedule))
+        qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
+        # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
+        # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)
+        fp32_first = epochs // 2 if qat and recipe.student.scratch else 0
+        round_seed = seed + r - 1
+        ran = fine_tune(student, task, recipe, hint_pairs, fp32_first, round_seed, qat=False, progress=progress,
+                        lesson=lesson) if fp32_first else 0
+        trained.append(ran + fine_tune(student, task, recipe, hint_pairs, epochs - fp32_first, round_seed, qat=qat,
+                                       progress=progress, lesson=lesson))
+    return Trained(student, trained)
+
+
+def checked_mode(recipe: Recipe, task: Task) -> tuple[Mode, list[nn.Module]]:
+    """The recipe's distillation mode and the extra teachers it may use (``Task.teachers``, then those
+    ``distill.teachers`` names); a ConfigError naming ``recipe.distill.mode`` where the mode lacks what it needs."""
+    mode = MODES.get(recipe.distill.mode, field="recipe.distill.mode")
+    teachers = [*task.teachers, *(extra_teacher(ref, task, f"recipe.distill.teachers[{i}]")
+                                  for i, ref in enumerate(recipe.distill.teachers))]
+    unmet = mode.unmet(recipe, task, teachers)
+    if unmet:
+        raise ConfigError(f"{recipe.distill.mode!r} {unmet}.", "recipe.distill.mode")
+    return mode, teachers
+
+
+def extra_teacher(ref: str, task: Task, field_name: str) -> nn.Module:
+    """The teacher of task ``ref`` (a built-in name or ``"package.module:function"``), which must hold ``task``'s
+    data and classes: a teacher of other data would teach other targets."""
+    other = loaded_task(ref)
+    mine, theirs = task.fingerprint()["data_sha256"], other.fingerprint()["data_sha256"]
+    if mine != theirs:
+        raise ConfigError(f"must name a task on the same data as {task.name!r}, but {ref!r} holds other data "
+                          f"(data digest {theirs[:12]}, not {mine[:12]}).", field_name)
+    return other.teacher
+
+
+@functools.cache
+def loaded_task(ref: str) -> Task:
+    """``load_task(ref)``, once a process (an extra teacher is loaded and checked once, not once a trial)."""
+    from autocomp.tasks.load import load_task
+
+    return load_task(ref)
+
+
+def restructured(recipe: Recipe, task: Task, seed: int | None = None) -> tuple[nn.Module, ModelFacts]:
+    """The recipe's student (a new network initialised from ``seed``, default the recipe's), checked against its
+    facts (a ConfigError names the field) and restructured (``restructure``), untrained and unpruned, with its
+    facts: what ``apply`` compresses, and what ``autocomp apply --dry-run`` checks."""
+    student, facts = student_and_facts(recipe, task, recipe.seed if seed is None else seed)
     facts.check(recipe)
     restructure(student, recipe, task)
     return student, facts
@@ -150,10 +195,11 @@ def distillation_pairs(recipe: Recipe, task: Task, prunable: dict[str, PrunableL
 
 
 def fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,
-              seed: int, qat: bool, progress: bool) -> int:
-    """Distil/fine-tune ``student`` in place for up to ``epochs``; return the epochs it trained (fewer when
-    ``finetune.patience`` stopped it: ranked on validation accuracy, as trials are)."""
-    d, q = recipe.distill, recipe.quantize
+              seed: int, qat: bool, progress: bool, lesson: Lesson | None = None) -> int:
+    """Distil/fine-tune ``student`` in place for up to ``epochs`` on ``lesson`` (default: the task's teacher); return
+    the epochs it trained (fewer when ``finetune.patience`` stopped it: ranked on validation accuracy, as trials
+    are)."""
+    q = recipe.quantize
     penalty = recipe.prune.bn_penalty
     bns = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     quantized = layer_names(student)
@@ -163,9 +209,8 @@ def fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[
         quantize_inputs=[name for name in quantized if q.activation_bits_of(name) == 8],
     ) if qat else contextlib.nullcontext()
     stopping = EarlyStopping(lambda model: task.score(model, task.val), recipe.finetune.patience)
-    with fake_quantized, Distiller(task.teacher, student, task.example_input, kind=d.kind, temperature=d.temperature,
-                                   alpha=d.alpha, weight=d.weight, pairs=pairs,
-                                   teacher_logits=task.teacher_logits() if d.kind != "none" else None) as loss:
+    lesson = lesson or from_task_teacher(recipe, task)
+    with fake_quantized, lesson.loss(student, task, recipe.distill, pairs) as loss:
         fit(student, task.train, FiniteLoss(loss), epochs=epochs, lr=recipe.finetune.lr,
             batch_size=recipe.finetune.batch_size,
             regularizer=(lambda: penalty * sum(bn.weight.abs().sum() for bn in bns)) if penalty > 0 else None,

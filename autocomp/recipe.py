@@ -175,18 +175,33 @@ class Quantize:
 class Distill:
     """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) + weight * the ``kind``'s transfer term.
 
-    ``kind`` "logits" is the soft-target term alone, "none" is cross-entropy alone.
+    ``kind`` "logits" is the soft-target term alone, "none" is cross-entropy alone. ``mode`` is where the soft
+    targets come from and what trains beside the student (``autocomp.compress.modes``): "offline" the task's
+    teacher; "multi_teacher" the mean of its and the extra ``teachers``' (task entry points on the same data, besides
+    ``Task.teachers``); "born_again" ``generations`` students in turn, each the next one's teacher; "mutual" the
+    student's ``peers`` (its architecture, freshly initialised), trained with it; "self" the student's own deepest
+    output, taught to classifiers on its shallower layers; "assistant" the ``assistant`` student (default: the
+    teacher's graph at half width), distilled from the teacher first for ``assistant_epochs`` (0: the fine-tune's).
     """
 
+    mode: str = "offline"
     kind: str = "logits"
     alpha: float = 0.5
     temperature: float = 4.0
     weight: float = 1.0
+    teachers: list[str] = field(default_factory=list)
+    generations: int = 2
+    peers: int = 1
+    assistant: Student | None = None
+    assistant_epochs: int = 0
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.05, 100.0)
         check_range("alpha", self.alpha, 0.0, 1.0)
         check_range("weight", self.weight, 0.0, 1e6)
+        check_range("generations", self.generations, 1, 100)
+        check_range("peers", self.peers, 1, 100)
+        check_range("assistant_epochs", self.assistant_epochs, 0, 1000)
 
 
 @dataclass
@@ -296,9 +311,17 @@ class Recipe:
             return cls.from_dict(read_yaml(path, "recipe"))
 
 
+# fields added since recipes were first stored, with their defaults: left out of the canonical text where they hold
+# them, so a recipe keeps the key it was stored under (a resumed study's duplicate check)
+ADDED = {"distill": {"mode": "offline", "teachers": [], "generations": 2, "peers": 1, "assistant": None,
+                     "assistant_epochs": 0},
+         "prune": {"init": "trained"}}
+
+
 def canonical(data: dict[str, Any]) -> str:
     """What a recipe (as ``Recipe.to_dict`` writes it) builds, as text two equal recipes share: every field but the
-    provenance, floats to 9 significant digits (a sampler's 0.0010000000000000002 is 0.001)."""
+    provenance, floats to 9 significant digits (a sampler's 0.0010000000000000002 is 0.001), the ``ADDED`` fields
+    only where they differ from their defaults."""
     def rounded(value: Any) -> Any:
         if isinstance(value, float):
             return float(f"{value:.9g}")
@@ -306,4 +329,8 @@ def canonical(data: dict[str, Any]) -> str:
             return {k: rounded(v) for k, v in value.items()}
         return [rounded(v) for v in value] if isinstance(value, list) else value
 
-    return json.dumps(rounded({k: v for k, v in data.items() if k != "provenance"}), sort_keys=True)
+    def known(section: str, value: Any) -> Any:
+        added = ADDED.get(section, {})
+        return {k: v for k, v in value.items() if k not in added or v != added[k]} if added else value
+
+    return json.dumps(rounded({k: known(k, v) for k, v in data.items() if k != "provenance"}), sort_keys=True)

@@ -161,3 +161,17 @@ def sleeps() -> Task:
 
 def hungry() -> Task:
     return misbehaving("memory")
+
+
+def digits_linear() -> Task:
+    """The built-in digits task's data with a linear teacher trained in a second: an extra teacher of the same
+    data (``distill.teachers``)."""
+    import dataclasses
+
+    from autocomp.tasks.digits import digits
+
+    task = digits()
+    torch.manual_seed(0)
+    teacher = fit(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), task.train, cross_entropy, epochs=2, lr=1e-2,
+                  progress=False)
+    return dataclasses.replace(task, name="digits_linear", teacher=teacher.eval())

@@ -216,3 +216,26 @@ def test_a_student_recipe_replays_to_the_same_architecture_and_numbers(digits_ta
     teacher = teacher_facts(digits_task)
     assert first.metrics["params"] < 0.5 * sum(p.numel() for p in digits_task.teacher.parameters())
     assert set(teacher.layers) != set(layer_names(first.model)) or student.family == "teacher"
+
+
+@pytest.mark.parametrize("mode", [
+    Distill(mode="offline"),
+    Distill(mode="multi_teacher", teachers=["tests.tasks:digits_linear"]),
+    Distill(mode="born_again", generations=2),
+    Distill(mode="mutual", peers=1),
+    Distill(mode="self"),
+    Distill(mode="assistant", assistant=Student("cnn", {"depth": [1], "width": [16]}), assistant_epochs=2),
+], ids=lambda d: d.mode)
+def test_a_recipe_of_each_distillation_mode_replays_its_accuracy_and_size_exactly(digits_task, tmp_path, mode):
+    from autocomp.methods import load_recipe
+
+    made = Recipe(task="digits", student=Student("cnn", {"depth": [1, 1], "width": [16, 32]}),
+                  prune=Prune(), quantize=Quantize(bits=8, activation_bits=8, qat=mode.mode == "mutual"),
+                  distill=mode, finetune=FineTune(epochs=4, lr=1e-2), measure=QUICK_MEASURE)
+    first = apply(made, digits_task, tmp_path / "a", progress=False)
+    replayed = apply(load_recipe(tmp_path / "a" / "recipe.yaml"), digits_task, tmp_path / "b", progress=False)
+    keys = ("val_accuracy", "test_accuracy", "size_bytes", "params")
+    assert [first.metrics[k] for k in keys] == [replayed.metrics[k] for k in keys]
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert load_recipe(tmp_path / "a" / "recipe.yaml").distill.mode == mode.mode
+    assert first.metrics["val_accuracy"] > 0.3, first.metrics  # four epochs from scratch (chance: 0.1)

@@ -33,7 +33,8 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 class Task:
     """A trained teacher plus train/val/test splits, an example input (1, ...) and a metric; ``students`` names the
     student families that fit its data (``autocomp methods``; empty: every family its input can take), to which a
-    study narrows a space's ``student.family``."""
+    study narrows a space's ``student.family``; ``teachers`` are extra trained teachers of the same data and
+    classes, whose soft targets the ``multi_teacher`` distillation mode averages with the teacher's."""
 
     name: str
     teacher: nn.Module
@@ -43,6 +44,7 @@ class Task:
     example_input: torch.Tensor
     metric: Metric = field(default=accuracy)
     students: tuple[str, ...] = ()
+    teachers: tuple[nn.Module, ...] = ()
     _train_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def teacher_logits(self) -> torch.Tensor:
@@ -59,10 +61,23 @@ class Task:
 
     def fingerprint(self) -> dict[str, str]:
         """Digests of the teacher's weights and of the data splits, which a recipe's replay must match."""
-        state = self.teacher.state_dict()
-        return {"teacher_sha256": digest(state[k] for k in sorted(state)),
-                "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y)),
-                "cpu": machine_cpu(), "kernels": kernels.in_use()}
+        prints = {"teacher_sha256": weights_digest(self.teacher),
+                  "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y)),
+                  "cpu": machine_cpu(), "kernels": kernels.in_use()}
+        if self.teachers:  # only where given: the fingerprints of tasks without them stay as they were
+            prints["teachers_sha256"] = digest(t for model in self.teachers for t in ordered_state(model))
+        return prints
+
+
+def ordered_state(model: nn.Module) -> list[torch.Tensor]:
+    """A model's state tensors in name order."""
+    state = model.state_dict()
+    return [state[k] for k in sorted(state)]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (``digest``)."""
+    return digest(ordered_state(model))
 
 
 def machine_cpu() -> str:
