@@ -11,7 +11,7 @@ from autocomp.compress.calibrate import CALIBRATORS
 from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.distill import TRANSFERS
 from autocomp.compress.modes import MODES, combines
-from autocomp.compress.student import STUDENTS, resolved
+from autocomp.compress.student import STUDENTS, is_teacher, resolved
 from autocomp.config import in_file, read_yaml
 from autocomp.errors import ConfigError
 from autocomp.recipe import Recipe
@@ -56,6 +56,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
         raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
                           f"got {p.criterion!r}.", "recipe.prune.criterion")
+    if p.init == "rewind" and not is_teacher(recipe.student):
+        raise ConfigError(f"'rewind' resets weights to the teacher's early checkpoint, so needs the teacher itself "
+                          f"as the student, but got {recipe.student.family!r} {recipe.student.config}.",
+                          "recipe.prune.init")
     d = recipe.distill
     if not combines(d.mode, d.kind):
         raise ConfigError(f"must be one the distillation mode {d.mode!r} combines with {MODES.get(d.mode).kinds}, "

@@ -22,7 +22,7 @@ from autocomp.compress.distill import by_depth
 from autocomp.compress.facts import ModelFacts, model_facts, teacher_facts
 from autocomp.compress.heads import drop_heads, head_counts
 from autocomp.compress.modes import GENERATION_SEEDS, MODES, Lesson, Mode, Trained, from_task_teacher
-from autocomp.compress.prune import PrunableLayer, finalize_masks, prune, regrow
+from autocomp.compress.prune import PrunableLayer, finalize_masks, prune, regrow, rewind
 from autocomp.compress.qat import quantization_aware
 from autocomp.compress.quantize import deploy
 from autocomp.compress.student import build_student, family, is_teacher
@@ -114,6 +114,7 @@ def train_student(recipe: Recipe, task: Task, lesson: Lesson, generation: int = 
     later."""
     seed = recipe.seed + GENERATION_SEEDS * generation
     student, facts = restructured(recipe, task, seed)
+    early = task.early_teacher() if recipe.prune.init == "rewind" else None
     prunable = facts.prunable
     schedule = recipe.finetune.schedule(recipe.prune.rounds)  # one-shot when rounds == 1
     hint_pairs = distillation_pairs(recipe, task, prunable, set(layer_names(student)))
@@ -122,6 +123,8 @@ def train_student(recipe: Recipe, task: Task, lesson: Lesson, generation: int = 
         # the teacher's layers: a group named by a layer of a dropped block still prunes its other members
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=seed,
               progress=r / len(schedule))
+        if early is not None:  # lottery-ticket rewinding: the kept weights back to early training, masks kept
+            rewind(student, early)
         qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
         # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
         # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)
@@ -169,6 +172,9 @@ def restructured(recipe: Recipe, task: Task, seed: int | None = None) -> tuple[n
     """The recipe's student (a new network initialised from ``seed``, default the recipe's), checked against its
     facts (a ConfigError names the field) and restructured (``restructure``), untrained and unpruned, with its
     facts: what ``apply`` compresses, and what ``autocomp apply --dry-run`` checks."""
+    if recipe.prune.init == "rewind" and task.early_teacher is None:
+        raise ConfigError(f"'rewind' needs the teacher's weights early in its training (Task.early_teacher), but task "
+                          f"{task.name!r} gives none.", "recipe.prune.init")
     student, facts = student_and_facts(recipe, task, recipe.seed if seed is None else seed)
     facts.check(recipe)
     restructure(student, recipe, task)

@@ -22,6 +22,7 @@ QAT_BELOW = 5  # weights of fewer bits recover only with quantization-aware trai
 SCOPES = ("local", "global")
 INITS = ("teacher", "scratch")  # a student's weights: the teacher's kept ones, or fresh
 GRANULARITIES = ("channel", "weight")
+PRUNE_INITS = ("trained", "rewind")  # kept weights after a pruning round: as trained, or rewound to early training
 
 
 # Rules across a recipe's fields, each in one place: the Recipe validates with them, a search space decodes with
@@ -101,7 +102,10 @@ class Prune:
     submodules whose forward adds their input to a computed branch, output shaped as input
     (``Residual``, a BasicBlock without downsample; see ``autocomp.compress.blocks``). ``heads`` then removes
     that share of every attention module's heads, whole heads, the lowest L1 norm first, at least one kept
-    (``nn.MultiheadAttention`` becomes its Linear-based equivalent; ``autocomp.compress.heads``).
+    (``nn.MultiheadAttention`` becomes its Linear-based equivalent; ``autocomp.compress.heads``). ``init`` "rewind"
+    (lottery-ticket rewinding; single weights of the teacher itself) resets the kept weights to the teacher's early
+    checkpoint (``Task.early_teacher``) after every pruning round, masks kept, before its fine-tune; "trained" keeps
+    them as trained.
     """
 
     scope: str = "local"
@@ -115,9 +119,14 @@ class Prune:
     bn_penalty: float = 0.0
     drop_blocks: int = 0
     heads: float = 0.0
+    init: str = "trained"
 
     def __post_init__(self) -> None:
         check_choice("scope", self.scope, SCOPES)
+        check_choice("init", self.init, PRUNE_INITS)
+        if self.init == "rewind" and (self.granularity != "weight" or self.heads > 0):
+            raise ConfigError(f"'rewind' keeps the network's shape, so needs granularity 'weight' and no heads "
+                              f"removed, but got granularity {self.granularity!r}, heads {self.heads}.", "init")
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_range("regrow", self.regrow, 0.0, 0.5)
         check_range("drop_blocks", self.drop_blocks, 0, 1000)

@@ -12,6 +12,7 @@ from torch import nn
 from autocomp import runtime
 from autocomp.compress.facts import teacher_facts
 from autocomp.compress.prune import prunable_layers
+from autocomp.errors import ConfigError
 from autocomp.features import layer_names
 from autocomp.methods import check_recipe
 from autocomp.pipeline import apply, teacher_baseline
@@ -239,3 +240,31 @@ def test_a_recipe_of_each_distillation_mode_replays_its_accuracy_and_size_exactl
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
     assert load_recipe(tmp_path / "a" / "recipe.yaml").distill.mode == mode.mode
     assert first.metrics["val_accuracy"] > 0.3, first.metrics  # four epochs from scratch (chance: 0.1)
+
+
+def test_rewinding_resets_the_kept_weights_to_the_teachers_early_checkpoint_after_pruning(digits_task, tmp_path):
+    made = Recipe(task="digits", prune=Prune(scope="global", granularity="weight", sparsity=0.8, init="rewind"),
+                  finetune=FineTune(epochs=0), measure=QUICK_MEASURE)
+    result = apply(made, digits_task, tmp_path / "rewound", progress=False)
+    early, state = digits_task.early_teacher(), result.model.state_dict()
+    kept = 0
+    for name in ("conv2.weight", "conv4.weight", "fc1.weight"):
+        weight = state[name]
+        mask = weight != 0
+        assert torch.equal(weight[mask], early[name][mask])  # kept weights: their early values
+        kept += int(mask.sum())
+    assert kept < 0.5 * sum(state[n].numel() for n in ("conv2.weight", "conv4.weight", "fc1.weight"))
+    trained = apply(dataclasses.replace(made, prune=dataclasses.replace(made.prune, init="trained")), digits_task,
+                    tmp_path / "trained", progress=False)
+    assert not torch.equal(trained.model.state_dict()["fc1.weight"], state["fc1.weight"])
+
+
+def test_rewinding_is_refused_in_one_line_where_it_cannot_apply(tmp_path):
+    with pytest.raises(ConfigError, match=r"init.*'rewind' keeps the network's shape.*granularity 'channel'"):
+        Recipe(task="digits", prune=Prune(sparsity=0.5, scope="global", init="rewind"))
+    with pytest.raises(ConfigError, match=r"recipe\.prune\.init.*needs the teacher itself as the student.*'cnn'"):
+        check_recipe(Recipe(task="digits", student=Student("cnn"),
+                            prune=Prune(granularity="weight", sparsity=0.5, scope="global", init="rewind")))
+    with pytest.raises(ConfigError, match=r"recipe\.prune\.init.*Task\.early_teacher.*task 'plateau' gives none"):
+        apply(Recipe(task="plateau", prune=Prune(granularity="weight", sparsity=0.5, scope="global", init="rewind")),
+              plateau(), tmp_path, progress=False)

@@ -50,6 +50,32 @@ def test_a_teacher_trains_once_per_fingerprint_and_is_then_read_from_the_cache(t
     assert trained == [2, 3, 2] and len(list((tmp_path / "teachers").glob("*.pt"))) == 3
 
 
+def test_a_teachers_early_checkpoint_is_its_own_training_stopped_at_the_share_and_cached(tmp_path, monkeypatch):
+    """What lottery-ticket rewinding resets to: the teacher's state after ``share`` of its epochs, the same
+    training as the cached teacher's (its schedule spans every epoch), trained once and then read from the cache."""
+    import autocomp.tasks.base as base
+
+    monkeypatch.setenv("AUTOCOMP_CACHE", str(tmp_path))
+    data = Split(torch.randn(256, 8, generator=torch.Generator().manual_seed(0)), torch.arange(256) % 4)
+    build = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731
+    settings = dict(epochs=10, lr=1e-2, weight_decay=0.0, seed=0)
+    teacher = base.cached_teacher("tiny", build, data, **settings)
+    seen = []
+    torch.manual_seed(0)
+    model = build()
+    base.fit(model, data, base.cross_entropy, epochs=10, lr=1e-2, seed=0, progress=False,
+             on_epoch_end=lambda g: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
+    early = base.early_teacher("tiny", build, data, share=0.3, **settings)()
+    assert all(torch.equal(early[k], seen[2][k]) for k in early)  # after epoch 3 of 10
+    assert not all(torch.equal(early[k], v) for k, v in teacher.state_dict().items())
+    trained = []
+    fit = base.fit
+    monkeypatch.setattr(base, "fit", lambda *args, **kwargs: trained.append(1) or fit(*args, **kwargs))
+    again = base.early_teacher("tiny", build, data, share=0.3, **settings)()  # another process's first call
+    assert trained == [] and all(torch.equal(early[k], again[k]) for k in early)
+    assert len(list((tmp_path / "teachers").glob("tiny-seed0-early-*.pt"))) == 1
+
+
 def test_a_corrupt_cached_teacher_is_named_and_trained_again(tmp_path, monkeypatch, capsys):
     import autocomp.tasks.base as base
 

@@ -232,9 +232,10 @@ def _verified(metrics: dict, recorded: dict) -> int:
 
 
 def _apply_dry_run(recipe, task, path: Path) -> int:
-    from autocomp.pipeline import restructured
+    from autocomp.pipeline import checked_mode, restructured
 
     student, _ = restructured(recipe, task)
+    checked_mode(recipe, task)
     print(f"recipe {str(path)!r}: task {recipe.task!r}, student {recipe.student.family!r} "
           f"({sum(p.numel() for p in student.parameters()):,} parameters before pruning), "
           f"{len(recipe.prune.layers)} pruned layer(s); dry run: nothing written")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -34,7 +35,9 @@ class Task:
     """A trained teacher plus train/val/test splits, an example input (1, ...) and a metric; ``students`` names the
     student families that fit its data (``autocomp methods``; empty: every family its input can take), to which a
     study narrows a space's ``student.family``; ``teachers`` are extra trained teachers of the same data and
-    classes, whose soft targets the ``multi_teacher`` distillation mode averages with the teacher's."""
+    classes, whose soft targets the ``multi_teacher`` distillation mode averages with the teacher's;
+    ``early_teacher`` returns the teacher's state dict early in its training, to which lottery-ticket rewinding
+    (``prune.init: rewind``) resets the kept weights (None: the task has none, and rewinding is refused)."""
 
     name: str
     teacher: nn.Module
@@ -45,6 +48,7 @@ class Task:
     metric: Metric = field(default=accuracy)
     students: tuple[str, ...] = ()
     teachers: tuple[nn.Module, ...] = ()
+    early_teacher: Callable[[], dict[str, torch.Tensor]] | None = None
     _train_logits: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def teacher_logits(self) -> torch.Tensor:
@@ -141,6 +145,33 @@ def cached_model(name: str, model: nn.Module, trains: str, train: Callable[[nn.M
     return model.eval()
 
 
+@dataclass(frozen=True)
+class TeacherTraining:
+    """How a built-in teacher is trained (``cached_teacher``): ``build()`` trained with cross-entropy on ``train``."""
+
+    key: str
+    build: Callable[[], nn.Module]
+    train: Split
+    epochs: int
+    lr: float
+    weight_decay: float
+    seed: int
+    augment: Callable | None = None
+
+    def settings(self) -> str:
+        """Everything but the architecture that decides the weights: the settings, the data, the training code."""
+        return (f"{self.epochs}|{self.lr}|{self.weight_decay}|{self.seed}|{digest([self.train.x, self.train.y])}|"
+                f"{getattr(self.augment, '__name__', None)}|{_training_code()}")
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return self.build()
+
+    def fit(self, model: nn.Module, on_epoch_end: Callable | None = None) -> None:
+        fit(model, self.train, cross_entropy, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+            augment=self.augment, seed=self.seed, on_epoch_end=on_epoch_end, desc=f"training {self.key} teacher")
+
+
 def cached_teacher(
     key: str,
     build: Callable[[], nn.Module],
@@ -156,10 +187,42 @@ def cached_teacher(
     the task key, the seed, the architecture, the training settings, a digest of the training data and of the
     training code, and the kernels in use). Training is deterministic, so a fresh machine with a CPU of the same
     vendor trains the same weights (README, "Training is deterministic")."""
-    torch.manual_seed(seed)
-    model = build()
-    trains = (f"{epochs}|{lr}|{weight_decay}|{seed}|{digest([train.x, train.y])}|{getattr(augment, '__name__', None)}"
-              f"|{_training_code()}")
-    return cached_model(f"{key}-seed{seed}", model, trains, lambda m: fit(
-        m, train, cross_entropy, epochs=epochs, lr=lr, weight_decay=weight_decay, augment=augment, seed=seed,
-        desc=f"training {key} teacher"))
+    training = TeacherTraining(key, build, train, epochs, lr, weight_decay, seed, augment)
+    return cached_model(f"{key}-seed{seed}", training.model(), training.settings(), training.fit)
+
+
+REWIND_SHARE = 0.1  # the early checkpoint of a built-in teacher: after this share of its epochs (at least one)
+
+
+class _Early(Exception):
+    """Ends a teacher's training at its early checkpoint."""
+
+
+def early_teacher(key: str, build: Callable[[], nn.Module], train: Split, *, epochs: int, lr: float,
+                  weight_decay: float, seed: int, augment: Callable | None = None,
+                  share: float = REWIND_SHARE) -> Callable[[], dict[str, torch.Tensor]]:
+    """The state of the teacher ``cached_teacher`` trains with the same arguments after ``share`` of its epochs (at
+    least one, before the last): the checkpoint lottery-ticket rewinding resets kept weights to
+    (``Task.early_teacher``). Training is deterministic, so the teacher's own training, run again up to there on
+    first use and then cached (the epoch in the key, beside the teacher's file), reaches it."""
+    training = TeacherTraining(key, build, train, epochs, lr, weight_decay, seed, augment)
+    epoch = min(max(round(share * training.epochs), 1), training.epochs - 1)
+
+    def stop_early(model: nn.Module) -> None:
+        done = [0]
+
+        def after_epoch(_generator: torch.Generator) -> None:
+            done[0] += 1
+            if done[0] == epoch:
+                raise _Early
+
+        with contextlib.suppress(_Early):
+            training.fit(model, on_epoch_end=after_epoch)
+
+    @functools.cache
+    def load() -> dict[str, torch.Tensor]:
+        name = f"{training.key}-seed{training.seed}-early"
+        return cached_model(name, training.model(), f"{training.settings()}|early {epoch}/{training.epochs}",
+                            stop_early).state_dict()
+
+    return load

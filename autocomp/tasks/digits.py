@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from autocomp.tasks.base import Task, cached_teacher
+from autocomp.tasks.base import Task, cached_teacher, early_teacher
 from autocomp.tasks.convnet import ConvNet
 from autocomp.tasks.registry import TASKS
 from autocomp.train import Split
@@ -39,7 +39,8 @@ def digits(seed: int = 0) -> Task:
     rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
     train, val = train_test_split(rest, test_size=0.25, stratify=y[rest], random_state=0)
     train_split = Split(x[train], y[train])
-    teacher = cached_teacher("digits", DigitsCNN, train_split, epochs=30, lr=2e-3,
-                             weight_decay=1e-4, seed=seed, augment=shift)
+    settings = dict(epochs=30, lr=2e-3, weight_decay=1e-4, seed=seed, augment=shift)
+    teacher = cached_teacher("digits", DigitsCNN, train_split, **settings)
     return Task("digits", teacher, train_split, Split(x[val], y[val]), Split(x[test], y[test]),
-                example_input=x[:1], students=("cnn", "mlp"))  # 8x8 images: convolutions, or 64 inputs flat
+                example_input=x[:1], students=("cnn", "mlp"),  # 8x8 images: convolutions, or 64 inputs flat
+                early_teacher=early_teacher("digits", DigitsCNN, train_split, **settings))

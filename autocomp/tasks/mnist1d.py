@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from autocomp.tasks.base import Task, cached_teacher
+from autocomp.tasks.base import Task, cached_teacher, early_teacher
 from autocomp.tasks.convnet import ConvNet
 from autocomp.tasks.registry import TASKS
 from autocomp.train import Split
@@ -113,5 +113,6 @@ def _task(name: str, model: type[nn.Module], seed: int, epochs: int, lr: float,
           augment: Callable[[Tensor, torch.Generator], Tensor] | None = None) -> Task:
     """A task on the MNIST-1D splits whose teacher ``model`` is trained (weight decay 0.05) and cached as ``name``."""
     train, val, test = mnist1d_splits()
-    teacher = cached_teacher(name, model, train, epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed, augment=augment)
-    return Task(name, teacher, train, val, test, example_input=train.x[:1], students=FITTING)
+    settings = dict(epochs=epochs, lr=lr, weight_decay=5e-2, seed=seed, augment=augment)
+    return Task(name, cached_teacher(name, model, train, **settings), train, val, test, example_input=train.x[:1],
+                students=FITTING, early_teacher=early_teacher(name, model, train, **settings))
