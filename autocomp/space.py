@@ -37,6 +37,7 @@ from typing import Any
 
 from autocomp.allocation import Guide, group_sparsities, layer_formats
 from autocomp.compress.criteria import CRITERIA, applicable
+from autocomp.compress.modes import MODES
 from autocomp.compress.student import STUDENTS, resolved
 from autocomp.config import check_keys, check_schema_version, from_dict, in_file, read_yaml
 from autocomp.dimensions import PER_LAYER, Param, layer_dimension
@@ -76,6 +77,10 @@ CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
         "kmeans": lambda v: kmeans_allowed(v["bits"], v["activation_bits"], v["qat"]),
     },
     "distill": {
+        "generations": lambda v: v["mode"] == "born_again",
+        "peers": lambda v: v["mode"] == "mutual",
+        "teachers": lambda v: v["mode"] == "multi_teacher",
+        "assistant_epochs": lambda v: v["mode"] == "assistant",
         "alpha": lambda v: v["kind"] != "none",
         "temperature": lambda v: v["kind"] != "none" and v["alpha"] > 0,
         "weight": lambda v: v["kind"] not in ("none", "logits"),
@@ -85,6 +90,8 @@ CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
 DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
     "student": {"init": lambda v: None if STUDENTS.get(v["family"]).derived else "scratch"},  # a new network
     "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
+    # a distillation mode with losses of its own: the first it combines with
+    "distill": {"kind": lambda v: None if MODES.get(v["mode"]).kinds is None else MODES.get(v["mode"]).kinds[0]},
 }
 
 
@@ -357,6 +364,11 @@ class SearchSpace:
             self.students.pop(unusable, None)  # its knobs are not sampled either
         return (f"space.{section}.{key} narrowed from {list(param.choices)} to {list(kept)}: the {task!r} model "
                 f"{why}")
+
+    def teachers(self) -> bool:
+        """Whether this space names extra teachers (``distill.teachers``) in every choice."""
+        param = self.sections.get("distill", {}).get("teachers")
+        return param is not None and all(param.candidates())
 
     def families(self) -> list[str]:
         """The student families this space searches."""

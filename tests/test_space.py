@@ -282,3 +282,31 @@ def test_every_per_layer_dimension_names_its_layer_and_rule():
         assert sorted(layer for layer, r in filter(None, found) if r == rule) == sorted(layers)
     assert per_layer(layer_dimension("quantize", "blocks.0.conv", "bits")) == ("blocks.0.conv", "bits")
     assert per_layer("prune.sparsity") is None and per_layer("student.cnn.width.1") is None
+
+
+def test_nas_kd_searches_the_distillation_mode_in_every_trial_and_a_mode_with_its_own_loss_uses_logits():
+    space = SearchSpace.load(ROOT / "search_spaces" / "nas_kd.yaml")
+    model, x = DigitsCNN().eval(), torch.zeros(1, 1, 8, 8)
+    data = Split(x, torch.zeros(1, dtype=torch.long))
+    lines = narrow_to_model(space, Task("m", model, data, data, data, x), "m")
+    assert [line for line in lines if "distill.mode" in line] == [
+        "space.distill.mode narrowed from ['offline', 'multi_teacher', 'born_again', 'mutual', 'self', 'assistant'] "
+        "to ['offline', 'born_again', 'mutual', 'self', 'assistant']: the 'm' model gives no extra teachers "
+        "(Task.teachers), nor does the space (distill.teachers)"]
+    prunable = prunable_layers(model, x)
+    assert "distill.mode" in space.dimensions(prunable, "digits")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        recipe = space.sample(trial, "digits", prunable)
+        assert recipe.distill.mode == trial.params["distill.mode"] and "distill.kind" in trial.params
+        if recipe.distill.mode != "offline":
+            assert recipe.distill.kind == "logits"
+        else:
+            assert recipe.distill.kind == trial.params["distill.kind"]
+        seen.add(recipe.distill.mode)
+    assert seen == {"offline", "born_again", "mutual", "self", "assistant"}
+    teachers = SearchSpace.load(ROOT / "search_spaces" / "nas_kd.yaml")
+    given = Task("m", model, data, data, data, x, teachers=(DigitsCNN().eval(),))
+    assert not [line for line in narrow_to_model(teachers, given, "m") if "distill.mode" in line]

@@ -151,6 +151,8 @@ def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
         space.narrow_choices("distill", "kind", "attention_matrix", no_attention, name) if not attention else None,
         space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
         if not hidden_layers(task.teacher, task.example_input) else None,
+        space.narrow_choices("distill", "mode", "multi_teacher", "gives no extra teachers (Task.teachers), nor does "
+                             "the space (distill.teachers)", name) if not (task.teachers or space.teachers()) else None,
         *(space.narrow_choices("student", "family", family, f"has input {shape}, which {family!r} cannot take", name)
           for family in space.families() if not can_build(family, task)),
         *(space.narrow_choices("student", "family", family, f"names {list(task.students)} as the student families "
