@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench bench-search bench-search-quick bench-proxy bench-ask bench-students bench-scaling \
-	bench-latency bench-latency-table bench-load bench-soak clean
+	bench-latency bench-latency-table bench-load bench-soak bench-distill clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-load: setup  # about 35 minutes here: trials that sleep, 1 to 64 at once, 
 	for b in postgresql ray journal; do $(BIN)/python benchmarks/load.py --concurrency 1 --trials 150 --backends $$b \
 		--out $(LOAD_ONE)_$$b.md & done; wait
 	$(BIN)/python benchmarks/load.py --concurrency 32 8 64 --include $(LOAD_ONE)_*.json
+
+bench-distill: setup  # about 15 minutes here (the teachers cached; the transformer's first training adds 8)
+	$(BIN)/python benchmarks/distill_modes.py
 
 bench-soak: setup  # under a minute here: 300 trials in one process, its memory and per-trial overhead
 	$(BIN)/python benchmarks/soak.py

@@ -334,42 +334,6 @@ class SearchSpace:
         """``chosen`` where it can score the layer, else the space's first criterion that can (else ``allowed[0]``)."""
         return next((c for c in [chosen, *self.criteria.candidates()] if c in allowed), allowed[0])
 
-    def narrow(self, key: str, most: float, why: str, task: str) -> str | None:
-        """Keep the values of ``prune.<key>`` up to ``most``, what the model can hold (``why``: "has ..."); say
-        what was narrowed. A space whose every value exceeds it is refused."""
-        param = self.pruning.get(key)
-        if param is None or max(param.candidates()) <= most:
-            return None
-        kept = [c for c in param.candidates() if c <= most] if param.choices is not None else (
-            [] if param.low > most else [param.low, most])
-        if not kept:
-            raise ConfigError(f"must allow at most {most} for the {task!r} model, which {why}, but allows only "
-                              f"{param.candidates()}.", f"space.prune.{key}")
-        narrow = Param(choices=tuple(kept)) if param.choices is not None else dataclasses.replace(param, high=most)
-        self.pruning[key] = narrow
-        return (f"space.prune.{key} narrowed from {param.candidates()} to {narrow.candidates()}: the {task!r} "
-                f"model {why}")
-
-    def narrow_choices(self, section: str, key: str, unusable: Any, why: str, task: str) -> str | None:
-        """Take the choice ``unusable`` out of ``<section>.<key>`` where the model cannot use it (``why``: "has
-        ..."); say what was narrowed. A space whose only choice it is, is refused."""
-        param = self.sections[section].get(key)
-        if param is None or param.choices is None or unusable not in param.choices:
-            return None
-        kept = tuple(c for c in param.choices if c != unusable)
-        if not kept:
-            raise ConfigError(f"cannot be {unusable!r} for the {task!r} model, which {why}.", f"space.{section}.{key}")
-        self.sections[section][key] = Param(choices=kept)
-        if (section, key) == ("student", "family"):
-            self.students.pop(unusable, None)  # its knobs are not sampled either
-        return (f"space.{section}.{key} narrowed from {list(param.choices)} to {list(kept)}: the {task!r} model "
-                f"{why}")
-
-    def teachers(self) -> bool:
-        """Whether this space names extra teachers (``distill.teachers``) in every choice."""
-        param = self.sections.get("distill", {}).get("teachers")
-        return param is not None and all(param.candidates())
-
     def families(self) -> list[str]:
         """The student families this space searches."""
         return list(self.students)

@@ -40,6 +40,8 @@ def recipe_using(task, family: str, name: str) -> Recipe:
                           for n in named})
     quantize = Quantize(bits=8, activation_bits=8, calibration=name) if family == "quantize.calibration" else Quantize()
     distill = Distill(kind=name, weight=5.0) if family == "distill.kind" else Distill()
+    if family == "distill.mode":  # multi-teacher with a second teacher of the digits data
+        distill = Distill(mode=name, teachers=["tests.tasks:digits_linear"] if name == "multi_teacher" else [])
     # one epoch recovers half the channels of the trained teacher; half of its weights at random take two
     epochs = 2 if granularity == "weight" else 1
     return Recipe(task=task.name, prune=prune, quantize=quantize, distill=distill, finetune=FineTune(epochs=epochs),
@@ -68,6 +70,8 @@ def spy(monkeypatch: pytest.MonkeyPatch, family: str, name: str) -> list[str] | 
         value = type(value.__name__, (value,), {"forward": recorded(value.forward)})
     elif family == "student.family":
         value = dataclasses.replace(value, build=recorded(value.build))
+    elif family == "distill.mode":
+        value = dataclasses.replace(value, run=recorded(value.run))
     else:
         return None
     monkeypatch.setitem(registry._entries, name, Entry(name, value, "spied"))

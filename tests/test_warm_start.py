@@ -13,6 +13,7 @@ from autocomp import sensitivity
 from autocomp.allocation import Guide
 from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
+from autocomp.narrowing import narrow_choices
 from autocomp.search.warm_start import group_sizes, smaller_students, warm_start
 from autocomp.sensitivity import Sensitivity, analyse
 from autocomp.space import SearchSpace
@@ -146,7 +147,7 @@ def test_warm_start_students_decode_to_the_networks_named_unpruned_in_each_forma
     teacher = warm_start(dims, [0.5], formats=("int4",))[0]
     assert space.decode({name: teacher.get(name, param.candidates()[0]) for name, param in dims.items()},
                         "digits", prunable, guide=guide).finetune.lr == 1e-3  # a fine-tune: the hand-made rate
-    space.narrow_choices("student", "family", "cnn", "cannot take", "digits")  # a task the CNNs do not fit
+    narrow_choices(space, "student", "family", "cnn", "cannot take", "digits")  # a task the CNNs do not fit
     narrowed = warm_start(space.dimensions(prunable, "digits"), [], formats=("int4",), students=students)
     assert [policy["student.family"] for policy in narrowed] == ["mlp"]
 

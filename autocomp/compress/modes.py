@@ -184,7 +184,8 @@ def logits_of(model: nn.Module, task: Task) -> Tensor:
 
 
 def from_task_teacher(recipe: Recipe, task: Task) -> FromTeacher:
-    return FromTeacher(task.teacher, task.teacher_logits())
+    """Offline distillation from the task's teacher, its logits on the training split read by index."""
+    return FromTeacher(task.teacher, task.teacher_logits() if recipe.distill.kind != "none" else None)
 
 
 def offline(recipe: Recipe, task: Task, compress: Compress, teachers: list[nn.Module]) -> Trained:

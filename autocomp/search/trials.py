@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autocomp.allocation import Guide, tied_parameters
-from autocomp.compress.distill import hidden_layers
 from autocomp.compress.facts import teacher_facts
-from autocomp.compress.student import STUDENTS, can_build
 from autocomp.config import in_file
 from autocomp.errors import AutocompError
+from autocomp.narrowing import narrow_to_model
 from autocomp.pipeline import Baseline
 from autocomp.search.objective import Objective
 from autocomp.sensitivity import Sensitivity, cached
@@ -137,35 +136,6 @@ def make_objective(run: Run, study: optuna.Study, prepared: Prepared | None = No
     baseline = Baseline(run.reference, study.user_attrs["teacher"])
     guide = study_guide(study, p.space, p.task, p.prunable, progress=False)
     return run.objective(run.spec, p.space, p.task, baseline, p.prunable, p.quantizable, run.seed, guide)
-
-
-def narrow_to_model(space: SearchSpace, task: Task, name: str) -> list[str]:
-    """Narrow ``space`` to what the task's model can use, in place; one line per narrowing."""
-    facts = teacher_facts(task)
-    blocks, attention = facts.blocks, facts.attention
-    no_attention = "has no attention module (nn.MultiheadAttention)"
-    shape = tuple(task.example_input.shape[1:])
-    return list(filter(None, [
-        space.narrow("drop_blocks", len(blocks), f"has {len(blocks)} residual block(s)", name),
-        space.narrow("heads", 1.0 if attention else 0.0, no_attention, name),
-        space.narrow_choices("distill", "kind", "attention_matrix", no_attention, name) if not attention else None,
-        space.narrow_choices("distill", "kind", "hidden", "has no transformer layer or residual block", name)
-        if not hidden_layers(task.teacher, task.example_input) else None,
-        space.narrow_choices("distill", "mode", "multi_teacher", "gives no extra teachers (Task.teachers), nor does "
-                             "the space (distill.teachers)", name) if not (task.teachers or space.teachers()) else None,
-        *(space.narrow_choices("student", "family", family, f"has input {shape}, which {family!r} cannot take", name)
-          for family in space.families() if not can_build(family, task)),
-        *(space.narrow_choices("student", "family", family, f"names {list(task.students)} as the student families "
-                               "that fit its data (Task.students)", name) for family in unfitting(space, task))]))
-
-
-def unfitting(space: SearchSpace, task: Task) -> list[str]:
-    """The new-network families ``space`` offers that ``task`` does not name as fitting its data; none where the
-    task names none, or where the space offers none that it names (what the space writes is then kept)."""
-    offered = [f for f in space.families() if not STUDENTS.get(f).derived]
-    if not task.students or not set(offered) & set(task.students):
-        return []
-    return [f for f in offered if f not in task.students]
 
 
 def study_guide(study: optuna.Study, space: SearchSpace, task: Task, prunable: dict,

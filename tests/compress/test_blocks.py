@@ -7,6 +7,7 @@ from torch import nn
 from autocomp.compress.blocks import Residual, block_scores, drop_blocks, residual_blocks
 from autocomp.compress.facts import model_facts
 from autocomp.errors import ConfigError
+from autocomp.narrowing import narrow
 from autocomp.recipe import Prune, Recipe
 from autocomp.space import SearchSpace
 from tests.conftest import ROOT
@@ -126,11 +127,11 @@ def test_dropping_more_blocks_than_the_model_has_is_rejected():
 
 def test_a_space_is_narrowed_to_the_blocks_a_model_has():
     space = SearchSpace.load(ROOT / "search_spaces" / "joint.yaml")  # drop_blocks: [0, 1]
-    assert space.narrow("drop_blocks", 1, "has 1 residual block(s)", "t") is None
-    assert space.narrow("drop_blocks", 0, "has 0 residual block(s)", "t") == (
+    assert narrow(space, "drop_blocks", 1, "has 1 residual block(s)", "t") is None
+    assert narrow(space, "drop_blocks", 0, "has 0 residual block(s)", "t") == (
         "space.prune.drop_blocks narrowed from [0, 1] to [0]: the 't' model has 0 residual block(s)")
     assert space.pruning["drop_blocks"].fixed
     fixed = SearchSpace.from_dict({"schema_version": 1, "prune": {"drop_blocks": 2}})  # written: nothing to narrow to
     with pytest.raises(ConfigError, match="must allow at most 1 for the 't' model, which has 1 residual block") as err:
-        fixed.narrow("drop_blocks", 1, "has 1 residual block(s)", "t")
+        narrow(fixed, "drop_blocks", 1, "has 1 residual block(s)", "t")
     assert err.value.field == "space.prune.drop_blocks"
