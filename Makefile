@@ -61,7 +61,7 @@ bench-load: setup  # about 35 minutes here: trials that sleep, 1 to 64 at once, 
 		--out $(LOAD_ONE)_$$b.md & done; wait
 	$(BIN)/python benchmarks/load.py --concurrency 32 8 64 --include $(LOAD_ONE)_*.json
 
-bench-distill: setup  # about 15 minutes here (the teachers cached; the transformer's first training adds 8)
+bench-distill: setup  # about 11 minutes here (the teachers cached; the transformer teacher's first training adds 8)
 	$(BIN)/python benchmarks/distill_modes.py
 
 bench-soak: setup  # under a minute here: 300 trials in one process, its memory and per-trial overhead

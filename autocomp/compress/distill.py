@@ -254,6 +254,18 @@ class TeacherTargets(Targets):
         return nn.functional.log_softmax(logits / t, dim=1)
 
 
+def mean_softened(log_probs: list[Tensor]) -> Tensor:
+    """The log of the mean of the distributions whose log-probabilities ``log_probs`` holds."""
+    return torch.logsumexp(torch.stack(log_probs), dim=0) - torch.log(torch.tensor(float(len(log_probs))))
+
+
+def soft_loss(logits: Tensor, targets: Tensor, y: Tensor, alpha: float, t: float) -> Tensor:
+    """(1 - alpha) * CE + alpha * T^2 * KL(targets || softmax(logits / T)), ``targets`` log-probabilities at T."""
+    soft = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1), targets, reduction="batchmean",
+                                log_target=True)
+    return (1.0 - alpha) * nn.functional.cross_entropy(logits, y) + alpha * t**2 * soft
+
+
 class EnsembleTargets(Targets):
     """Multi-teacher distillation: the mean of the teachers' softened outputs (an ensemble's soft targets, Hinton et
     al., 2015), each teacher's read as ``TeacherTargets`` reads one."""
@@ -264,8 +276,7 @@ class EnsembleTargets(Targets):
         self.teachers = teachers
 
     def log_probs(self, x: Tensor, idx: Tensor | None, t: float) -> Tensor:
-        each = torch.stack([teacher.log_probs(x, idx, t) for teacher in self.teachers])
-        return torch.logsumexp(each, dim=0) - torch.log(torch.tensor(float(len(self.teachers))))
+        return mean_softened([teacher.log_probs(x, idx, t) for teacher in self.teachers])
 
 
 class Distiller(nn.Module, Hooks):
@@ -315,13 +326,10 @@ class Distiller(nn.Module, Hooks):
         return [s for s, _ in pairs], [t for _, t in pairs]
 
     def forward(self, student_logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
-        loss = nn.functional.cross_entropy(student_logits, y)
         if self.alpha == 0.0 and self.transfer is None:
-            return loss
+            return nn.functional.cross_entropy(student_logits, y)
         t = self.temperature
-        soft = nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, dim=1),
-                                    self.targets.log_probs(x, idx, t), reduction="batchmean", log_target=True)
-        loss = (1.0 - self.alpha) * loss + self.alpha * t**2 * soft
+        loss = soft_loss(student_logits, self.targets.log_probs(x, idx, t), y, self.alpha, t)
         if self.transfer is not None:
             loss = loss + self.weight * self.transfer(*self._features())
         return loss

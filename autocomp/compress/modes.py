@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from autocomp.compress import distill as distill_module
-from autocomp.compress.distill import CHANNELS_LAST, Distiller, EnsembleTargets, TeacherTargets
+from autocomp.compress.distill import (
+    CHANNELS_LAST,
+    Distiller,
+    EnsembleTargets,
+    TeacherTargets,
+    mean_softened,
+    soft_loss,
+)
 from autocomp.compress.student import build_student, resolved
 from autocomp.features import Hooks, Tap
 from autocomp.recipe import Distill, FineTune, Recipe, Student
@@ -68,18 +75,9 @@ class FromTeacher(Lesson):
                          teacher_logits=self.logits if spec.kind != "none" else None, targets=self.targets)
 
 
-def soft_loss(logits: Tensor, targets: Tensor, y: Tensor, spec: Distill) -> Tensor:
-    """(1 - alpha) * CE + alpha * T^2 * KL(targets || logits_T), ``targets`` log-probabilities at temperature T."""
-    t = spec.temperature
-    soft = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1), targets, reduction="batchmean",
-                                log_target=True)
-    return (1.0 - spec.alpha) * nn.functional.cross_entropy(logits, y) + spec.alpha * t**2 * soft
-
-
 def mean_soft(logits: list[Tensor], t: float) -> Tensor:
     """Log of the mean of softmax(z / T) over ``logits``, without gradients."""
-    each = torch.stack([nn.functional.log_softmax(z.detach() / t, dim=1) for z in logits])
-    return torch.logsumexp(each, dim=0) - torch.log(torch.tensor(float(len(logits))))
+    return mean_softened([nn.functional.log_softmax(z.detach() / t, dim=1) for z in logits])
 
 
 class Cohort(nn.Module, Hooks):
@@ -93,7 +91,8 @@ class Cohort(nn.Module, Hooks):
 
     def forward(self, logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
         every = [logits, *(peer(x) for peer in self.peers)]
-        return sum(soft_loss(z, mean_soft(every[:i] + every[i + 1:], self.spec.temperature), y, self.spec)
+        return sum(soft_loss(z, mean_soft(every[:i] + every[i + 1:], self.spec.temperature), y, self.spec.alpha,
+                             self.spec.temperature)
                    for i, z in enumerate(every))
 
     def close(self) -> None:
@@ -137,7 +136,8 @@ class SelfTaught(nn.Module, Hooks):
 
     def forward(self, logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
         own = mean_soft([logits], self.spec.temperature)  # the deepest output's soft targets, without gradients
-        shallow = [soft_loss(head(f), own, y, self.spec) for head, f in zip(self.heads, self.features(), strict=True)]
+        shallow = [soft_loss(head(f), own, y, self.spec.alpha, self.spec.temperature)
+                   for head, f in zip(self.heads, self.features(), strict=True)]
         return nn.functional.cross_entropy(logits, y) + sum(shallow)
 
     def close(self) -> None:
