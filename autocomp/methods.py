@@ -14,7 +14,7 @@ from autocomp.compress.modes import MODES, combines
 from autocomp.compress.student import STUDENTS, is_teacher, resolved
 from autocomp.config import in_file, read_yaml
 from autocomp.errors import ConfigError
-from autocomp.recipe import Recipe
+from autocomp.recipe import Distill, Recipe
 from autocomp.registry import Registry
 from autocomp.tasks.load import TASKS
 from autocomp.tasks.registry import import_plugins
@@ -23,6 +23,11 @@ from autocomp.tasks.registry import import_plugins
 NAMED = {("prune", "criterion"): "prune.criteria", ("quantize", "calibration"): "quantize.calibration",
          ("distill", "mode"): "distill.mode", ("distill", "kind"): "distill.kind",
          ("student", "family"): "student.family"}
+
+
+# a distillation mode's own fields -> the mode that reads them
+MODE_FIELDS = {"teachers": "multi_teacher", "generations": "born_again", "peers": "mutual", "assistant": "assistant",
+               "assistant_epochs": "assistant"}
 
 
 def families() -> dict[str, Registry]:
@@ -62,8 +67,13 @@ def check_recipe(recipe: Recipe) -> Recipe:
                           "recipe.prune.init")
     d = recipe.distill
     if not combines(d.mode, d.kind):
-        raise ConfigError(f"must be one the distillation mode {d.mode!r} combines with {MODES.get(d.mode).kinds}, "
-                          f"but got {d.kind!r}.", "recipe.distill.kind")
+        raise ConfigError(f"must be one of the kinds the distillation mode {d.mode!r} combines with "
+                          f"{MODES.get(d.mode).kinds}, but got {d.kind!r}.", "recipe.distill.kind")
+    default = Distill()
+    for key, mode in MODE_FIELDS.items():  # one recipe, one key: a field its mode does not read stays at its default
+        if d.mode != mode and getattr(d, key) != getattr(default, key):
+            raise ConfigError(f"is read by the distillation mode {mode!r} only, but the mode is {d.mode!r}: leave it "
+                              f"out (got {getattr(d, key)!r}).", f"recipe.distill.{key}")
     try:
         student = resolved(recipe.student)
     except ConfigError as err:

@@ -124,7 +124,11 @@ def train_student(recipe: Recipe, task: Task, lesson: Lesson, generation: int = 
         prune(student, task.example_input, recipe.prune, prunable, task.train, seed=seed,
               progress=r / len(schedule))
         if early is not None:  # lottery-ticket rewinding: the kept weights back to early training, masks kept
-            rewind(student, early)
+            try:
+                rewind(student, early)
+            except ValueError as err:
+                raise ConfigError(f"'rewind' needs Task.early_teacher to return the teacher's own state dict: {err}.",
+                                  "recipe.prune.init") from None
         qat = recipe.quantize.qat and r == len(schedule)  # QAT in the last fine-tune
         # a student from scratch learns in fp32 first: quantizers calibrated on its random weights and activations
         # clip what it learns (int8 inputs with QAT from the first epoch left digits CNN students at chance)

@@ -190,7 +190,8 @@ class Distill:
     ``Task.teachers``); "born_again" ``generations`` students in turn, each the next one's teacher; "mutual" the
     student's ``peers`` (its architecture, freshly initialised), trained with it; "self" the student's own deepest
     output, taught to classifiers on its shallower layers; "assistant" the ``assistant`` student (default: the
-    teacher's graph at half width), distilled from the teacher first for ``assistant_epochs`` (0: the fine-tune's).
+    teacher's graph at half width), distilled from the teacher first for ``assistant_epochs``. A field of one mode
+    is left at its default in the others (``autocomp.methods.check_recipe``).
     """
 
     mode: str = "offline"
@@ -202,7 +203,7 @@ class Distill:
     generations: int = 2
     peers: int = 1
     assistant: Student | None = None
-    assistant_epochs: int = 0
+    assistant_epochs: int = 10
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.05, 100.0)
@@ -210,7 +211,7 @@ class Distill:
         check_range("weight", self.weight, 0.0, 1e6)
         check_range("generations", self.generations, 1, 100)
         check_range("peers", self.peers, 1, 100)
-        check_range("assistant_epochs", self.assistant_epochs, 0, 1000)
+        check_range("assistant_epochs", self.assistant_epochs, 1, 1000)
 
 
 @dataclass
@@ -320,11 +321,9 @@ class Recipe:
             return cls.from_dict(read_yaml(path, "recipe"))
 
 
-# fields added since recipes were first stored, with their defaults: left out of the canonical text where they hold
-# them, so a recipe keeps the key it was stored under (a resumed study's duplicate check)
-ADDED = {"distill": {"mode": "offline", "teachers": [], "generations": 2, "peers": 1, "assistant": None,
-                     "assistant_epochs": 0},
-         "prune": {"init": "trained"}}
+# fields added since recipes were first stored: left out of the canonical text where they hold their defaults, so a
+# recipe keeps the key it was stored under (a resumed study's duplicate check)
+ADDED = {"distill": ("mode", "teachers", "generations", "peers", "assistant", "assistant_epochs"), "prune": ("init",)}
 
 
 def canonical(data: dict[str, Any]) -> str:
@@ -338,8 +337,11 @@ def canonical(data: dict[str, Any]) -> str:
             return {k: rounded(v) for k, v in value.items()}
         return [rounded(v) for v in value] if isinstance(value, list) else value
 
+    defaults = {"distill": to_dict(Distill()), "prune": to_dict(Prune())}
+
     def known(section: str, value: Any) -> Any:
-        added = ADDED.get(section, {})
-        return {k: v for k, v in value.items() if k not in added or v != added[k]} if added else value
+        if section not in ADDED:
+            return value
+        return {k: v for k, v in value.items() if k not in ADDED[section] or v != defaults[section][k]}
 
     return json.dumps(rounded({k: known(k, v) for k, v in data.items() if k != "provenance"}), sort_keys=True)

@@ -42,7 +42,7 @@ from autocomp.compress.student import STUDENTS, resolved
 from autocomp.config import check_keys, check_schema_version, from_dict, in_file, read_yaml
 from autocomp.dimensions import PER_LAYER, Param, layer_dimension
 from autocomp.errors import ConfigError, check_choice, check_range, did_you_mean
-from autocomp.methods import check_name, check_recipe
+from autocomp.methods import MODE_FIELDS, check_name, check_recipe
 from autocomp.recipe import (
     QAT_BELOW,
     Distill,
@@ -77,10 +77,7 @@ CONDITIONS: dict[str, dict[str, Callable[[dict], bool]]] = {
         "kmeans": lambda v: kmeans_allowed(v["bits"], v["activation_bits"], v["qat"]),
     },
     "distill": {
-        "generations": lambda v: v["mode"] == "born_again",
-        "peers": lambda v: v["mode"] == "mutual",
-        "teachers": lambda v: v["mode"] == "multi_teacher",
-        "assistant_epochs": lambda v: v["mode"] == "assistant",
+        **{key: (lambda v, mode=mode: v["mode"] == mode) for key, mode in MODE_FIELDS.items()},  # its mode's own
         "alpha": lambda v: v["kind"] != "none",
         "temperature": lambda v: v["kind"] != "none" and v["alpha"] > 0,
         "weight": lambda v: v["kind"] not in ("none", "logits"),

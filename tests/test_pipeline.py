@@ -15,7 +15,7 @@ from autocomp.compress.prune import prunable_layers
 from autocomp.errors import ConfigError
 from autocomp.features import layer_names
 from autocomp.methods import check_recipe
-from autocomp.pipeline import apply, teacher_baseline
+from autocomp.pipeline import apply, student_counts, teacher_baseline
 from autocomp.recipe import Distill, FineTune, LayerPrune, Prune, Quantize, Recipe, Student
 from autocomp.tasks import Task
 from tests.conftest import QUICK_MEASURE
@@ -233,6 +233,7 @@ def test_a_recipe_of_each_distillation_mode_replays_its_accuracy_and_size_exactl
                   distill=mode, finetune=FineTune(epochs=4, lr=1e-2), measure=QUICK_MEASURE)
     first = replays_exactly(made, digits_task, tmp_path)
     assert first.metrics["val_accuracy"] > 0.3, first.metrics  # four epochs from scratch (chance: 0.1)
+    assert first.metrics["params"] == student_counts(made, digits_task)["params"]  # no peer or head exported
 
 
 def replays_exactly(made: Recipe, task: Task, tmp_path):
@@ -267,12 +268,16 @@ def test_rewinding_resets_the_kept_weights_to_the_teachers_early_checkpoint_afte
     replays_exactly(dataclasses.replace(made, finetune=FineTune(epochs=1)), digits_task, tmp_path / "replay")
 
 
-def test_rewinding_is_refused_in_one_line_where_it_cannot_apply(tmp_path):
+def test_rewinding_is_refused_in_one_line_where_it_cannot_apply(digits_task, tmp_path):
     with pytest.raises(ConfigError, match=r"init.*'rewind' keeps the network's shape.*granularity 'channel'"):
         Recipe(task="digits", prune=Prune(sparsity=0.5, scope="global", init="rewind"))
     with pytest.raises(ConfigError, match=r"recipe\.prune\.init.*needs the teacher itself as the student.*'cnn'"):
         check_recipe(Recipe(task="digits", student=Student("cnn"),
                             prune=Prune(granularity="weight", sparsity=0.5, scope="global", init="rewind")))
+    with pytest.raises(ConfigError, match=r"recipe\.prune\.init.*Task\.early_teacher to return the teacher's own "
+                                          r"state dict: cannot rewind conv1\.bias: the early state has no such"):
+        apply(Recipe(task="digits", prune=Prune(granularity="weight", sparsity=0.5, scope="global", init="rewind")),
+              dataclasses.replace(digits_task, early_teacher=dict), tmp_path, progress=False)
     with pytest.raises(ConfigError, match=r"recipe\.prune\.init.*Task\.early_teacher.*task 'plateau' gives none"):
         apply(Recipe(task="plateau", prune=Prune(granularity="weight", sparsity=0.5, scope="global", init="rewind")),
               plateau(), tmp_path, progress=False)

@@ -259,11 +259,16 @@ def mean_softened(log_probs: list[Tensor]) -> Tensor:
     return torch.logsumexp(torch.stack(log_probs), dim=0) - torch.log(torch.tensor(float(len(log_probs))))
 
 
-def soft_loss(logits: Tensor, targets: Tensor, y: Tensor, alpha: float, t: float) -> Tensor:
-    """(1 - alpha) * CE + alpha * T^2 * KL(targets || softmax(logits / T)), ``targets`` log-probabilities at T."""
-    soft = nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1), targets, reduction="batchmean",
+def divergence(logits: Tensor, targets: Tensor, t: float) -> Tensor:
+    """KL(targets || softmax(logits / T)) over a batch, ``targets`` log-probabilities at temperature T."""
+    return nn.functional.kl_div(nn.functional.log_softmax(logits / t, dim=1), targets, reduction="batchmean",
                                 log_target=True)
-    return (1.0 - alpha) * nn.functional.cross_entropy(logits, y) + alpha * t**2 * soft
+
+
+def soft_loss(logits: Tensor, targets: Tensor, y: Tensor, alpha: float, t: float) -> Tensor:
+    """(1 - alpha) * CE + alpha * T^2 * KL(targets || softmax(logits / T)): the T^2 factor keeps the soft term's
+    gradient scale independent of the temperature (Hinton et al., 2015)."""
+    return (1.0 - alpha) * nn.functional.cross_entropy(logits, y) + alpha * t**2 * divergence(logits, targets, t)
 
 
 class EnsembleTargets(Targets):

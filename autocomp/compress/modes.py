@@ -27,10 +27,12 @@ from autocomp.compress.distill import (
     Distiller,
     EnsembleTargets,
     TeacherTargets,
+    divergence,
     mean_softened,
     soft_loss,
 )
 from autocomp.compress.student import build_student, resolved
+from autocomp.errors import ConfigError
 from autocomp.features import Hooks, Tap
 from autocomp.recipe import Distill, FineTune, Recipe, Student
 from autocomp.registry import Registry
@@ -82,18 +84,18 @@ def mean_soft(logits: list[Tensor], t: float) -> Tensor:
 
 class Cohort(nn.Module, Hooks):
     """Deep mutual learning (Zhang et al., CVPR 2018): the student's ``peers`` run on its batches and train with it
-    (their parameters are this loss's, which ``train.fit`` trains); each network's loss is ``soft_loss`` to the mean
-    of the others' softened outputs. The peers stay in training mode; only the student is kept."""
+    (their parameters are this loss's, which ``train.fit`` trains); each network's loss is the paper's, its whole
+    cross-entropy plus alpha * T^2 * KL to the mean of the others' softened outputs (alpha weighs the peers, never
+    the labels away). The peers stay in training mode; only the student is kept."""
 
     def __init__(self, peers: list[nn.Module], spec: Distill) -> None:
         super().__init__()
         self.peers, self.spec = nn.ModuleList(peers).train(), spec
 
     def forward(self, logits: Tensor, x: Tensor, y: Tensor, idx: Tensor | None = None) -> Tensor:
-        every = [logits, *(peer(x) for peer in self.peers)]
-        return sum(soft_loss(z, mean_soft(every[:i] + every[i + 1:], self.spec.temperature), y, self.spec.alpha,
-                             self.spec.temperature)
-                   for i, z in enumerate(every))
+        every, t = [logits, *(peer(x) for peer in self.peers)], self.spec.temperature
+        return sum(nn.functional.cross_entropy(z, y) + self.spec.alpha * t**2 * divergence(
+            z, mean_soft(every[:i] + every[i + 1:], t), t) for i, z in enumerate(every))
 
     def close(self) -> None:
         pass
@@ -144,17 +146,22 @@ class SelfTaught(nn.Module, Hooks):
         self._tap.close()
 
 
-SHALLOW = 3  # classifiers a self-distilled student learns on: at 1/4, 2/4 and 3/4 of its hint layers' depth
+SHALLOW = 3  # classifiers a self-distilled student learns on, at most: spread over its shallower hint layers
 
 
 class Self(Lesson):
-    """The student teaches classifiers on its shallower hint layers (``SelfTaught``)."""
+    """The student teaches classifiers on its shallower hint layers (``SelfTaught``): up to ``SHALLOW`` of them,
+    evenly spread over every hint layer but the deepest."""
 
     def loss(self, student: nn.Module, task: Task, spec: Distill, pairs: list[tuple[str, str]]) -> Hooks:
-        hints = list(dict.fromkeys(s for s, _ in pairs))
-        chosen = list(dict.fromkeys(hints[len(hints) * k // (SHALLOW + 1)] for k in range(1, SHALLOW + 1))) \
-            if len(hints) > 1 else []
-        return SelfTaught(student, task.example_input, chosen, spec)
+        shallower = list(dict.fromkeys(s for s, _ in pairs))[:-1]
+        if not shallower:
+            raise ConfigError(f"'self' needs a student with at least two hint layers (prunable Conv/Linear layers), "
+                              f"to teach the shallower from its own output, but got {len(pairs)}.",
+                              "recipe.distill.mode")
+        count = min(SHALLOW, len(shallower))
+        chosen = [shallower[round(k * (len(shallower) - 1) / max(count - 1, 1))] for k in range(count)]
+        return SelfTaught(student, task.example_input, list(dict.fromkeys(chosen)), spec)
 
 
 @dataclass(frozen=True)
@@ -257,24 +264,24 @@ ASSISTANT = Student("teacher", {"width": 0.5})  # the default teacher assistant:
 
 
 def assistant_recipe(recipe: Recipe) -> Recipe:
-    """The recipe that trains ``recipe``'s teacher assistant: its ``distill.assistant`` student, distilled offline
-    from the teacher with the recipe's temperature and alpha for ``assistant_epochs``, neither pruned nor
-    quantized."""
-    d, f = recipe.distill, recipe.finetune
-    return Recipe(task=recipe.task, student=resolved(d.assistant or ASSISTANT),
-                  distill=Distill(alpha=d.alpha, temperature=d.temperature),
-                  finetune=FineTune(epochs=d.assistant_epochs or f.epochs, lr=f.lr, batch_size=f.batch_size,
-                                    patience=f.patience), seed=recipe.seed)
+    """The recipe that trains ``recipe``'s teacher assistant: its ``distill.assistant`` student (default
+    ``ASSISTANT``), distilled offline from the teacher for ``assistant_epochs`` with the defaults of distillation and
+    of a fine-tune (alpha, temperature, learning rate, batch size), the recipe's seed, neither pruned nor quantized:
+    none of a search's continuous dimensions, so one assistant serves every trial that shares it."""
+    return Recipe(task=recipe.task, student=resolved(recipe.distill.assistant or ASSISTANT),
+                  finetune=FineTune(epochs=recipe.distill.assistant_epochs), seed=recipe.seed)
 
 
 def cached_assistant(recipe: Recipe, task: Task, compress: Compress) -> nn.Module:
     """The teacher assistant ``assistant_recipe`` trains, trained once and cached (``tasks.base.cached_model``) by its
-    recipe, the task's teacher and data, and the code that trains it."""
+    recipe, the task's teacher and data, and the source of the code that trains it (``compress``'s module, the
+    distillation, student, pruning and training modules)."""
     from autocomp.tasks.base import cached_model, digest, weights_digest
 
     helper = assistant_recipe(recipe)
-    code = hashlib.sha256("".join(inspect.getsource(m) for m in (distill_module, sys.modules[fit.__module__]))
-                          .encode()).hexdigest()[:12]
+    modules = [sys.modules[m] for m in (compress.__module__, __name__, distill_module.__name__,
+                                        build_student.__module__, fit.__module__, "autocomp.compress.prune")]
+    code = hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()[:12]
     trains = (f"{helper.canonical()}|{weights_digest(task.teacher)}|"
               f"{digest(t for split in (task.train, task.val) for t in (split.x, split.y))}|{code}")
     name = re.sub(r"[^\w.-]", "_", f"{task.name}-assistant")
@@ -289,5 +296,5 @@ def assistant(recipe: Recipe, task: Task, compress: Compress, teachers: list[nn.
 
 MODES.add("assistant", Mode(assistant),
           "a mid-sized student (distill.assistant, default the teacher's graph at half width) distilled from the "
-          "teacher first, cached, then the student's teacher. Lecture: teacher assistants (Mirzadeh et al., AAAI "
-          "2020)")
+          "teacher first for distill.assistant_epochs, cached, then the student's teacher. Lecture: teacher "
+          "assistants (Mirzadeh et al., AAAI 2020)")

@@ -251,11 +251,15 @@ def rewind(model: nn.Module, early: dict[str, Tensor]) -> nn.Module:
     """Lottery-ticket weight rewinding (Frankle et al., ICML 2020; Renda et al., ICLR 2020): every parameter and buffer
     of ``model`` takes its value in ``early``, a state of the same network early in its training (names as its
     ``state_dict`` gives them), and the masks stay: a masked layer's latent weight takes the early values, so its
-    kept weights are the early ones and its pruned ones read zero. A name ``early`` lacks keeps its value (a mask);
-    a shape that differs (channels pruned away) is refused: rewinding keeps the network's shape."""
+    kept weights are the early ones and its pruned ones read zero. A parameter or buffer ``early`` lacks (a state of
+    another network) and a shape that differs (channels pruned away) are refused: rewinding keeps the network."""
     latent = {f"{name}.weight": m.parametrizations.weight.original for name, m in model.named_modules()
               if parametrize.is_parametrized(m, "weight")}
     current = {**dict(model.named_parameters()), **dict(model.named_buffers()), **latent}
+    missing = [name for name in current if name not in early and ".parametrizations." not in name]
+    if missing:
+        raise ValueError(f"cannot rewind {missing[0]}: the early state has no such entry ({len(missing)} of "
+                         f"{len(current)} missing; rewinding needs the same network's state dict)")
     with torch.no_grad():
         for name, value in current.items():
             if name not in early:

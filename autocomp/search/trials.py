@@ -161,15 +161,15 @@ def study_sensitivity(study: optuna.Study, task: Task, progress: bool = True, re
 def fingerprint_mismatch(recorded: dict[str, str] | None, current: dict[str, str], where: str) -> str | None:
     """One line saying how ``where``'s teacher or data (``recorded``) differ from this task's (``current``);
     None when both are the same (or nothing was recorded)."""
-    for key in ("teacher_sha256", "data_sha256"):
-        if recorded and recorded.get(key) != current[key]:
+    for key in ("teacher_sha256", "data_sha256", "teachers_sha256"):  # extra teachers (Task.teachers), where any
+        if recorded and recorded.get(key) != current.get(key):
             cpu, used = recorded.get("cpu"), recorded.get("kernels", "unrecorded")
             elsewhere = key == "teacher_sha256" and cpu and (cpu, used) != (current["cpu"], current["kernels"])
             hint = (f" It was made on a {cpu} CPU ({used} kernels), this machine is a {current['cpu']} "
                     f"({current['kernels']}): a teacher trained on another CPU model or with other kernels differs "
                     "in its last bits." if elsewhere else "")
-            return (f"{where} was made with {key} {recorded.get(key, '?')[:12]}..., but this task's is "
-                    f"{current[key][:12]}...: another teacher or other data.{hint}")
+            return (f"{where} was made with {key} {(recorded.get(key) or 'none')[:12]}..., but this task's is "
+                    f"{(current.get(key) or 'none')[:12]}...: another teacher or other data.{hint}")
     return None
 
 

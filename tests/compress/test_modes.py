@@ -62,10 +62,14 @@ def test_every_mode_is_listed_with_what_it_does_and_the_lecture_it_implements():
 def test_a_mode_refuses_the_kinds_it_does_not_combine_with_in_one_line():
     check_recipe(Recipe(task="digits", distill=Distill(mode="mutual", kind="logits")))
     check_recipe(Recipe(task="digits", distill=Distill(mode="offline", kind="fitnet")))
-    with pytest.raises(ConfigError, match=r"recipe\.distill\.kind.*'mutual' combines with \('logits',\).*'fitnet'"):
+    with pytest.raises(ConfigError, match=r"recipe\.distill\.kind.* of the kinds the distillation mode 'mutual' "
+                                          r"combines with \('logits',\), but got 'fitnet'"):
         check_recipe(Recipe(task="digits", distill=Distill(mode="mutual", kind="fitnet")))
-    with pytest.raises(ConfigError, match=r"recipe\.distill\.mode.*'online'.*Did you mean|recipe\.distill\.mode"):
+    with pytest.raises(ConfigError, match=r"recipe\.distill\.mode.*registered distillation mode.*'online'"):
         check_recipe(Recipe(task="digits", distill=Distill(mode="online")))
+    with pytest.raises(ConfigError, match=r"recipe\.distill\.peers.* read by the distillation mode 'mutual' only, but "
+                                          r"the mode is 'offline'"):
+        check_recipe(Recipe(task="digits", distill=Distill(peers=2)))
 
 
 def test_the_new_fields_leave_a_recipes_canonical_text_at_their_defaults():
@@ -83,8 +87,11 @@ def test_mutual_learning_updates_every_network_and_each_loss_holds_the_others_so
     x, y = split.x[:16], split.y[:16]
     student.train()
     every = [student(x), *(p(x) for p in peers)]
-    expected = sum(by_hand(z, torch.stack([soft(o, 3.0) for j, o in enumerate(every) if j != i]).mean(0), y, SPEC)
-                   for i, z in enumerate(every))
+    # the paper's loss: each network's whole cross-entropy, plus alpha T^2 KL to the mean of the others' soft outputs
+    lossless = dataclasses.replace(SPEC, alpha=1.0)
+    expected = sum(nn.functional.cross_entropy(z, y) + SPEC.alpha * by_hand(
+        z, torch.stack([soft(o, 3.0) for j, o in enumerate(every) if j != i]).mean(0), y, lossless)
+        for i, z in enumerate(every))
     assert torch.allclose(cohort(every[0], x, y), expected, atol=1e-5)
     # each network's gradient is its own term's: the others' soft targets are constants
     student.zero_grad()
@@ -96,14 +103,13 @@ def test_mutual_learning_updates_every_network_and_each_loss_holds_the_others_so
     after = [m.state_dict() for m in (student, *peers)]
     for old, new in zip(before, after, strict=True):
         assert any(not torch.equal(old[k], new[k]) for k in old if old[k].is_floating_point())
-    assert all(p.training for p in peers)
 
 
 def test_self_distillations_shallow_classifiers_learn_from_the_same_networks_deepest_output():
     student, split = small(0), data()
-    pairs = [(n, n) for n in ("conv1", "conv2", "fc1")]
+    pairs = [(n, n) for n in ("conv1", "conv2", "fc1", "fc2")]
     task = type("T", (), {"example_input": split.x[:1]})()
-    with Self().loss(student, task, SPEC, pairs) as loss:
+    with Self().loss(student, task, SPEC, pairs) as loss:  # every hint layer but the deepest
         assert loss.layers == ["conv1", "conv2", "fc1"]
         x, y = split.x[:16], split.y[:16]
         logits = student.train()(x)
@@ -114,9 +120,11 @@ def test_self_distillations_shallow_classifiers_learn_from_the_same_networks_dee
             by_hand(head(f), own, y, SPEC) for head, f in zip(loss.heads, feats, strict=True))
         assert torch.allclose(loss(logits, x, y), expected, atol=1e-5)
         fit(student, split, loss, epochs=1, lr=1e-2, batch_size=16, progress=False)
-    names = set(student.state_dict())
-    assert not any(n.startswith("heads") for n in names)  # the classifiers are the loss's, not the exported model's
+    assert set(student.state_dict()) == set(SmallCNN().state_dict())  # the classifiers are the loss's, not the model's
     assert all(h.weight.grad is not None for h in loss.heads)
+    with pytest.raises(ConfigError, match=r"recipe\.distill\.mode.*'self' needs a student with at least two hint "
+                                          r"layers.*but got 1"):
+        Self().loss(student, task, SPEC, [("fc2", "fc2")])
 
 
 class Recorder:
@@ -158,6 +166,8 @@ def test_the_assistant_is_trained_first_cached_and_the_students_teacher(digits_t
     MODES.get("assistant").run(recipe, digits_task, compress, [])
     (helper, first, _, assistant), (student, second, _, _) = compress.calls
     assert helper.student == resolved(ASSISTANT) and helper.finetune.epochs == 3 and helper.prune.layers == {}
+    # none of the trial's continuous dimensions: the defaults of a fine-tune and of distillation
+    assert helper.finetune.lr == FineTune().lr and (helper.distill.alpha, helper.distill.temperature) == (0.5, 4.0)
     assert first.teacher is digits_task.teacher  # the assistant learns from the teacher
     assert student is recipe and isinstance(second, FromTeacher)
     assert all(torch.equal(a, b) for a, b in zip(second.teacher.state_dict().values(),
@@ -194,6 +204,15 @@ def test_multi_teacher_averages_the_task_teachers_and_is_refused_without_extra_o
     x, idx = task.train.x[:8], torch.arange(8)
     expected = (soft(predict(task.teacher, x), 4.0) + soft(predict(extra, x), 4.0)) / 2
     assert torch.allclose(lesson.targets.log_probs(x, idx, 4.0).exp(), expected, atol=1e-5)
+
+
+def test_a_study_made_with_other_extra_teachers_is_not_mixed_with_this_ones(digits_task):
+    from autocomp.search.trials import fingerprint_mismatch
+
+    task = dataclasses.replace(digits_task, teachers=(linear_teacher(digits_task),))
+    said = fingerprint_mismatch(digits_task.fingerprint(), task.fingerprint(), "study 's'")
+    assert said.startswith("study 's' was made with teachers_sha256 none..., but this task's is ")
+    assert fingerprint_mismatch(task.fingerprint(), task.fingerprint(), "study 's'") is None
 
 
 def test_extra_teachers_named_by_the_recipe_must_hold_the_tasks_data(digits_task, recipe):

@@ -135,5 +135,7 @@ def test_rewinding_restores_the_early_values_on_kept_weights_and_keeps_the_prune
     state = small_cnn.state_dict()
     for name in ("conv1.weight", "conv1.bias", "fc2.weight", "fc1.bias"):
         assert torch.equal(state[name], early[name])  # unmasked parameters and biases rewound too
+    with pytest.raises(ValueError, match=r"cannot rewind fc2.bias: the early state has no such entry \(1 of"):
+        rewind(small_cnn, {k: v for k, v in early.items() if k != "fc2.bias"})  # another network's state
     with pytest.raises(ValueError, match=r"cannot rewind conv1.weight: its shape is \(8, 1, 3, 3\) now"):
         rewind(small_cnn, {**early, "conv1.weight": torch.zeros(4, 1, 3, 3)})  # channels pruned away
