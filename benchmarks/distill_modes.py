@@ -6,8 +6,8 @@ its accuracy measured on the deployed fp32 artifact: validation and test, per se
 - **Modes**: a from-scratch CNN student of one fixed architecture per width (``WIDTHS``: a tiny one and a
   wider one), the same epochs, learning rate, temperature and alpha for every mode; the teacher is ``mnist1d``'s
   CNN; multi-teacher adds the ``mnist1d_transformer`` teacher; born-again runs 2 generations; the assistant is the
-  default (the teacher's graph at half width, distilled for the same epochs, cached); "no KD" is cross-entropy
-  alone.
+  default (the teacher's graph at half width from its kept weights, distilled for 10 epochs, cached); "no KD" is
+  cross-entropy alone.
 - **Rewinding**: the teacher itself, 80% (and 95%) of its weights pruned by global magnitude, then retrained for
   the same epochs from its kept weights as trained (fine-tuning) or rewound to its early checkpoint
   (``REWIND_SHARE`` of its training), cross-entropy alone.
