@@ -89,7 +89,9 @@ class EarlyStopping:
     runs and nothing is scored, as without it.
 
     ``fit`` scores the model after each epoch (``step``) and loads the best epoch's state back at the end
-    (``restore``); an epoch is the best only when it scores strictly higher than every earlier one. Afterwards
+    (``restore``), the learned parts of its loss with it (``kept``: a projection, mutual learning's peers, a
+    self-distilled student's classifiers), so a fit stopped early goes on from one epoch's state of both; an
+    epoch is the best only when it scores strictly higher than every earlier one. Afterwards
     ``epochs_run`` epochs were trained and epoch ``best_epoch`` (1-based; 0: none scored) scored ``best_score``.
     One instance serves one fit.
     """
@@ -104,9 +106,10 @@ class EarlyStopping:
     def __post_init__(self) -> None:
         check_range("patience", self.patience, 0, 1000)
 
-    def step(self, model: nn.Module) -> bool:
+    def step(self, model: nn.Module, kept: nn.Module | None = None) -> bool:
         """Count an epoch and, when on, score ``model`` in eval mode without gradients (then back in train
-        mode) and remember its state if it is the best yet; True when training should stop."""
+        mode) and remember the state of ``kept`` (default ``model``; a module holding it) if it is the best yet;
+        True when training should stop."""
         self.epochs_run += 1
         if self.patience == 0:
             return False
@@ -116,11 +119,12 @@ class EarlyStopping:
         if score > self.best_score:
             self.best_epoch, self.best_score = self.epochs_run, score
             # parametrizations (pruning masks, fake quantizers) keep their tensors in the state dict too
-            self._best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._best_state = {k: v.detach().clone() for k, v in (kept or model).state_dict().items()}
         return self.epochs_run - self.best_epoch >= self.patience
 
     def restore(self, model: nn.Module) -> None:
-        """Load the best epoch's weights and buffers back into ``model`` (nothing to do when none was scored)."""
+        """Load the best epoch's weights and buffers back into ``model`` (``step``'s ``kept``; nothing to do when
+        none was scored)."""
         if self._best_state is not None:
             model.load_state_dict(self._best_state)
 
@@ -157,9 +161,9 @@ def fit(
     if epochs <= 0:
         return model.eval()
     generator = seed_everything(seed)
-    params = list(model.parameters())
-    if isinstance(loss_fn, nn.Module):  # a loss with learned parts (e.g. FitNet projections)
-        params += list(loss_fn.parameters())
+    kept = nn.ModuleList([model, loss_fn]) if isinstance(loss_fn, nn.Module) else model
+    # a loss with learned parts (e.g. FitNet projections) trains them, and early stopping keeps them, with the model
+    params = list(kept.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * -(-len(data) // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -181,12 +185,12 @@ def fit(
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if early_stopping is not None and early_stopping.step(model):
+            if early_stopping is not None and early_stopping.step(model, kept):
                 break
             if on_epoch_end is not None and epoch < epochs - 1:
                 on_epoch_end(generator)
     if early_stopping is not None:
-        early_stopping.restore(model)
+        early_stopping.restore(kept)
     bar.close()
     return model.eval()
 

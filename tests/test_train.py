@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autocomp.compress.modes import Cohort
 from autocomp.compress.prune import WeightMask, regrow, weight_mask
 from autocomp.compress.qat import quantization_aware
 from autocomp.errors import ConfigError
+from autocomp.recipe import Distill
 from autocomp.train import EarlyStopping, Split, cross_entropy, fit, predict
 from tests.tasks import blobs
 
@@ -97,6 +99,26 @@ def test_the_best_epoch_is_restored_with_its_pruning_mask(qat):
         assert equal(model.state_dict(), states[1])
         assert not torch.equal(states[1][MASK], states[3][MASK])  # regrowth moved the mask after epoch 2
     assert torch.equal(weight_mask(model[0]), states[1][MASK])
+
+
+def test_the_best_epoch_is_restored_with_the_learned_parts_of_its_loss():
+    """Mutual learning's peers are its loss's parameters: a fit stopped early loads the peers of the student's
+    best epoch back with it, so the next pruning round starts the cohort from one epoch."""
+    train = blobs(128, 0)
+    student, peer = mlp(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    cohort = Cohort([peer], Distill(mode="mutual"))
+    scripted, peers = iter([0.5, 0.9, 0.3, 0.2]), []
+
+    def scores(model: nn.Module) -> float:
+        peers.append(copy.deepcopy(peer.state_dict()))
+        return next(scripted)
+
+    states: list[dict[str, torch.Tensor]] = []
+    stopping = EarlyStopping(snapshotting(scores, states, []), patience=2)
+    fit(student, train, cohort, epochs=10, lr=1e-2, batch_size=16, early_stopping=stopping, progress=False)
+    assert (stopping.epochs_run, stopping.best_epoch) == (4, 2)
+    assert equal(student.state_dict(), states[1]) and equal(peer.state_dict(), peers[1])
+    assert not equal(peers[1], peers[3])  # the peer trained on after the best epoch
 
 
 def test_patience_is_checked():
