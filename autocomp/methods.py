@@ -61,6 +61,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
     if p.granularity == "weight" and CRITERIA.get(p.criterion).weight_score is None:
         raise ConfigError(f"must score single weights {applicable('weight')} when granularity is 'weight', but "
                           f"got {p.criterion!r}.", "recipe.prune.criterion")
+    if p.scope == "local" and p.sparsity > 0:  # it would prune nothing: each entry of layers has its own
+        raise ConfigError(f"must be 0 in scope 'local', where each entry of layers gives its own sparsity (set "
+                          f"scope: global for one level over all channels or weights), but got {p.sparsity}.",
+                          "recipe.prune.sparsity")
     if p.init == "rewind" and not is_teacher(recipe.student):
         raise ConfigError(f"'rewind' resets weights to the teacher's early checkpoint, so needs the teacher itself "
                           f"as the student, but got {recipe.student.family!r} {recipe.student.config}.",

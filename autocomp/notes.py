@@ -54,7 +54,7 @@ def _prune(recipe: Recipe) -> str:
     prune = recipe.prune
     parts = [f"{name} {lp.sparsity:.2f} {lp.criterion}" for name, lp in prune.layers.items() if lp.sparsity > 0]
     if not parts and prune.sparsity > 0:
-        parts = [f"every group {prune.sparsity:.2f} {prune.criterion}"]
+        parts = [f"{prune.sparsity:.2f} of all {prune.granularity}s {prune.criterion}"]  # global scope: one level
     said = f"Prunes {prune.granularity}s ({prune.scope}): {', '.join(parts)}" if parts else "No pruning"
     extra = [f"drops {prune.drop_blocks} residual block(s)" if prune.drop_blocks else "",
              f"removes {prune.heads:.0%} of attention heads" if prune.heads else "",

@@ -43,6 +43,8 @@ def test_quantization_aware_training_of_masked_weights_round_trips():
          "Did you mean 'fpgm'?"),
         ({"prune": {"scope": "globl"}}, "recipe.prune.scope", "Did you mean 'global'?"),
         ({"prune": {"rounds": 0}}, "recipe.prune.rounds", "got 0"),
+        ({"prune": {"sparsity": 0.3}}, "recipe.prune.sparsity",  # local scope: it would prune nothing
+         "must be 0 in scope 'local', where each entry of layers gives its own sparsity"),
         ({"prune": {"regrow": 0.2}}, "recipe.prune.regrow", "needs granularity 'weight'"),
         ({"quantize": {"layers": {"conv1": 4}, "activation_layers": {"conv1": 8}}},
          "recipe.quantize.activation_layers.conv1", "needs 8-bit weights, but the layer's weights have 4"),
