@@ -12,7 +12,7 @@ from autocomp.compress.criteria import CRITERIA, applicable
 from autocomp.compress.distill import TRANSFERS
 from autocomp.compress.modes import MODES, combines
 from autocomp.compress.student import STUDENTS, is_teacher, resolved
-from autocomp.config import in_file, read_yaml
+from autocomp.config import in_file, read_yaml, to_dict
 from autocomp.errors import ConfigError
 from autocomp.recipe import Distill, Recipe
 from autocomp.registry import Registry
@@ -76,8 +76,10 @@ def check_recipe(recipe: Recipe) -> Recipe:
     default = Distill()
     for key, mode in MODE_FIELDS.items():  # one recipe, one key: a field its mode does not read stays at its default
         if d.mode != mode and getattr(d, key) != getattr(default, key):
+            value = getattr(d, key)
             raise ConfigError(f"is read by the distillation mode {mode!r} only, but the mode is {d.mode!r}: leave it "
-                              f"out (got {getattr(d, key)!r}).", f"recipe.distill.{key}")
+                              f"out (got {to_dict(value) if dataclasses.is_dataclass(value) else value!r}).",
+                              f"recipe.distill.{key}")
     try:
         student = resolved(recipe.student)
     except ConfigError as err:

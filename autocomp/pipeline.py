@@ -156,7 +156,10 @@ def checked_mode(recipe: Recipe, task: Task) -> tuple[Mode, list[nn.Module]]:
 def extra_teacher(ref: str, task: Task, field_name: str) -> nn.Module:
     """The teacher of task ``ref`` (a built-in name or ``"package.module:function"``), which must hold ``task``'s
     data and classes: a teacher of other data would teach other targets."""
-    other = loaded_task(ref)
+    try:
+        other = loaded_task(ref)
+    except ConfigError as err:  # the task it names is not the recipe's task: the error is this field's
+        raise ConfigError(err.message, field_name) from None
     mine, theirs = task.fingerprint()["data_sha256"], other.fingerprint()["data_sha256"]
     if mine != theirs:
         raise ConfigError(f"must name a task on the same data as {task.name!r}, but {ref!r} holds other data "

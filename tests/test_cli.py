@@ -159,6 +159,31 @@ def readme_snippet_runs(folder: Path, recorded: dict, capsys: pytest.CaptureFixt
     assert f"test accuracy {recorded['test_accuracy']:.4f}" in out and "Deployed('recipe.onnx'" in out
 
 
+def test_a_recipes_refusals_name_the_file_and_its_field_and_come_before_training(tmp_path, capsys):
+    """A hand-written recipe's mistakes, each one line naming the file and the field, exit 2: an extra teacher that
+    names no task (not blamed on the recipe's own ``task``), ``--verify`` of a recipe with nothing recorded (said
+    before the run, nothing written), and a refusal the run itself makes (self-distillation of a student with one
+    hint layer)."""
+    def recipe(name: str, distill: str) -> Path:
+        path = tmp_path / name
+        path.write_text("schema_version: 1\ntask: digits\nstudent: {family: cnn, config: {depth: [1], width: [8]}}\n"
+                        f"distill: {distill}\nfinetune: {{epochs: 1}}\n" + QUICK_MEASURE_YAML)
+        return path
+
+    bad = recipe("teachers.yaml", "{mode: multi_teacher, teachers: [digts]}")
+    _, err = autocomp_here(capsys, "apply", str(bad), "-o", str(tmp_path / "o"), "--dry-run", expect=2)
+    assert err.startswith(f"autocomp: error: {bad}: `recipe.distill.teachers[0]` must name a registered task ")
+    assert err.endswith("but got 'digts'. Did you mean 'digits'?\n") and err.count("\n") == 1
+    plain = recipe("plain.yaml", "{mode: offline}")
+    _, err = autocomp_here(capsys, "apply", str(plain), "-o", str(tmp_path / "o"), "--verify", expect=2)
+    assert "--verify compares with the metrics an exported recipe records" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # refused before the run: nothing written
+    shallow = recipe("self.yaml", "{mode: self}")
+    _, err = autocomp_here(capsys, "apply", str(shallow), "-o", str(tmp_path / "s"), expect=2)
+    assert err.startswith(f"autocomp: error: {shallow}: `recipe.distill.mode` 'self' needs a student with at least "
+                          "two hint layers") and err.count("\n") == 1
+
+
 def test_help_is_plain_text(capsys):
     out, _ = autocomp_here(capsys, "--help")
     assert out.startswith("usage: autocomp") and "Search how to compress a trained PyTorch model" in out

@@ -177,7 +177,7 @@ def _apply(args: argparse.Namespace) -> int:
     from autocomp.config import in_file
     from autocomp.measure import with_ratios
     from autocomp.methods import load_recipe
-    from autocomp.pipeline import apply, teacher_baseline
+    from autocomp.pipeline import RECIPE, apply, teacher_baseline
     from autocomp.search.trials import fingerprint_mismatch
     from autocomp.tasks.load import load_task
 
@@ -186,13 +186,16 @@ def _apply(args: argparse.Namespace) -> int:
         task = load_task(recipe.task)
         if args.dry_run:
             return _apply_dry_run(recipe, task, args.recipe)
+    if args.verify and not recipe.provenance.get("metrics"):  # said before the run, not after it
+        raise AutocompError("--verify compares with the metrics an exported recipe records (provenance.metrics), "
+                            "but this recipe has none: verify a recipe `autocomp export` wrote.")
     mismatch = fingerprint_mismatch(recipe.provenance.get("fingerprint"), task.fingerprint(),
                                     f"recipe {str(args.recipe)!r}")
     if mismatch and not args.allow_other_teacher:
         raise AutocompError(mismatch)
     if mismatch:
         print("autocomp: warning: the recipe was made for another teacher or other data (--allow-other-teacher).")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, in_file(args.recipe):  # a refusal of the run names the file too
         baseline = teacher_baseline(task, recipe.measure, tmp, recorded=recipe.provenance.get("teacher"))
         result = apply(recipe, task, args.output, reference=baseline.artifact)
     metrics = with_ratios(result.metrics, baseline.metrics)
@@ -211,7 +214,7 @@ def _apply(args: argparse.Namespace) -> int:
     for layer, why in result.fp32_layers.items():
         print(f"{'stays fp32':>18}: {layer}: {why}")
     print("the search ranked trials on val_accuracy; test_accuracy is reported only")
-    print(f"wrote {result.artifact} and {args.output / 'metrics.json'}")
+    print(f"wrote {result.artifact}, {args.output / 'metrics.json'} and {args.output / RECIPE}")
     return _verified(metrics, trial) if args.verify else 0
 
 
@@ -219,9 +222,6 @@ def _verified(metrics: dict, recorded: dict) -> int:
     """``apply --verify``: 0 where the replay reproduces the recipe's recorded metrics, else 1, said line by line."""
     from autocomp.measure import replay_differences
 
-    if not recorded:
-        raise AutocompError("--verify compares with the metrics an exported recipe records (provenance.metrics), "
-                            "but this recipe has none.")
     differences = replay_differences(metrics, recorded)
     for line in differences:
         print(f"autocomp: verify: {line}", file=sys.stderr)

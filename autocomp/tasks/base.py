@@ -167,9 +167,10 @@ class TeacherTraining:
         torch.manual_seed(self.seed)
         return self.build()
 
-    def fit(self, model: nn.Module, on_epoch_end: Callable | None = None) -> None:
+    def fit(self, model: nn.Module, on_epoch_end: Callable | None = None, desc: str = "") -> None:
         fit(model, self.train, cross_entropy, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-            augment=self.augment, seed=self.seed, on_epoch_end=on_epoch_end, desc=f"training {self.key} teacher")
+            augment=self.augment, seed=self.seed, on_epoch_end=on_epoch_end,
+            desc=desc or f"training {self.key} teacher")
 
 
 def cached_teacher(
@@ -217,7 +218,8 @@ def early_teacher(key: str, build: Callable[[], nn.Module], train: Split, *, epo
                 raise _Early
 
         with contextlib.suppress(_Early):
-            training.fit(model, on_epoch_end=after_epoch)
+            training.fit(model, on_epoch_end=after_epoch, desc=f"training {key} teacher to its early checkpoint "
+                                                               f"(epoch {epoch} of {training.epochs}, for rewinding)")
 
     @functools.cache
     def load() -> dict[str, torch.Tensor]:
