@@ -200,11 +200,13 @@ def restructure(student: nn.Module, recipe: Recipe, task: Task) -> None:
 def distillation_pairs(recipe: Recipe, task: Task, prunable: dict[str, PrunableLayer],
                        present: set[str]) -> list[tuple[str, str]]:
     """(student layer, teacher layer) pairs that feature distillation matches: the teacher's graph pairs each kept
-    layer with itself, a new network its layers with the teacher's by relative depth."""
+    layer with itself, a new network its layers with the teacher's by relative depth; a ConfigError where the
+    recipe's distillation mode cannot use them (``Mode.check_hints``)."""
     hints = [n for n in prunable if n in present]
-    if family(recipe.student.family).derived:
-        return [(n, n) for n in hints]
-    return by_depth(hints, list(teacher_facts(task).prunable))
+    pairs = [(n, n) for n in hints] if family(recipe.student.family).derived else by_depth(
+        hints, list(teacher_facts(task).prunable))
+    MODES.get(recipe.distill.mode, field="recipe.distill.mode").check_hints(pairs)
+    return pairs
 
 
 def fine_tune(student: nn.Module, task: Task, recipe: Recipe, pairs: list[tuple[str, str]], epochs: int,

@@ -162,8 +162,8 @@ def readme_snippet_runs(folder: Path, recorded: dict, capsys: pytest.CaptureFixt
 def test_a_recipes_refusals_name_the_file_and_its_field_and_come_before_training(tmp_path, capsys):
     """A hand-written recipe's mistakes, each one line naming the file and the field, exit 2: an extra teacher that
     names no task (not blamed on the recipe's own ``task``), ``--verify`` of a recipe with nothing recorded (said
-    before the run, nothing written), and a refusal the run itself makes (self-distillation of a student with one
-    hint layer)."""
+    before the run, nothing written), and self-distillation of a student with one hint layer (by the dry run as
+    by the run)."""
     def recipe(name: str, distill: str) -> Path:
         path = tmp_path / name
         path.write_text("schema_version: 1\ntask: digits\nstudent: {family: cnn, config: {depth: [1], width: [8]}}\n"
@@ -179,9 +179,10 @@ def test_a_recipes_refusals_name_the_file_and_its_field_and_come_before_training
     assert "--verify compares with the metrics an exported recipe records" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()  # refused before the run: nothing written
     shallow = recipe("self.yaml", "{mode: self}")
-    _, err = autocomp_here(capsys, "apply", str(shallow), "-o", str(tmp_path / "s"), expect=2)
-    assert err.startswith(f"autocomp: error: {shallow}: `recipe.distill.mode` 'self' needs a student with at least "
-                          "two hint layers") and err.count("\n") == 1
+    for dry in (["--dry-run"], []):  # the dry run says it too
+        _, err = autocomp_here(capsys, "apply", str(shallow), "-o", str(tmp_path / "s"), *dry, expect=2)
+        assert err.startswith(f"autocomp: error: {shallow}: `recipe.distill.mode` 'self' needs a student with at "
+                              "least two hint layers") and err.count("\n") == 1
 
 
 def test_help_is_plain_text(capsys):

@@ -232,10 +232,12 @@ def _verified(metrics: dict, recorded: dict) -> int:
 
 
 def _apply_dry_run(recipe, task, path: Path) -> int:
-    from autocomp.pipeline import checked_mode, restructured
+    from autocomp.features import layer_names
+    from autocomp.pipeline import checked_mode, distillation_pairs, restructured
 
-    student, _ = restructured(recipe, task)
+    student, facts = restructured(recipe, task)
     checked_mode(recipe, task)
+    distillation_pairs(recipe, task, facts.prunable, set(layer_names(student)))  # what the mode needs of them
     print(f"recipe {str(path)!r}: task {recipe.task!r}, student {recipe.student.family!r} "
           f"({sum(p.numel() for p in student.parameters()):,} parameters before pruning), "
           f"{len(recipe.prune.layers)} pruned layer(s); dry run: nothing written")

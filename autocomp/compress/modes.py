@@ -153,12 +153,17 @@ class Self(Lesson):
     """The student teaches classifiers on its shallower hint layers (``SelfTaught``): up to ``SHALLOW`` of them,
     evenly spread over every hint layer but the deepest."""
 
-    def loss(self, student: nn.Module, task: Task, spec: Distill, pairs: list[tuple[str, str]]) -> Hooks:
-        shallower = list(dict.fromkeys(s for s, _ in pairs))[:-1]
-        if not shallower:
+    @staticmethod
+    def check(pairs: list[tuple[str, str]]) -> None:
+        """A ConfigError naming ``recipe.distill.mode`` unless the student has a hint layer below its deepest."""
+        if len(dict.fromkeys(s for s, _ in pairs)) < 2:
             raise ConfigError(f"'self' needs a student with at least two hint layers (prunable Conv/Linear layers), "
                               f"to teach the shallower from its own output, but got {len(pairs)}.",
                               "recipe.distill.mode")
+
+    def loss(self, student: nn.Module, task: Task, spec: Distill, pairs: list[tuple[str, str]]) -> Hooks:
+        self.check(pairs)
+        shallower = list(dict.fromkeys(s for s, _ in pairs))[:-1]
         count = min(SHALLOW, len(shallower))
         chosen = [shallower[round(k * (len(shallower) - 1) / max(count - 1, 1))] for k in range(count)]
         return SelfTaught(student, task.example_input, list(dict.fromkeys(chosen)), spec)
@@ -168,11 +173,13 @@ class Self(Lesson):
 class Mode:
     """A registered distillation mode: ``run(recipe, task, compress, teachers)`` returns the trained student
     (``teachers``: the extra teacher models, ``Task.teachers`` and ``distill.teachers``); ``kinds`` the distillation
-    kinds it combines with (None: every one); ``unmet(recipe, task, teachers)`` what it lacks to run, or None."""
+    kinds it combines with (None: every one); ``unmet(recipe, task, teachers)`` what it lacks to run, or None;
+    ``check_hints(pairs)`` refuses a student whose hint layers (``pipeline.distillation_pairs``) it cannot use."""
 
     run: Callable[[Recipe, Task, Compress, list[nn.Module]], Trained]
     kinds: tuple[str, ...] | None = ("logits",)
     unmet: Callable[[Recipe, Task, list[nn.Module]], str | None] = lambda recipe, task, teachers: None
+    check_hints: Callable[[list[tuple[str, str]]], None] = lambda pairs: None
 
 
 MODES: Registry[Mode] = Registry("distillation mode")
@@ -255,7 +262,7 @@ def self_taught(recipe: Recipe, task: Task, compress: Compress, teachers: list[n
     return compress(recipe, Self(), 0)
 
 
-MODES.add("self", Mode(self_taught),
+MODES.add("self", Mode(self_taught, check_hints=Self.check),
           "classifiers on the student's shallower layers learn from its own deepest output (not exported); no "
           "teacher. Lecture: self-distillation (Zhang et al., ICCV 2019, Be Your Own Teacher)")
 
