@@ -75,8 +75,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
                           f"{MODES.get(d.mode).kinds}, but got {d.kind!r}.", "recipe.distill.kind")
     default = Distill()
     for key, mode in MODE_FIELDS.items():  # one recipe, one key: a field its mode does not read stays at its default
-        if d.mode != mode and getattr(d, key) != getattr(default, key):
-            value = getattr(d, key)
+        value = getattr(d, key)
+        if d.mode != mode and value != getattr(default, key):
             raise ConfigError(f"is read by the distillation mode {mode!r} only, but the mode is {d.mode!r}: leave it "
                               f"out (got {to_dict(value) if dataclasses.is_dataclass(value) else value!r}).",
                               f"recipe.distill.{key}")

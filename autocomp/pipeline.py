@@ -160,7 +160,7 @@ def extra_teacher(ref: str, task: Task, field_name: str) -> nn.Module:
         other = loaded_task(ref)
     except ConfigError as err:  # the task it names is not the recipe's task: the error is this field's
         raise ConfigError(err.message, field_name) from None
-    mine, theirs = task.fingerprint()["data_sha256"], other.fingerprint()["data_sha256"]
+    mine, theirs = task.data_digest(), other.data_digest()
     if mine != theirs:
         raise ConfigError(f"must name a task on the same data as {task.name!r}, but {ref!r} holds other data "
                           f"(data digest {theirs[:12]}, not {mine[:12]}).", field_name)

@@ -88,7 +88,7 @@ DERIVED: dict[str, dict[str, Callable[[dict], Any]]] = {
     "student": {"init": lambda v: None if STUDENTS.get(v["family"]).derived else "scratch"},  # a new network
     "quantize": {"bits": lambda v: 8 if v["activation_bits"] == 8 else None},  # static int8: 8-bit weights
     # a distillation mode with losses of its own: the first it combines with
-    "distill": {"kind": lambda v: None if MODES.get(v["mode"]).kinds is None else MODES.get(v["mode"]).kinds[0]},
+    "distill": {"kind": lambda v: (MODES.get(v["mode"]).kinds or (None,))[0]},
 }
 
 

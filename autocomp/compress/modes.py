@@ -9,8 +9,6 @@ Every mode composes with quantization-aware training, whose quantizers wrap the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 import re
 import sys
 from abc import ABC, abstractmethod
@@ -283,12 +281,12 @@ def cached_assistant(recipe: Recipe, task: Task, compress: Compress) -> nn.Modul
     """The teacher assistant ``assistant_recipe`` trains, trained once and cached (``tasks.base.cached_model``) by its
     recipe, the task's teacher and data, and the source of the code that trains it (``compress``'s module, the
     distillation, student, pruning and training modules)."""
-    from autocomp.tasks.base import cached_model, digest, weights_digest
+    from autocomp.tasks.base import cached_model, digest, source_digest, weights_digest
 
     helper = assistant_recipe(recipe)
     modules = [sys.modules[m] for m in (compress.__module__, __name__, distill_module.__name__,
                                         build_student.__module__, fit.__module__, "autocomp.compress.prune")]
-    code = hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()[:12]
+    code = source_digest(modules)
     trains = (f"{helper.canonical()}|{weights_digest(task.teacher)}|"
               f"{digest(t for split in (task.train, task.val) for t in (split.x, split.y))}|{code}")
     name = re.sub(r"[^\w.-]", "_", f"{task.name}-assistant")

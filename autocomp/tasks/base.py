@@ -12,6 +12,7 @@ import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -65,12 +66,15 @@ class Task:
 
     def fingerprint(self) -> dict[str, str]:
         """Digests of the teacher's weights and of the data splits, which a recipe's replay must match."""
-        prints = {"teacher_sha256": weights_digest(self.teacher),
-                  "data_sha256": digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y)),
+        prints = {"teacher_sha256": weights_digest(self.teacher), "data_sha256": self.data_digest(),
                   "cpu": machine_cpu(), "kernels": kernels.in_use()}
         if self.teachers:  # only where given: the fingerprints of tasks without them stay as they were
             prints["teachers_sha256"] = digest(t for model in self.teachers for t in ordered_state(model))
         return prints
+
+    def data_digest(self) -> str:
+        """SHA-256 of the data splits (``digest``), the fingerprint's ``data_sha256``."""
+        return digest(t for split in (self.train, self.val, self.test) for t in (split.x, split.y))
 
 
 def ordered_state(model: nn.Module) -> list[torch.Tensor]:
@@ -110,10 +114,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AUTOCOMP_CACHE", Path.home() / ".cache" / "autocomp"))
 
 
+def source_digest(modules: Iterable[ModuleType]) -> str:
+    """A digest of the source of ``modules``: a cached model's key holds that of the code that trains it."""
+    return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()[:12]
+
+
 @functools.cache
 def _training_code() -> str:
     """A digest of the source that trains a teacher: the module of ``fit`` (``autocomp.train``)."""
-    return hashlib.sha256(inspect.getsource(inspect.getmodule(fit)).encode()).hexdigest()[:12]
+    return source_digest([inspect.getmodule(fit)])
 
 
 def cached_model(name: str, model: nn.Module, trains: str, train: Callable[[nn.Module], object]) -> nn.Module:
